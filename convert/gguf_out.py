@@ -1,0 +1,162 @@
+"""An atomic, streaming GGUF writer: metadata through gguf's GGUFWriter, tensor data appended chunk by chunk.
+
+Every output file is written as `<name>.partial`, fsynced and renamed only when all of them are complete, so a
+crash, Ctrl-C or full disk never leaves a half-written file at the output path. Splits follow llama.cpp's
+`<stem>-00001-of-0000N.gguf` naming (gguf's SHARD_NAME_FORMAT) and metadata (`split.*`).
+"""
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import gguf
+import numpy as np
+
+from .errors import OutputError
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+class _PartialFilesWriter(gguf.GGUFWriter):
+    """GGUFWriter that opens `<final>.partial` files instead of the final names."""
+
+    final_paths: list[Path]
+
+    def open_output_file(self, path: Path | None = None) -> None:
+        assert self.path is not None
+        self.final_paths = self.format_shard_names(self.path)
+        self.fout = [open(partial_path(p), "wb") for p in self.final_paths]
+        self.state = gguf.WriterState.EMPTY
+
+
+@dataclass
+class _PendingTensor:
+    name: str
+    nbytes: int
+    file_index: int
+
+
+def _output_error(path: Path, exc: OSError) -> OutputError:
+    if exc.errno == errno.ENOSPC:
+        return OutputError(path, "disk full while writing; nothing was left at the output path")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return OutputError(path.parent, f"output directory is not writable ({exc.strerror})")
+    return OutputError(path, f"cannot write: {exc.strerror or exc}")
+
+
+class GGUFOutput:
+    """Usage: add metadata via `.writer`, `add_tensor(...)` for each tensor, `open()`, then per tensor
+    `write(bytes)` until its byte count is reached, and `commit()`; `abort()` (or an exception inside `with`)
+    removes every partial file."""
+
+    def __init__(self, path: Path, arch: str, *, split_max_size: int = 0, force: bool = False) -> None:
+        self.path = path
+        self.force = force
+        self.writer = _PartialFilesWriter(path, arch, split_max_size=split_max_size)
+        self._pending: list[_PendingTensor] = []
+        self._current = 0
+        self._written_in_current = 0
+        self._opened = False
+
+    # ---- planning ------------------------------------------------------------------------------------------------
+    def add_tensor(self, name: str, shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType, nbytes: int) -> None:
+        # a non-uint8 dtype makes GGUFWriter take `shape` as the element shape; raw_dtype sets the ggml type
+        self.writer.add_tensor_info(name, shape, np.dtype(np.float32), nbytes, raw_dtype=qtype)
+        self._pending.append(_PendingTensor(name, nbytes, len(self.writer.tensors) - 1))
+
+    @property
+    def final_paths(self) -> list[Path]:
+        return self.writer.format_shard_names(self.path)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self._pending)
+
+    # ---- writing -------------------------------------------------------------------------------------------------
+    def open(self) -> None:
+        targets = self.final_paths
+        existing = [p for p in targets if p.exists()]
+        if existing and not self.force:
+            raise OutputError(existing[0], "already exists (use --force to overwrite)")
+        if not self.path.parent.is_dir():
+            raise OutputError(self.path.parent, "output directory does not exist")
+        if not os.access(self.path.parent, os.W_OK):
+            raise OutputError(self.path.parent, "output directory is not writable")
+        try:
+            self.writer.write_header_to_file()
+            self.writer.write_kv_data_to_file()
+            self.writer.write_ti_data_to_file()
+            for fout in self._files:
+                self.writer.write_padding(fout, fout.tell())
+        except OSError as exc:
+            self.abort()
+            raise _output_error(self.path, exc) from exc
+        self._opened = True
+
+    @property
+    def _files(self) -> list[BinaryIO]:
+        assert self.writer.fout is not None
+        return self.writer.fout  # type: ignore[return-value]
+
+    def _finish_tensor(self) -> None:
+        tensor = self._pending[self._current]
+        self.writer.write_padding(self._files[tensor.file_index], tensor.nbytes)
+        self._current += 1
+        self._written_in_current = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append bytes of the current tensor; moves to the next tensor when this one is complete."""
+        tensor = self._pending[self._current]
+        if self._written_in_current + len(data) > tensor.nbytes:
+            raise ValueError(f"{tensor.name}: {self._written_in_current + len(data)} bytes exceed {tensor.nbytes}")
+        try:
+            self._files[tensor.file_index].write(data)
+        except OSError as exc:
+            self.abort()
+            raise _output_error(self.final_paths[tensor.file_index], exc) from exc
+        self._written_in_current += len(data)
+        if self._written_in_current == tensor.nbytes:
+            self._finish_tensor()
+
+    def commit(self) -> list[Path]:
+        if self._current != len(self._pending):
+            missing = self._pending[self._current].name
+            self.abort()
+            raise ValueError(f"tensor data incomplete at {missing}")
+        finals = self.final_paths
+        try:
+            for fout in self._files:
+                fout.flush()
+                os.fsync(fout.fileno())
+            self.writer.close()
+            for final in finals:
+                os.replace(partial_path(final), final)
+            dir_fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            self.abort()
+            raise _output_error(self.path, exc) from exc
+        return finals
+
+    def abort(self) -> None:
+        self.writer.close()
+        for final in self.final_paths:
+            try:
+                partial_path(final).unlink()
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self) -> "GGUFOutput":
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is not None:
+            self.abort()

@@ -1,0 +1,76 @@
+"""Encoding of row chunks into GGUF tensor types: F32, F16, BF16, and ggml's reference Q8_0 / Q4_0.
+
+Q8_0 and Q4_0 reproduce ggml's `quantize_row_q8_0_ref` / `quantize_row_q4_0_ref` bit for bit: the same float32
+arithmetic, C's `roundf` (half away from zero) and truncating int casts. Block geometry comes from
+`gguf.GGML_QUANT_SIZES`, never retyped.
+"""
+from __future__ import annotations
+
+import gguf
+import ml_dtypes
+import numpy as np
+
+Q = gguf.GGMLQuantizationType
+
+FLOAT_TYPES = {Q.F32: np.float32, Q.F16: np.float16, Q.BF16: ml_dtypes.bfloat16}
+OWN_QUANTS = (Q.Q8_0, Q.Q4_0)
+
+
+def block_size(qtype: Q) -> int:
+    return gguf.GGML_QUANT_SIZES[qtype][0]
+
+
+def row_nbytes(qtype: Q, n_cols: int) -> int:
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    return n_cols // block * type_size
+
+
+def tensor_nbytes(qtype: Q, shape: tuple[int, ...]) -> int:
+    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    return rows * row_nbytes(qtype, shape[-1])
+
+
+def can_encode(qtype: Q, n_cols: int) -> bool:
+    return n_cols % block_size(qtype) == 0
+
+
+def _roundf(x: np.ndarray) -> np.ndarray:
+    """C roundf (ties away from zero), exact for float32 (no `x + 0.5` double rounding)."""
+    a = np.abs(x)
+    floored = np.floor(a)
+    return np.copysign(floored + np.floor(2 * (a - floored)), x)
+
+
+def _q8_0(blocks: np.ndarray) -> np.ndarray:
+    amax = np.abs(blocks).max(axis=1)
+    d = amax / np.float32(127)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    qs = _roundf(blocks * inv[:, None]).astype(np.int8)
+    return np.concatenate([d.astype(np.float16).reshape(-1, 1).view(np.uint8), qs.view(np.uint8)], axis=1)
+
+
+def _q4_0(blocks: np.ndarray) -> np.ndarray:
+    idx = np.abs(blocks).argmax(axis=1)  # first of equal magnitudes, like ggml's strict `<`
+    signed_max = blocks[np.arange(len(blocks)), idx]
+    d = signed_max / np.float32(-8)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    half = blocks.shape[1] // 2
+    q = np.minimum(np.trunc(blocks * inv[:, None] + np.float32(8.5)), 15).astype(np.uint8)
+    packed = q[:, :half] | (q[:, half:] << 4)
+    return np.concatenate([d.astype(np.float16).reshape(-1, 1).view(np.uint8), packed], axis=1)
+
+
+def encode_rows(rows: np.ndarray, qtype: Q) -> bytes | memoryview:
+    """Encode a 2-D (or 1-D) chunk of rows into the bytes of `qtype`, ready to append to the tensor's data."""
+    if qtype in FLOAT_TYPES:
+        target = FLOAT_TYPES[qtype]
+        out = rows if rows.dtype == target else rows.astype(np.float32, copy=False).astype(target)
+        return memoryview(np.ascontiguousarray(out).reshape(-1).view(np.uint8))
+    blocks = np.ascontiguousarray(rows, dtype=np.float32).reshape(-1, block_size(qtype))
+    if qtype == Q.Q8_0:
+        return _q8_0(blocks).tobytes()
+    if qtype == Q.Q4_0:
+        return _q4_0(blocks).tobytes()
+    raise ValueError(f"{qtype.name} is not encoded here; use llama.cpp's quantizer")

@@ -1,0 +1,13 @@
+"""Consoles: colour and live displays only when a person is watching (a terminal, NO_COLOR unset)."""
+from __future__ import annotations
+
+import os
+import sys
+
+from rich.console import Console
+
+
+def make_console(*, stderr: bool = False) -> Console:
+    stream = sys.stderr if stderr else sys.stdout
+    no_color = "NO_COLOR" in os.environ or not stream.isatty()
+    return Console(file=stream, no_color=no_color, highlight=False, soft_wrap=False)
