@@ -1,0 +1,167 @@
+"""The `lcrun` command line: parse, call one core function, render. Errors are caught once, here."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from . import __version__
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}  # decimal, as llama.cpp's gguf-split
+
+
+def parse_size(text: str) -> int:
+    match = _SIZE.match(text)
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a size like 500M or 4G")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one line per error, non-zero exit, a traceback only with LCRUN_DEBUG=1."""
+    from lcrun.convert.errors import ConvertError
+
+    from .errors import LcrunError
+
+    debug = os.environ.get("LCRUN_DEBUG") == "1"
+    try:
+        cli.main(args=argv, prog_name="lcrun", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        if debug:
+            raise
+        _fail("interrupted; nothing was written to the output path", 130)
+    except (ConvertError, LcrunError) as exc:
+        if debug:
+            raise
+        _fail(str(exc))
+    except OSError as exc:
+        if debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        _fail(f"{where}{exc.strerror or exc}")
+    except Exception as exc:  # noqa: BLE001 - the boundary: never a traceback for users
+        if debug:
+            raise
+        _fail(f"internal error: {type(exc).__name__}: {exc} (run with LCRUN_DEBUG=1 for the traceback)", 2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="lcrun")
+def cli() -> None:
+    """Run long-context Llama models (Llama 3.1, Gradient 1048K, …) on your own machine."""
+
+
+@cli.command(epilog="""\b
+Examples:
+  lcrun convert demo -o tiny.gguf                       # the built-in tiny model, no download
+  lcrun convert ./Llama-3.1-8B-Instruct --outtype q8_0
+  lcrun convert gradientai/Llama-3-8B-Instruct-Gradient-1048k --outtype Q4_K_M
+  lcrun convert ./ckpt --outtype bf16 --split-max-size 4G -o model.gguf
+""")
+@click.argument("src")
+@click.option("-o", "--out", "out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Output .gguf (default: the GGUF naming convention, in the current directory).")
+@click.option("--outtype", default="auto", show_default=True, metavar="TYPE",
+              help="auto (keep the source precision), f32, f16, bf16, q8_0, q4_0 — computed here — or any "
+                   "llama.cpp quant type (Q4_K_M, Q5_K_M, Q6_K, IQ4_XS, …) through llama.cpp's quantizer.")
+@click.option("--revision", help="Hub revision (branch, tag or commit) when SRC is a repo id.")
+@click.option("--rope-theta", type=float, help="Override the RoPE base (recorded in the file's metadata).")
+@click.option("--ctx", type=int, help="Override the context length the file declares (recorded in metadata).")
+@click.option("--split-max-size", metavar="SIZE", help="Write standard -0000N-of-0000M.gguf splits of at most SIZE (e.g. 4G).")
+@click.option("--threads", type=int, help="Worker threads (default: up to 2 for conversion, all cores for llama.cpp quants).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar; print only the output path(s).")
+def convert(src: str, out: Path | None, outtype: str, revision: str | None, rope_theta: float | None,
+            ctx: int | None, split_max_size: str | None, threads: int | None, force: bool, quiet: bool) -> None:
+    """Convert a Hugging Face checkpoint (a local folder, a Hub repo id, or `demo`) to GGUF.
+
+    Reads safetensors in BF16/F16/F32 or FP8 (fbgemm, AutoFP8, compressed-tensors, block-scaled), keeps RoPE
+    theta and llama3/linear/yarn scaling exact, and refuses what llama.cpp cannot express instead of dropping it.
+    """
+    from .export import export_model
+    from .ui.console import make_console
+    from .ui.progress import phase_progress
+
+    console = make_console(stderr=True)
+    size = parse_size(split_max_size) if split_max_size else 0
+    with phase_progress(console, quiet=quiet) as progress:
+        result = export_model(src, out, outtype, revision=revision, rope_theta=rope_theta, ctx=ctx,
+                              split_max_size=size, force=force, threads=threads, progress=progress)
+    for warning in result.convert.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
+    if not quiet:
+        mix = ", ".join(f"{n} {t}" for t, n in sorted(result.convert.tensor_types.items()))
+        how = "quantized by llama.cpp" if result.quantized_by_llama_cpp else mix
+        console.print(f"wrote {len(result.paths)} file(s), {result.convert.n_tensors} tensors ({how})")
+    for path in result.paths:
+        click.echo(str(path))
+
+
+@cli.command(epilog="""\b
+Examples:
+  lcrun quantize model-BF16.gguf model-Q4_K_M.gguf Q4_K_M
+  lcrun quantize model-F16.gguf model-IQ4_XS.gguf iq4_xs --threads 8
+""")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("dst", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("qtype", metavar="TYPE")
+@click.option("--threads", type=int, help="Threads for llama.cpp's quantizer (default: all cores).")
+@click.option("--force", is_flag=True, help="Overwrite an existing output file.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def quantize(src: Path, dst: Path, qtype: str, threads: int | None, force: bool, quiet: bool) -> None:
+    """Re-quantize an existing GGUF with llama.cpp's quantizer (atomic output)."""
+    from .export import quantize_file
+    from .ui.console import make_console
+    from .ui.progress import phase_progress
+
+    console = make_console(stderr=True)
+    with phase_progress(console, quiet=quiet) as progress:
+        quantize_file(src, dst, qtype, force=force, threads=threads, progress=progress("quantize"))
+    click.echo(str(dst))
+
+
+@cli.command(epilog="""\b
+Examples:
+  lcrun inspect Llama-3.1-8B-Instruct-Q4_K_M.gguf
+  lcrun inspect model-00001-of-00003.gguf --json | jq .rope
+""")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def inspect(path: Path, as_json: bool) -> None:
+    """Show what a GGUF file holds: architecture, RoPE, tokenizer, tensor types — and what looks wrong."""
+    from .gguf_info import inspect_gguf
+
+    report = inspect_gguf(path)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, default=_json_default))
+        return
+    from .ui.console import make_console
+    from .ui.inspect_view import render_inspect
+
+    render_inspect(report, make_console())
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+if __name__ == "__main__":
+    main()
