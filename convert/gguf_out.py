@@ -151,7 +151,7 @@ class GGUFOutput:
         for final in self.final_paths:
             try:
                 partial_path(final).unlink()
-            except FileNotFoundError:
+            except OSError:  # never there (read-only directory, failed open): nothing to remove
                 pass
 
     def __enter__(self) -> "GGUFOutput":
