@@ -35,7 +35,7 @@ def resolve_source(src: str, revision: str | None, progress: ProgressFactory) ->
         return path, SourceInfo()
     if src == "demo":
         from lcrun.models import demo_checkpoint
-        return demo_checkpoint(), SourceInfo(repo_id="lcrun/demo")
+        return demo_checkpoint(), SourceInfo()
     from . import hub
     if not hub.looks_like_repo_id(src):
         raise LcrunError(src, "no such file or directory, and not a Hugging Face repo id (org/name)")
