@@ -67,7 +67,6 @@ def read_config(model_dir: Path) -> tuple[dict[str, Any], Path]:
         raise CheckpointError(path, f"not valid JSON ({exc})") from exc
     if not isinstance(config, dict):
         raise CheckpointError(path, "must hold a JSON object")
-    # configs of multimodal wrappers keep the language model's fields in text_config
     return config, path
 
 
@@ -173,7 +172,8 @@ def convert_checkpoint(
     with Checkpoint(src, config.get("quantization_config") or config.get("compression_config")) as ckpt:
         plans = _plans(adapter, ckpt)
         vocab = load_vocab(src, adapter.vocab_size)
-        base_type = OUTTYPES[outtype] or _auto_type(ckpt, ckpt.names)
+        requested = OUTTYPES[outtype]
+        base_type = requested if requested is not None else _auto_type(ckpt, ckpt.names)  # Q.F32 is 0: no `or`
         if outtype == "auto":
             outtype = base_type.name.lower()
         types = [_tensor_type(p, base_type) for p in plans]
@@ -193,52 +193,59 @@ def convert_checkpoint(
             raise OutputError(out, "output name must end in .gguf")
 
         gout = GGUFOutput(out, adapter.arch_name, split_max_size=split_max_size, force=force)
-        w = gout.writer
-        metadata.set_gguf_meta_model(w)
-        w.add_type(gguf.GGUFType.MODEL)
-        adapter.add_hparams(w, context_length=context_length, rope_theta=adapter.rope.theta)
-        w.add_file_type(_FILE_TYPES[base_type])
-        if base_type in OWN_QUANTS:
-            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        add_vocab_to_gguf(w, vocab)
-        w.add_string("lcrun.converter", "lcrun convert")
-        if source and source.repo_id:
-            w.add_string("lcrun.source.repo", source.repo_id)
-        if source and source.revision:
-            w.add_string("lcrun.source.revision", source.revision)
+        metadata.set_gguf_meta_model(gout.writer)
+        _add_model_metadata(gout.writer, adapter, base_type, context_length, source)
+        add_vocab_to_gguf(gout.writer, vocab)
         if rope_theta is not None:
-            w.add_float64("lcrun.override.rope_freq_base_original", original_theta)
+            gout.writer.add_float64("lcrun.override.rope_freq_base_original", original_theta)
         if ctx is not None:
-            w.add_uint64("lcrun.override.context_length_original", adapter.context_length)
-
+            gout.writer.add_uint64("lcrun.override.context_length_original", adapter.context_length)
         for plan, qtype in zip(plans, types):
             gout.add_tensor(plan.name, plan.shape, qtype, tensor_nbytes(qtype, plan.shape))
-        total = gout.total_bytes
-
         with gout:
             gout.open()
-            done = 0
-            if progress:
-                progress(0, total)
-            n_threads = max(1, threads or min(2, os.cpu_count() or 1))
-            with ThreadPoolExecutor(n_threads) as pool:
-                window: list[Future[bytes | memoryview]] = []
-                jobs = _jobs(plans, types)
-                for job in jobs:
-                    window.append(pool.submit(_encode_chunk, ckpt, *job))
-                    if len(window) > n_threads:
-                        done += _write_next(gout, window)
-                        if progress:
-                            progress(done, total)
-                while window:
-                    done += _write_next(gout, window)
-                    if progress:
-                        progress(done, total)
+            _stream_tensors(gout, ckpt, plans, types, progress, threads)
             paths = gout.commit()
 
     mix = Counter(t.name for t in types)
-    return ConvertResult(paths=paths, n_tensors=len(plans), nbytes=total, outtype=outtype, name_stem=stem,
+    return ConvertResult(paths=paths, n_tensors=len(plans), nbytes=gout.total_bytes, outtype=outtype, name_stem=stem,
                          tensor_types=dict(mix), warnings=warnings)
+
+
+def _add_model_metadata(w: gguf.GGUFWriter, adapter: ModelAdapter, base_type: Q, context_length: int,
+                        source: SourceInfo | None) -> None:
+    w.add_type(gguf.GGUFType.MODEL)
+    adapter.add_hparams(w, context_length=context_length, rope_theta=adapter.rope.theta)
+    w.add_file_type(_FILE_TYPES[base_type])
+    if base_type in OWN_QUANTS:
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_string("lcrun.converter", "lcrun convert")
+    if source and source.repo_id:
+        w.add_string("lcrun.source.repo", source.repo_id)
+    if source and source.revision:
+        w.add_string("lcrun.source.revision", source.revision)
+
+
+def _stream_tensors(gout: GGUFOutput, ckpt: Checkpoint, plans: list[TensorPlan], types: list[Q],
+                    progress: ProgressCallback | None, threads: int | None) -> None:
+    """Encode row chunks on a small thread pool (numpy releases the GIL) and write them in order; at most
+    threads + 1 chunks are in memory at once."""
+    total, done = gout.total_bytes, 0
+    if progress:
+        progress(0, total)
+    n_threads = max(1, threads or min(2, os.cpu_count() or 1))
+    with ThreadPoolExecutor(n_threads) as pool:
+        window: list[Future[bytes | memoryview]] = []
+        for job in _jobs(plans, types):
+            window.append(pool.submit(_encode_chunk, ckpt, *job))
+            if len(window) > n_threads:
+                done += _write_next(gout, window)
+                if progress:
+                    progress(done, total)
+        while window:
+            done += _write_next(gout, window)
+            if progress:
+                progress(done, total)
 
 
 def _write_next(gout: GGUFOutput, window: list[Future[bytes | memoryview]]) -> int:

@@ -104,6 +104,7 @@ def test_split_output_loads_and_matches_the_single_file(ckpt: Path, tmp_path: Pa
     assert lcrun("convert", str(ckpt), "-o", str(single), "--outtype", "f32").returncode == 0
     run = lcrun("convert", str(ckpt), "-o", str(split), "--outtype", "f32", "--split-max-size", "60K")
     assert run.returncode == 0, run.stderr
+    assert {t.tensor_type for t in gguf.GGUFReader(single).tensors} == {gguf.GGMLQuantizationType.F32}
     parts = sorted(split.parent.iterdir())
     assert len(parts) >= 3 and [p.name for p in parts] == [f"m-{i:05d}-of-{len(parts):05d}.gguf"
                                                            for i in range(1, len(parts) + 1)]

@@ -412,3 +412,29 @@ def test_corrupt_array_length_fails_fast(tmp_path: Path) -> None:
     path.write_bytes(bytes(raw))
     assert_one_line_error(path, rf"truncated or corrupt header: an array at byte \d+ claims {1 << 60} entries")
 
+
+
+# ---- the CLI: --json on stdout; a corrupt file is one "error:" line on stderr ------------------------------------
+
+def test_cli_inspect_json_and_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from lcrun.cli import main
+
+    path = write_gguf(tmp_path / "llama31.gguf")
+    try:
+        main(["inspect", str(path), "--json"])
+    except SystemExit as exit_:
+        assert exit_.code in (0, None)
+    out, err = capsys.readouterr()
+    data = json.loads(out)
+    assert data["architecture"] == "llama" and data["rope"]["freqs_length"] == HEAD_DIM // 2
+    assert data["warnings"] == [] and err == ""
+
+    corrupt = tmp_path / "corrupt.gguf"
+    corrupt.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", str(corrupt)])
+    assert exit_info.value.code not in (0, None)
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [err.strip()] and err.startswith(f"error: {corrupt}: ")
+    assert "Traceback" not in err
