@@ -27,7 +27,8 @@ def rope_parameters(config: dict[str, Any]) -> dict[str, Any]:
             implied = config["max_position_embeddings"] / params["original_max_position_embeddings"]
             if "factor" in params and not math.isclose(implied, params["factor"]):
                 raise ValueError(f"yarn factor {params['factor']} != max_position_embeddings / "
-                                 f"original_max_position_embeddings = {implied}: ambiguous across transformers versions")
+                                 f"original_max_position_embeddings = {implied}: ambiguous across transformers "
+                                 "versions")
     kind = params.get("rope_type", params.get("type")) or "default"
     params["rope_type"] = kind
     params.pop("type", None)
@@ -137,7 +138,7 @@ def forward(weights: dict[str, np.ndarray], config: dict[str, Any], token_ids) -
 
     inv_freq, attention_factor = rope_inv_freq(config)
     angles = np.arange(n, dtype=np.float64)[:, None] * inv_freq[None, :]
-    emb = np.concatenate([angles, angles], axis=-1)             # [n, d]: HF repeats the half, rotate-half pairs i, i+d/2
+    emb = np.concatenate([angles, angles], axis=-1)  # [n, d]: HF repeats the half; rotate-half pairs i with i + d/2
     cos, sin = np.cos(emb) * attention_factor, np.sin(emb) * attention_factor
     causal = np.triu(np.full((n, n), -np.inf), k=1)
 

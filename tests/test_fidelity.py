@@ -12,12 +12,15 @@ and yarn_orig_ctx 0, all of which mean "from the file"; but it passes yarn_attn_
 yarn_beta_slow 1 explicitly, where llama.cpp's own default (−1) means "from the file". We pass −1 for those three so
 that only the GGUF's values are used.
 
-Measured (llama-cpp-python 0.3.36, CPU; worst over the four checked positions):
-  outtype f32: ≤ 0.05 %   f16: ≤ 0.1 %   bf16: ≤ 0.5 % (llama.cpp rounds activations to bf16 for bf16 matmuls)
-  q8_0: ≤ 2.5 % at the checked positions (≤ 5 % over all 1,100), top-1 identical where the lead is ≥ 4 %: bound 5 %.
-  FP8 (all six conventions, f32/f16 out): ≤ 0.1 %.
-  The RoPE scaling moves the reference's logits by 20–50 % at every checked position (it rescales frequencies, not
-  positions, so positions below 256 change too); a file converted without the scaling misses by that much.
+Measured (llama-cpp-python 0.3.36, CPU; worst of the four checked positions, then worst over all 1,100 positions):
+  outtype f32: 0.036 % (0.08 %)   f16: 0.092 % (0.26 %)   bf16: 0.40 % (1.2 %; llama.cpp rounds activations to bf16
+  for bf16 matmuls)   q8_0: 1.8 % (3.5 %), top-1 identical at every checked position; bound 5 %.
+  FP8, all six conventions: → f32 0.026 %, → f16 0.071 %.
+  The f32 figures are those of a converter that writes F32 when asked for f32 (with bf16 tensors in an "f32" file the
+  error is 0.2-0.46 %, which the f32 bound catches).
+  Negative controls (rope_scaling removed): 20-50 % off the scaled reference at every checked position - llama3,
+  linear and yarn rescale frequencies, not positions, so random weights move below 256 too - and ≤ 0.06 % off the
+  unscaled reference.
 """
 from __future__ import annotations
 
@@ -39,7 +42,9 @@ N_CTX = 1280
 WINDOWS = {"~100": range(90, 111), "~250": range(240, 256), "~600": range(590, 611), "~1000": range(990, 1011)}
 BEYOND = ("~600", "~1000")
 MIN_LEAD = 0.04
-TOLERANCE = {"f32": 0.01, "f16": 0.01, "bf16": 0.01, "q8_0": 0.05}
+# The issue's bar is 1 %. Each outtype is held to what its own precision allows (measured below, with 2-3x margin),
+# so a file silently written at a lower precision than asked for fails too.
+TOLERANCE = {"f32": 0.001, "f16": 0.003, "bf16": 0.01, "q8_0": 0.05}
 
 ROPES: dict[str, tuple[dict | None, float]] = {
     # Gradient-style: a huge theta and no scaling dict
@@ -154,7 +159,7 @@ def test_q8_0_stays_close(tmp_path: Path) -> None:
     assert result.passes(TOLERANCE["q8_0"]), str(result)
 
 
-@pytest.mark.parametrize("kind", ["llama3", pytest.param("linear", marks=slow)])
+@pytest.mark.parametrize("kind", ["llama3", pytest.param("linear", marks=slow), pytest.param("yarn", marks=slow)])
 def test_dropping_the_rope_scaling_is_caught(tmp_path: Path, kind: str) -> None:
     """Negative control: a checkpoint whose config lost its rope_scaling converts to a faithful *unscaled* model,
     and the comparison against the scaled original fails beyond the original context."""
@@ -163,15 +168,15 @@ def test_dropping_the_rope_scaling_is_caught(tmp_path: Path, kind: str) -> None:
     config["rope_scaling"] = None
     (ck.path / "config.json").write_text(json.dumps(config, indent=2))
     tokens = _tokens(ck.config["vocab_size"])
-    gguf_path = convert_checkpoint(ck.path, tmp_path / "unscaled.gguf", outtype="f32").paths[0]
+    gguf_path = convert_checkpoint(ck.path, tmp_path / "unscaled.gguf", outtype="f16").paths[0]
     logits = _llama_cpp_logits(gguf_path, tokens)
 
     against_scaled = _compare(logits, ref.forward(ck.weights, ck.config, tokens))
-    assert not against_scaled.passes(TOLERANCE["f32"], BEYOND), str(against_scaled)
-    assert against_scaled.worst(BEYOND) > 10 * TOLERANCE["f32"], str(against_scaled)
+    assert not against_scaled.passes(TOLERANCE["bf16"], BEYOND), str(against_scaled)
+    assert against_scaled.worst(BEYOND) > 10 * TOLERANCE["bf16"], str(against_scaled)
     # the harness sees exactly the missing scaling: against the unscaled reference the same file is faithful
     against_unscaled = _compare(logits, ref.forward(ck.weights, config, tokens))
-    assert against_unscaled.passes(TOLERANCE["f32"]), str(against_unscaled)
+    assert against_unscaled.passes(TOLERANCE["f16"]), str(against_unscaled)
 
 
 @pytest.mark.parametrize(("fp8", "outtype"), [
