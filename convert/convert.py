@@ -184,6 +184,7 @@ def convert_checkpoint(
             metadata.basename = metadata.basename or source.repo_id.split("/")[-1]
             metadata.source_repo_url = f"https://huggingface.co/{source.repo_id}"
         metadata.name = metadata.name or metadata.basename or src.name
+        metadata.size_label = metadata.size_label or gguf.size_label(n_params, n_params, 0, 0)
         stem = gguf.naming_convention(metadata.name, metadata.basename, metadata.finetune, metadata.version,
                                       metadata.size_label, None)
         if out is None:

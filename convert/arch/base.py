@@ -173,9 +173,8 @@ class ModelAdapter:
         writer.add_vocab_size(self.vocab_size)
         writer.add_rope_dimension_count(self.head_dim)
         writer.add_rope_freq_base(rope_theta)
-        if self.head_dim != self.hidden // self.n_head:
-            writer.add_key_length(self.head_dim)
-            writer.add_value_length(self.head_dim)
+        writer.add_key_length(self.head_dim)
+        writer.add_value_length(self.head_dim)
         rope = self.rope
         if rope.kind == "linear":
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
