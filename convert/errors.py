@@ -4,13 +4,22 @@ from __future__ import annotations
 import os
 
 
-class ConvertError(Exception):
-    """Base class: `str(err)` is the one line a user sees: "<path>: <problem>"."""
+class OneLineError(Exception):
+    """Base of every lcrun error: `str(err)` is the one line a user sees, "<path or subject>: <problem>".
+    The application's errors (lcrun.errors) derive from it too, so the CLI catches one type."""
 
-    def __init__(self, path: str | os.PathLike[str] | None, problem: str) -> None:
-        self.path = os.fspath(path) if path is not None else None
+    def __init__(self, subject: str | os.PathLike[str] | None, problem: str) -> None:
+        self.subject = os.fspath(subject) if subject is not None else None
         self.problem = problem
-        super().__init__(f"{self.path}: {problem}" if self.path else problem)
+        super().__init__(f"{self.subject}: {problem}" if self.subject else problem)
+
+
+class ConvertError(OneLineError):
+    """Base class of the converter's errors; their subject is always a file or folder."""
+
+    @property
+    def path(self) -> str | None:
+        return self.subject
 
 
 class CheckpointError(ConvertError):

@@ -30,9 +30,7 @@ def _fail(message: str, code: int = 1) -> NoReturn:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one line per error, non-zero exit, a traceback only with LCRUN_DEBUG=1."""
-    from lcrun.convert.errors import ConvertError
-
-    from .errors import LcrunError
+    from lcrun.convert.errors import OneLineError
 
     debug = os.environ.get("LCRUN_DEBUG") == "1"
     try:
@@ -46,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         _fail("interrupted; nothing was written to the output path", 130)
-    except (ConvertError, LcrunError) as exc:
+    except OneLineError as exc:
         if debug:
             raise
         _fail(str(exc))

@@ -1,16 +1,11 @@
 """Typed errors of the application. The CLI prints `str(err)` as one line and exits non-zero."""
 from __future__ import annotations
 
-import os
+from lcrun.convert.errors import OneLineError
 
 
-class LcrunError(Exception):
+class LcrunError(OneLineError):
     """Base class: `str(err)` is "<path or subject>: <problem>"."""
-
-    def __init__(self, subject: str | os.PathLike[str] | None, problem: str) -> None:
-        self.subject = os.fspath(subject) if subject is not None else None
-        self.problem = problem
-        super().__init__(f"{self.subject}: {problem}" if self.subject else problem)
 
 
 class GGUFFileError(LcrunError):
