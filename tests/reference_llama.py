@@ -146,9 +146,12 @@ def forward(weights: dict[str, np.ndarray], config: dict[str, Any], token_ids) -
     for layer in range(config["num_hidden_layers"]):
         pre = f"model.layers.{layer}."
         x = _rms_norm(h, w[pre + "input_layernorm.weight"], eps)
-        q = (x @ w[pre + "self_attn.q_proj.weight"].T).reshape(n, n_head, d).transpose(1, 0, 2)
-        k = (x @ w[pre + "self_attn.k_proj.weight"].T).reshape(n, n_kv, d).transpose(1, 0, 2)
-        v = (x @ w[pre + "self_attn.v_proj.weight"].T).reshape(n, n_kv, d).transpose(1, 0, 2)
+        q = (x @ w[pre + "self_attn.q_proj.weight"].T + w.get(pre + "self_attn.q_proj.bias", 0.0))
+        q = q.reshape(n, n_head, d).transpose(1, 0, 2)
+        k = (x @ w[pre + "self_attn.k_proj.weight"].T + w.get(pre + "self_attn.k_proj.bias", 0.0))
+        k = k.reshape(n, n_kv, d).transpose(1, 0, 2)
+        v = (x @ w[pre + "self_attn.v_proj.weight"].T + w.get(pre + "self_attn.v_proj.bias", 0.0))
+        v = v.reshape(n, n_kv, d).transpose(1, 0, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         group = n_head // n_kv

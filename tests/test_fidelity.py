@@ -188,3 +188,33 @@ def test_fp8_checkpoints_match_reference(tmp_path: Path, fp8: str, outtype: str)
     ck = _checkpoint(tmp_path, "llama3", config_form="legacy", dtype="bf16", fp8=fp8, ffn=320, seed=4)
     result = _convert_and_compare(ck, tmp_path, outtype)
     assert result.passes(TOLERANCE[outtype]), f"{fp8}→{outtype}: {result}"
+
+
+def _as_architecture(ck: TinyCheckpoint, architecture: str, model_type: str, biases: bool) -> None:
+    """Re-label a tiny Llama checkpoint (f32) as another registered architecture, optionally with Q/K/V biases."""
+    from tests.fixtures.safetensors_writer import save_safetensors
+
+    rng = np.random.default_rng(9)
+    if biases:
+        for i in range(ck.config["num_hidden_layers"]):
+            for proj in ("q", "k", "v"):
+                rows = ck.weights[f"model.layers.{i}.self_attn.{proj}_proj.weight"].shape[0]
+                ck.weights[f"model.layers.{i}.self_attn.{proj}_proj.bias"] = rng.normal(0, 0.5, rows).astype(np.float32)
+    for shard in ck.path.glob("*.safetensors"):
+        shard.unlink()
+    (ck.path / "model.safetensors.index.json").unlink(missing_ok=True)
+    save_safetensors(ck.path / "model.safetensors", ck.weights)
+    ck.config.update(architectures=[architecture], model_type=model_type)
+    (ck.path / "config.json").write_text(json.dumps(ck.config, indent=2))
+
+
+@pytest.mark.parametrize(("architecture", "model_type", "biases"), [
+    ("MistralForCausalLM", "mistral", False),   # llama.cpp's llama graph, Q/K permuted
+    ("Qwen2ForCausalLM", "qwen2", True),        # NEOX RoPE (no permutation) and Q/K/V biases
+])
+def test_other_registered_architectures_match_reference(tmp_path: Path, architecture: str, model_type: str,
+                                                         biases: bool) -> None:
+    ck = _checkpoint(tmp_path, "theta", config_form="legacy", dtype="f32", seed=3)
+    _as_architecture(ck, architecture, model_type, biases)
+    result = _convert_and_compare(ck, tmp_path, "f32")
+    assert result.passes(TOLERANCE["f32"]), f"{architecture}: {result}"
