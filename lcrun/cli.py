@@ -155,6 +155,30 @@ def inspect(path: Path, as_json: bool) -> None:
     render_inspect(report, make_console())
 
 
+@cli.command(epilog="""\b
+Examples:
+  lcrun models
+  lcrun models --json
+""")
+@click.option("--json", "as_json", is_flag=True, help="Print the profiles as JSON.")
+def models(as_json: bool) -> None:
+    """List the built-in profiles of known long-context models (usable with no network)."""
+    from lcrun.models import load_profiles
+
+    from .profiles import describe_profiles
+
+    rows = describe_profiles(load_profiles())
+    if as_json:
+        click.echo(json.dumps([{"name": p.name, "repo_id": p.repo_id, "aliases": list(p.aliases),
+                                "description": p.description, "parameters": n, "rope": rope, "config": p.config}
+                               for p, n, rope in rows], indent=2))
+        return
+    from .ui.console import make_console
+    from .ui.models_view import render_profiles
+
+    render_profiles(rows, make_console())
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)

@@ -130,6 +130,15 @@ class ModelAdapter:
                 "attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down")]
         return names
 
+    def gguf_tensors(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Every tensor a converted file holds, with its shape, from the config alone (for estimates before download)."""
+        shapes = []
+        for name in self.required_tensors():
+            shape = self.expected_shape(name)
+            assert shape is not None, name
+            shapes.append((name, shape))
+        return shapes + [(plan.name, plan.shape) for plan in self.extra_tensors()]
+
     def skip_source(self, hf_name: str) -> bool:
         return hf_name.endswith(".rotary_emb.inv_freq")
 

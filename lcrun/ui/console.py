@@ -9,5 +9,8 @@ from rich.console import Console
 
 def make_console(*, stderr: bool = False) -> Console:
     stream = sys.stderr if stderr else sys.stdout
-    no_color = "NO_COLOR" in os.environ or not stream.isatty()
-    return Console(file=stream, no_color=no_color, highlight=False, soft_wrap=False)
+    tty = stream.isatty()
+    no_color = "NO_COLOR" in os.environ or not tty
+    # a pipe has no width: don't squeeze tables into rich's default 80 columns
+    width = None if tty or "COLUMNS" in os.environ else 140
+    return Console(file=stream, no_color=no_color, highlight=False, soft_wrap=False, width=width)
