@@ -16,5 +16,9 @@ class HubError(LcrunError):
     """The Hugging Face Hub (or the HF_ENDPOINT standing in for it) refused or could not be reached."""
 
 
+class HubUnreachable(HubError):
+    """The Hub could not be reached at all (offline mode, connection failure, server down)."""
+
+
 class EngineError(LcrunError):
     """llama.cpp failed to load or run a model."""

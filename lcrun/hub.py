@@ -6,15 +6,19 @@ offline mode, token, timeouts) are read again from the environment at every call
 """
 from __future__ import annotations
 
+import json
 import os
 import re
+import struct
 import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import HubError
+from .errors import HubError, HubUnreachable
 
 # What a checkpoint needs, and nothing else: no .bin/.pth duplicates of the weights, no `original/` folder, no
 # consolidated single-file copies (Mistral ships both, which would double the download).
@@ -91,6 +95,336 @@ def download_checkpoint(repo_id: str, revision: str | None = None, *,
     return snapshot, snapshot.name  # the cache names snapshot folders by commit
 
 
+@dataclass
+class RemoteCheckpoint:
+    """What the memory estimator needs from a safetensors repo, read without downloading any weights."""
+    repo_id: str
+    commit: str
+    config: dict[str, Any]
+    tensors: dict[str, tuple[str, tuple[int, ...]]]  # name -> (safetensors dtype, shape)
+
+
+@dataclass(frozen=True)
+class ArraySummary:
+    """A GGUF array kept only by its length (token strings, merges): the estimator needs the count, not the text."""
+    element_type: int  # a gguf.GGUFValueType
+    length: int
+
+
+@dataclass
+class RemoteGGUFHeader:
+    """A GGUF file's key/value metadata and tensor infos, read by range requests without the tensor data.
+
+    Tensor shapes are in ggml order, as the file stores them: ne[0] (the row length) first. Tensor types are
+    gguf.GGMLQuantizationType members, or plain ints for types this gguf package does not know.
+    """
+    repo_id: str
+    filename: str
+    metadata: dict[str, Any]
+    tensors: list[tuple[str, int, tuple[int, ...]]]
+    header_size: int        # bytes up to the end of the tensor infos
+    data_offset: int        # where tensor data starts (header_size rounded up to general.alignment)
+    file_size: int | None   # from Content-Range, when the server says
+
+
+# safetensors refuses headers over 100 MB (MAX_HEADER_SIZE in its Rust crate); a larger length is corruption
+_SAFETENSORS_MAX_HEADER = 100_000_000
+_GGUF_FIRST_READ = 1 << 20
+_GGUF_MAX_HEADER = 64 << 20
+
+
+def fetch_checkpoint_metadata(repo_id: str, revision: str | None = None) -> RemoteCheckpoint:
+    """config.json and every tensor's dtype and shape, from the safetensors headers alone (two small range
+    requests per shard), pinned to the commit that `revision` resolves to."""
+    from huggingface_hub import get_token, hf_hub_download, hf_hub_url
+    from huggingface_hub.errors import EntryNotFoundError
+
+    endpoint = _endpoint()
+    token = get_token()
+    with _hub_errors(repo_id, revision, endpoint=endpoint, token_sent=bool(token)):
+        download = {"revision": revision, "cache_dir": _hub_cache_dir(), "endpoint": endpoint, "token": token,
+                    "etag_timeout": _etag_timeout()}
+        config_path = Path(hf_hub_download(repo_id, "config.json", **download))
+        commit = config_path.parent.name  # the cache names snapshot folders by commit
+        config = _load_json(repo_id, "config.json", config_path)
+        download["revision"] = commit
+        try:
+            index = _load_json(repo_id, "model.safetensors.index.json",
+                               Path(hf_hub_download(repo_id, "model.safetensors.index.json", **download)))
+            weight_map = index.get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise HubError(repo_id, "model.safetensors.index.json has no weight_map")
+            shards = sorted(set(weight_map.values()))
+        except EntryNotFoundError:
+            shards = ["model.safetensors"]
+        tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+        for shard in shards:
+            url = hf_hub_url(repo_id, shard, revision=commit, endpoint=endpoint)
+            try:
+                tensors.update(_safetensors_header(repo_id, shard, url, token))
+            except EntryNotFoundError:
+                if shards == ["model.safetensors"]:
+                    raise HubError(repo_id, "has no safetensors weights (only safetensors checkpoints are "
+                                            "supported, not .bin or .pth)") from None
+                raise HubError(repo_id, f"{shard} is listed in model.safetensors.index.json but is not in "
+                                        "the repo") from None
+    return RemoteCheckpoint(repo_id=repo_id, commit=commit, config=config, tensors=tensors)
+
+
+def fetch_gguf_header(repo_id: str, filename: str, revision: str | None = None, *,
+                      first_read: int = _GGUF_FIRST_READ, max_header: int = _GGUF_MAX_HEADER) -> RemoteGGUFHeader:
+    """The header of one GGUF file in a repo (for a split model, call it once per split), read in ranges that
+    grow geometrically from `first_read` bytes until the tensor infos are complete; vocabularies make headers
+    several MB. A header larger than `max_header` is refused."""
+    from huggingface_hub import get_token, hf_hub_url
+    from huggingface_hub.errors import EntryNotFoundError
+
+    endpoint = _endpoint()
+    token = get_token()
+    with _hub_errors(repo_id, revision, endpoint=endpoint, token_sent=bool(token)):
+        url = hf_hub_url(repo_id, filename, revision=revision, endpoint=endpoint)
+        buffer = b""
+        want = min(first_read, max_header)
+        file_size: int | None = None
+        while True:
+            try:
+                chunk, file_size = _read_range(url, len(buffer), want, token)
+            except EntryNotFoundError:
+                raise HubError(repo_id, f"no file {filename!r} in this repo") from None
+            buffer += chunk
+            try:
+                metadata, tensors, header_size = _parse_gguf_header(buffer)
+                break
+            except _NeedMore as more:
+                if len(buffer) < want or (file_size is not None and len(buffer) >= file_size):
+                    raise HubError(repo_id, f"{filename} is truncated: the file ends inside its GGUF header "
+                                            f"({len(buffer)} bytes)") from None
+                if want >= max_header:
+                    raise HubError(repo_id, f"{filename}: the GGUF header is larger than {max_header >> 20} MiB; "
+                                            "the file is probably corrupt") from None
+                want = min(max(2 * len(buffer), more.at_least), max_header)
+            except _Malformed as malformed:
+                raise HubError(repo_id, f"{filename} is not a valid GGUF file: {malformed}") from None
+    alignment = metadata.get("general.alignment", _gguf().GGUF_DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or alignment <= 0:
+        raise HubError(repo_id, f"{filename} is not a valid GGUF file: general.alignment is {alignment!r}")
+    data_offset = -(-header_size // alignment) * alignment
+    return RemoteGGUFHeader(repo_id=repo_id, filename=filename, metadata=metadata, tensors=tensors,
+                            header_size=header_size, data_offset=data_offset, file_size=file_size)
+
+
+@contextmanager
+def _hub_errors(repo_id: str, revision: str | None, *, endpoint: str, token_sent: bool) -> Iterator[None]:
+    if _offline():
+        raise HubUnreachable(repo_id, "HF_HUB_OFFLINE is set, so the Hub cannot be reached to read the model's metadata; "
+                                "give a local checkpoint directory instead")
+    try:
+        yield
+    except HubError:
+        raise
+    except Exception as error:
+        mapped = _hub_error(repo_id, revision, error, offline=False, endpoint=endpoint, token_sent=token_sent)
+        if mapped is None:
+            raise
+        raise mapped from error
+
+
+def _load_json(repo_id: str, filename: str, path: Path) -> dict[str, Any]:
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise HubError(repo_id, f"{filename} is not valid JSON ({error})") from None
+    if not isinstance(loaded, dict):
+        raise HubError(repo_id, f"{filename} is not a JSON object")
+    return loaded
+
+
+def _safetensors_header(repo_id: str, filename: str, url: str,
+                        token: str | None) -> dict[str, tuple[str, tuple[int, ...]]]:
+    prefix, _ = _read_range(url, 0, 8, token)
+    if len(prefix) < 8:
+        raise HubError(repo_id, f"{filename} is truncated: {len(prefix)} bytes, too short for a safetensors header")
+    (length,) = struct.unpack("<Q", prefix)
+    if not 2 <= length <= _SAFETENSORS_MAX_HEADER:
+        raise HubError(repo_id, f"{filename} is not a valid safetensors file: header length {length}")
+    raw, _ = _read_range(url, 8, 8 + length, token)
+    if len(raw) < length:
+        raise HubError(repo_id, f"{filename} is truncated: the file ends after {len(raw)} of its {length} "
+                                "safetensors header bytes")
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise HubError(repo_id, f"{filename} has a malformed safetensors header ({error})") from None
+    if not isinstance(header, dict):
+        raise HubError(repo_id, f"{filename} has a malformed safetensors header (not a JSON object)")
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if (not isinstance(dtype, str) or not isinstance(shape, list)
+                or not all(isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in shape)):
+            raise HubError(repo_id, f"{filename} has a malformed safetensors header (tensor {name!r})")
+        tensors[name] = (dtype, tuple(shape))
+    return tensors
+
+
+def _read_range(url: str, start: int, stop: int, token: str | None) -> tuple[bytes, int | None]:
+    """Bytes [start, stop) of a Hub file, and the file's size when the server says it.
+
+    Through huggingface_hub's own client: it follows the Hub's redirect to its CDN and, like httpx, drops the
+    Authorization header when the redirect leaves the Hub's origin. A server that ignores Range is read only as
+    far as needed.
+    """
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    headers = {**build_hf_headers(token=token, library_name="lcrun"), "Range": f"bytes={start}-{stop - 1}"}
+    with get_session().stream("GET", url, headers=headers, timeout=_download_timeout()) as response:
+        if response.status_code == 416:  # start is at or past the end of the file
+            return b"", _content_range_total(response.headers.get("Content-Range"))
+        if response.status_code >= 400:
+            response.read()
+            hf_raise_for_status(response)
+        if response.status_code == 206:
+            skip, total = 0, _content_range_total(response.headers.get("Content-Range"))
+        else:
+            skip, total = start, _int_or_none(response.headers.get("Content-Length"))
+        wanted = skip + stop - start
+        chunks: list[bytes] = []
+        received = 0
+        for chunk in response.iter_bytes():
+            chunks.append(chunk)
+            received += len(chunk)
+            if received >= wanted:
+                break
+    return b"".join(chunks)[skip:wanted], total
+
+
+def _content_range_total(value: str | None) -> int | None:
+    return _int_or_none((value or "").rpartition("/")[2])
+
+
+def _int_or_none(text: str | None) -> int | None:
+    return int(text) if text and text.isdigit() else None
+
+
+def _download_timeout() -> float:
+    try:
+        return float(os.environ.get("HF_HUB_DOWNLOAD_TIMEOUT") or 10)
+    except ValueError:
+        return 10.0
+
+
+def _gguf() -> Any:
+    import gguf
+
+    return gguf
+
+
+class _NeedMore(Exception):
+    def __init__(self, at_least: int) -> None:
+        super().__init__(at_least)
+        self.at_least = at_least
+
+
+class _Malformed(Exception):
+    pass
+
+
+# Far above any real model; a count beyond these is a corrupt header, not a reason to read 64 MiB
+_MAX_GGUF_COUNT = 1 << 24
+_MAX_GGUF_DIMS = 8
+
+
+class _GGUFCursor:
+    """Reads GGUF values from a prefix of the file; running off the end of the prefix raises _NeedMore."""
+
+    def __init__(self, data: bytes, byte_order: str) -> None:
+        self.data, self.order, self.pos = data, byte_order, 0
+
+    def take(self, n: int) -> bytes:
+        end = self.pos + n
+        if end > len(self.data):
+            raise _NeedMore(end)
+        chunk = self.data[self.pos:end]
+        self.pos = end
+        return chunk
+
+    def unpack(self, code: str) -> Any:
+        return struct.unpack(self.order + code, self.take(struct.calcsize(code)))[0]
+
+    def count(self, what: str) -> int:
+        n = self.unpack("Q")
+        if n > _MAX_GGUF_COUNT:
+            raise _Malformed(f"{what} is {n}")
+        return n
+
+    def string(self) -> str:
+        n = self.unpack("Q")
+        if n > _GGUF_MAX_HEADER:
+            raise _Malformed(f"a string of {n} bytes at offset {self.pos - 8}")
+        return self.take(n).decode("utf-8", errors="replace")
+
+
+def _gguf_scalar_codes() -> dict[int, str]:
+    t = _gguf().GGUFValueType
+    return {t.UINT8: "B", t.INT8: "b", t.UINT16: "H", t.INT16: "h", t.UINT32: "I", t.INT32: "i",
+            t.FLOAT32: "f", t.BOOL: "?", t.UINT64: "Q", t.INT64: "q", t.FLOAT64: "d"}
+
+
+def _parse_gguf_header(data: bytes) -> tuple[dict[str, Any], list[tuple[str, int, tuple[int, ...]]], int]:
+    """(metadata, tensor infos, header size) from a prefix of a GGUF file; _NeedMore if the prefix is too short."""
+    gguf = _gguf()
+    value_type = gguf.GGUFValueType
+    scalars = _gguf_scalar_codes()
+    cursor = _GGUFCursor(data, "<")
+    if cursor.unpack("I") != gguf.GGUF_MAGIC:
+        raise _Malformed("no GGUF magic at the start")
+    version = cursor.unpack("I")
+    if version & 0xFFFF == 0:  # written big-endian, as gguf's own reader detects it
+        cursor.order = ">"
+        version = struct.unpack(">I", struct.pack("<I", version))[0]
+    if version not in (2, 3):
+        raise _Malformed(f"GGUF version {version} (only versions 2 and 3 are read)")
+    tensor_count = cursor.count("the tensor count")
+    kv_count = cursor.count("the key/value count")
+
+    def read_value(kind: int) -> Any:
+        if kind in scalars:
+            return cursor.unpack(scalars[kind])
+        if kind == value_type.STRING:
+            return cursor.string()
+        if kind == value_type.ARRAY:
+            item_kind = cursor.unpack("I")
+            length = cursor.count("an array length")
+            if item_kind in scalars:
+                code = scalars[item_kind]
+                raw = cursor.take(length * struct.calcsize(code))
+                return list(struct.unpack(f"{cursor.order}{length}{code}", raw))
+            for _ in range(length):
+                read_value(item_kind)
+            return ArraySummary(element_type=item_kind, length=length)
+        raise _Malformed(f"unknown value type {kind} at offset {cursor.pos - 4}")
+
+    metadata: dict[str, Any] = {}
+    for _ in range(kv_count):
+        key = cursor.string()
+        metadata[key] = read_value(cursor.unpack("I"))
+    known_types = {t.value for t in gguf.GGMLQuantizationType}
+    tensors: list[tuple[str, int, tuple[int, ...]]] = []
+    for _ in range(tensor_count):
+        name = cursor.string()
+        n_dims = cursor.unpack("I")
+        if n_dims > _MAX_GGUF_DIMS:
+            raise _Malformed(f"tensor {name!r} has {n_dims} dimensions")
+        shape = tuple(cursor.unpack("Q") for _ in range(n_dims))
+        raw_type = cursor.unpack("I")
+        cursor.unpack("Q")  # offset into the data section: the estimator needs sizes, not positions
+        tensors.append((name, gguf.GGMLQuantizationType(raw_type) if raw_type in known_types else raw_type, shape))
+    return metadata, tensors, cursor.pos
+
+
 def _require_safetensors(repo_id: str, names: Iterable[str]) -> None:
     if not any(name.endswith(".safetensors") for name in names):
         raise HubError(repo_id, "has no safetensors weights (only safetensors checkpoints are supported, "
@@ -127,9 +461,9 @@ def _hub_error(repo_id: str, revision: str | None, error: Exception, *, offline:
     if not isinstance(error, (LocalEntryNotFoundError, HfHubHTTPError, *_transport_errors())):
         return None
     if offline:
-        return HubError(repo_id, "not in the local Hugging Face cache and HF_HUB_OFFLINE is set, so the Hub cannot "
+        return HubUnreachable(repo_id, "not in the local Hugging Face cache and HF_HUB_OFFLINE is set, so the Hub cannot "
                                  "be reached; give a local checkpoint directory instead")
-    return HubError(repo_id, f"the Hugging Face Hub ({endpoint}) cannot be reached; check the connection, "
+    return HubUnreachable(repo_id, f"the Hugging Face Hub ({endpoint}) cannot be reached; check the connection, "
                              "or give a local checkpoint directory instead")
 
 
