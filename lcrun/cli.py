@@ -23,6 +23,24 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
 
 
+_MEMORY_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}  # memory sizes are binary (24G = 24 GiB)
+
+
+def parse_memory(text: str) -> int:
+    match = _SIZE.match(text)
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a memory size like 24G or 512M")
+    return int(float(match.group(1)) * _MEMORY_UNITS[match.group(2).upper()])
+
+
+def parse_ctx(text: str) -> int:
+    """Token counts with binary suffixes, as model cards use them: 32k = 32768, 1M = 1048576."""
+    match = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*$", text)
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a context length like 32768, 32k or 1M")
+    return int(float(match.group(1)) * {"": 1, "K": 1024, "M": 1 << 20}[match.group(2).upper()])
+
+
 def _fail(message: str, code: int = 1) -> NoReturn:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)
@@ -37,9 +55,11 @@ def main(argv: list[str] | None = None) -> None:
         cli.main(args=argv, prog_name="lcrun", standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx else "lcrun"
+        _fail(f"{exc.format_message()} (see `{where} --help`)", exc.exit_code)
     except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
+        _fail(exc.format_message(), exc.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):
         if debug:
             raise
@@ -177,6 +197,77 @@ def models(as_json: bool) -> None:
     from .ui.models_view import render_profiles
 
     render_profiles(rows, make_console())
+
+
+@cli.command(epilog="""\b
+Examples:
+  lcrun estimate gradientai/Llama-3-70B-Instruct-Gradient-1048k --quant Q4_K_M --kv-type q8_0
+  lcrun estimate llama-3.1-8b --quant Q8_0 --quant Q4_K_M --ctx 32k --ctx 128k --gpu-mem 24G
+  lcrun estimate ./Llama-3.1-8B-Instruct-Q4_K_M.gguf --kv-type f16 --kv-type q4_0 --json
+""")
+@click.argument("model")
+@click.option("--quant", "quants", multiple=True, metavar="TYPE",
+              help="Quant type(s) to plan for (repeatable; default Q8_0 and Q4_K_M; a GGUF file has its own).")
+@click.option("--ctx", "ctxs", multiple=True, metavar="N", help="Context length(s), e.g. 32k, 128k, 1M (default: a ladder up to the model's maximum).")
+@click.option("--kv-type", "kv_types", multiple=True, metavar="K[/V]", help="KV cache type(s): f16, q8_0, q4_0, … or K/V separately, e.g. q8_0/q4_0 (repeatable; default f16).")
+@click.option("--flash-attn", type=click.Choice(["on", "off", "auto"]), default="auto", show_default=True)
+@click.option("--ubatch", type=int, default=512, show_default=True, help="Physical batch size (n_ubatch).")
+@click.option("--parallel", type=int, default=1, show_default=True, help="Parallel sequences (n_seq).")
+@click.option("--gpu-layers", type=int, help="Layers to offload (default: all that the plan puts on a GPU).")
+@click.option("--gpu-mem", "gpu_mem", multiple=True, metavar="SIZE", help="Plan for GPU(s) of this free memory instead of detecting (e.g. 24G; repeatable).")
+@click.option("--ram", metavar="SIZE", help="Plan for this much free RAM instead of detecting.")
+@click.option("--file", "gguf_file", metavar="NAME.gguf", help="For a Hub GGUF repo: the file to estimate.")
+@click.option("--revision", help="Hub revision.")
+@click.option("--allow-ctx-extension", is_flag=True, help="Allow contexts above the model's maximum.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per plan.")
+def estimate(model: str, quants: tuple[str, ...], ctxs: tuple[str, ...], kv_types: tuple[str, ...], flash_attn: str,
+             ubatch: int, parallel: int, gpu_layers: int | None, gpu_mem: tuple[str, ...], ram: str | None,
+             gguf_file: str | None, revision: str | None, allow_ctx_extension: bool, as_json: bool) -> None:
+    """How much memory MODEL needs at each quant, context and KV type — and what fits here — before download.
+
+    MODEL is a Hub repo id (only config.json and safetensors headers are read), a local checkpoint folder, a local
+    GGUF (splits included), or a built-in profile (`lcrun models`).
+    """
+    from .devices import machine_devices
+    from .errors import LcrunError
+    from .estimate import context_ladder, largest_fitting_ctx, plan_memory
+    from .model_spec import resolve_model
+
+    spec = resolve_model(model, revision=revision, gguf_file=gguf_file)
+    contexts = [parse_ctx(c) for c in ctxs] or context_ladder(spec.n_ctx_train)
+    too_long = [c for c in contexts if c > spec.n_ctx_train]
+    if too_long and not allow_ctx_extension:
+        raise LcrunError(model, f"context {too_long[0]:,} is above the model's maximum of {spec.n_ctx_train:,} "
+                                "(pass --allow-ctx-extension if you extend it with RoPE overrides)")
+    if spec.file_tensor_bytes is not None:
+        if quants:
+            raise LcrunError(model, f"a GGUF file has its own quantization ({spec.file_type}); drop --quant")
+        quants = (spec.file_type or "file",)
+    quants = quants or ("Q8_0", "Q4_K_M")
+    kv_pairs = [tuple(k.split("/", 1)) if "/" in k else (k, k) for k in (kv_types or ("f16",))]
+    devices = machine_devices([parse_memory(g) for g in gpu_mem] if gpu_mem else None,
+                              parse_memory(ram) if ram else None)
+    plans, largest = [], {}
+    for quant in quants:
+        for type_k, type_v in kv_pairs:
+            fa = flash_attn == "on" or (flash_attn == "auto")
+            options = dict(type_k=type_k.lower(), type_v=type_v.lower(), flash_attn=fa, n_ubatch=ubatch,
+                           n_seq=parallel, n_gpu_layers=gpu_layers)
+            try:
+                for ctx in contexts:
+                    plans.append(plan_memory(spec, quant, ctx, devices, **options))
+            except ValueError as exc:
+                raise LcrunError(model, str(exc)) from exc
+            kv = type_k if type_k == type_v else f"{type_k}/{type_v}"
+            largest[(quant.upper(), kv)] = largest_fitting_ctx(spec, quant, devices, max_ctx=max(contexts), **options)
+    if as_json:
+        for plan in plans:
+            click.echo(json.dumps(plan.to_dict()))
+        return
+    from .ui.console import make_console
+    from .ui.estimate_view import render_estimate
+
+    render_estimate(spec.name, "; ".join(spec.notes) or spec.source, devices, plans, largest, make_console())
 
 
 def _json_default(value: Any) -> Any:

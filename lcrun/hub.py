@@ -144,6 +144,7 @@ def fetch_checkpoint_metadata(repo_id: str, revision: str | None = None) -> Remo
     with _hub_errors(repo_id, revision, endpoint=endpoint, token_sent=bool(token)):
         download = {"revision": revision, "cache_dir": _hub_cache_dir(), "endpoint": endpoint, "token": token,
                     "etag_timeout": _etag_timeout()}
+        _probe(hf_hub_url(repo_id, "config.json", revision=revision, endpoint=endpoint), token)
         config_path = Path(hf_hub_download(repo_id, "config.json", **download))
         commit = config_path.parent.name  # the cache names snapshot folders by commit
         config = _load_json(repo_id, "config.json", config_path)
@@ -268,6 +269,16 @@ def _safetensors_header(repo_id: str, filename: str, url: str,
             raise HubError(repo_id, f"{filename} has a malformed safetensors header (tensor {name!r})")
         tensors[name] = (dtype, tuple(shape))
     return tensors
+
+
+def _probe(url: str, token: str | None) -> None:
+    """One HEAD request: hf_hub_download retries an unreachable Hub with back-off for ~20 s; this fails at once."""
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    response = get_session().request("HEAD", url, headers=build_hf_headers(token=token, library_name="lcrun"),
+                                     timeout=_download_timeout())
+    if response.status_code >= 400:
+        hf_raise_for_status(response)
 
 
 def _read_range(url: str, start: int, stop: int, token: str | None) -> tuple[bytes, int | None]:

@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import EngineError
+from ..errors import EngineError
 
 _FTYPE_PREFIX = "LLAMA_FTYPE_MOSTLY_"
 _TENSOR_LINE = re.compile(rb"\[\s*(\d+)/\s*(\d+)\]")

@@ -1,0 +1,219 @@
+"""What llama.cpp really allocates for a model and a context, measured through llama-cpp-python.
+
+The model is loaded with `no_alloc` ("only load metadata and simulate memory allocations"): llama.cpp builds every
+buffer's layout and the worst-case compute graph, but allocates nothing, so a 33K context costs milliseconds.
+
+Exact bytes come from llama.cpp's own `llama_get_memory_breakdown` (per buffer type: model, context = KV cache,
+compute). It is a C++ function returning a `std::map`, not part of the C API, so it is called through ctypes and the
+map is read with libstdc++'s red-black-tree layout (x86-64/aarch64 Linux). Where that symbol is missing the figures fall
+back to llama.cpp's log lines of a real allocation, which round to 0.01 MiB; `Allocations.exact` says which.
+
+The output (logits) buffer is not in the breakdown; its size comes from the log line, so it is exact only to 0.01 MiB.
+"""
+from __future__ import annotations
+
+import ctypes
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_MIB = 1024 * 1024
+_BREAKDOWN_SYMBOL = "_Z26llama_get_memory_breakdownPK13llama_context"
+
+
+@dataclass(frozen=True)
+class Allocations:
+    """Bytes per buffer-type name (e.g. "CPU"), as llama.cpp allocates them."""
+
+    weights: dict[str, int]
+    kv: dict[str, int]
+    compute: dict[str, int]
+    output: dict[str, int]
+    exact: bool
+    log: list[str] = field(default_factory=list, repr=False)
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(self.weights.values())
+
+    @property
+    def kv_bytes(self) -> int:
+        return sum(self.kv.values())
+
+    @property
+    def compute_bytes(self) -> int:
+        return sum(self.compute.values())
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(self.output.values())
+
+
+class _RbNode(ctypes.Structure):
+    pass
+
+
+# libstdc++ std::map<ggml_backend_buffer_type_t, llama_memory_breakdown_data>: node base, then the value
+_RbNode._fields_ = [
+    ("color", ctypes.c_int),
+    ("parent", ctypes.POINTER(_RbNode)),
+    ("left", ctypes.POINTER(_RbNode)),
+    ("right", ctypes.POINTER(_RbNode)),
+    ("buft", ctypes.c_void_p),
+    ("model", ctypes.c_size_t),
+    ("context", ctypes.c_size_t),
+    ("compute", ctypes.c_size_t),
+]
+
+
+class _StdMap(ctypes.Structure):
+    _fields_ = [
+        ("key_compare", ctypes.c_size_t),  # std::less, padded to a word
+        ("header_color", ctypes.c_int),
+        ("root", ctypes.POINTER(_RbNode)),
+        ("leftmost", ctypes.POINTER(_RbNode)),
+        ("rightmost", ctypes.POINTER(_RbNode)),
+        ("node_count", ctypes.c_size_t),
+    ]
+
+
+def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
+    from llama_cpp import llama_cpp as bindings
+
+    lib_dir = Path(bindings.__file__).parent / "lib"
+    return bindings._lib, ctypes.CDLL(str(lib_dir / "libggml-base.so"))
+
+
+def _breakdown(ctx: int) -> dict[str, tuple[int, int, int]] | None:
+    """{buffer type name: (model, context, compute)} from llama.cpp, or None when the symbol is not exported."""
+    llama_lib, ggml_lib = _libs()
+    try:
+        fn = getattr(llama_lib, _BREAKDOWN_SYMBOL)
+    except AttributeError:
+        return None
+    fn.argtypes = [ctypes.POINTER(_StdMap), ctypes.c_void_p]  # returned by value: the caller passes the storage
+    fn.restype = None
+    buft_name = ggml_lib.ggml_backend_buft_name
+    buft_name.argtypes = [ctypes.c_void_p]
+    buft_name.restype = ctypes.c_char_p
+
+    result = _StdMap()
+    fn(ctypes.byref(result), ctx)
+    out: dict[str, tuple[int, int, int]] = {}
+    stack = [result.root] if result.root else []
+    visited = 0
+    while stack and visited <= result.node_count:
+        node = stack.pop().contents
+        visited += 1
+        name = buft_name(node.buft).decode()
+        prev = out.get(name, (0, 0, 0))
+        out[name] = (prev[0] + node.model, prev[1] + node.context, prev[2] + node.compute)
+        stack.extend(child for child in (node.left, node.right) if child)
+    if visited != result.node_count:
+        raise RuntimeError("unexpected std::map layout in llama_get_memory_breakdown")
+    # the map's nodes (a few dozen bytes) are left to leak: freeing them needs libstdc++'s operator delete
+    return out
+
+
+_LOG_PATTERNS = {
+    "weights": re.compile(r"load_tensors:\s+(\S+) model buffer size =\s+([\d.]+) MiB"),
+    "kv": re.compile(r"llama_kv_cache:\s+(\S+) KV buffer size =\s+([\d.]+) MiB"),
+    "compute": re.compile(r"sched_reserve:\s+(\S+) compute buffer size =\s+([\d.]+) MiB"),
+    "output": re.compile(r"llama_context:\s+(\S+)\s+output buffer size =\s+([\d.]+) MiB"),
+}
+
+
+def _from_log(lines: list[str], kind: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for line in lines:
+        match = _LOG_PATTERNS[kind].search(line)
+        if match:
+            out[match.group(1)] = out.get(match.group(1), 0) + round(float(match.group(2)) * _MIB)
+    return out
+
+
+def allocations_from_log(lines: list[str]) -> Allocations:
+    """The sizes llama.cpp logs while it loads a model and creates a context, to 0.01 MiB (0 in `no_alloc` mode)."""
+    return Allocations(
+        weights=_from_log(lines, "weights"), kv=_from_log(lines, "kv"), compute=_from_log(lines, "compute"),
+        output=_from_log(lines, "output"), exact=False, log=lines,
+    )
+
+
+def _ggml_type(name: str) -> int:
+    import gguf
+
+    return int(gguf.GGMLQuantizationType[name.upper()])
+
+
+def measure_allocations(
+    gguf_path: str | Path,
+    *,
+    n_ctx: int,
+    n_ubatch: int,
+    n_batch: int,
+    type_k: str = "f16",
+    type_v: str = "f16",
+    flash_attn: bool = True,
+    n_seq: int = 1,
+    n_gpu_layers: int = 0,
+    simulate: bool = True,
+) -> Allocations:
+    """Load `gguf_path` and create a context as llama.cpp would, and report what it allocates.
+
+    With `simulate` (the default) nothing is allocated: llama.cpp's `no_alloc` mode computes the same sizes."""
+    import llama_cpp
+
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def _capture(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        lines.append(text.decode("utf-8", errors="replace"))
+
+    llama_cpp.llama_log_set(_capture, ctypes.c_void_p(0))
+    model = ctx = None
+    try:
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        mparams.no_alloc = simulate
+        mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE  # no_alloc cannot mmap; real loads then use the same buffers
+        model = llama_cpp.llama_model_load_from_file(str(gguf_path).encode(), mparams)
+        if not model:
+            raise RuntimeError(f"llama.cpp could not load {gguf_path}: {''.join(lines[-3:]).strip()}")
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = n_ubatch
+        cparams.n_seq_max = n_seq
+        cparams.type_k = _ggml_type(type_k)
+        cparams.type_v = _ggml_type(type_v)
+        cparams.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        ctx = llama_cpp.llama_init_from_model(model, cparams)
+        if not ctx:
+            raise RuntimeError(f"llama.cpp could not create a context: {''.join(lines[-3:]).strip()}")
+        text = "".join(lines).splitlines()
+        breakdown = _breakdown(ctypes.cast(ctx, ctypes.c_void_p).value or 0)
+        output = _from_log(text, "output")
+        if breakdown is None:
+            if simulate:  # simulated buffers are logged as 0 MiB
+                return measure_allocations(
+                    gguf_path, n_ctx=n_ctx, n_ubatch=n_ubatch, n_batch=n_batch, type_k=type_k, type_v=type_v,
+                    flash_attn=flash_attn, n_seq=n_seq, n_gpu_layers=n_gpu_layers, simulate=False,
+                )
+            return allocations_from_log(text)
+        return Allocations(
+            weights={name: m for name, (m, _, _) in breakdown.items() if m},
+            kv={name: c for name, (_, c, _) in breakdown.items() if c},
+            compute={name: c for name, (_, _, c) in breakdown.items() if c},
+            output=output,
+            exact=True,
+            log=text,
+        )
+    finally:
+        if ctx:
+            llama_cpp.llama_free(ctx)
+        if model:
+            llama_cpp.llama_model_free(model)
+        llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, ctypes.c_void_p(0))

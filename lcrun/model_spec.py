@@ -1,0 +1,171 @@
+"""What the estimator needs to know about a model, from whatever the user has: a built-in profile, a local HF
+checkpoint folder, a local GGUF (splits included), or a Hub repo (config and safetensors headers only)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lcrun.convert.arch import ModelAdapter, adapter_for
+
+from .errors import HubUnreachable, LcrunError
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    source: str                                        # "profile", "checkpoint", "gguf", "hub"
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff: int
+    n_vocab: int
+    n_ctx_train: int
+    tensors: list[tuple[str, tuple[int, ...]]]         # GGUF names and numpy-order shapes
+    file_tensor_bytes: dict[str, int] | None = None    # a GGUF's exact tensor sizes (then the quant is fixed)
+    file_type: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _from_adapter(adapter: ModelAdapter, name: str, source: str) -> ModelSpec:
+    return ModelSpec(name=name, source=source, arch=adapter.arch_name, n_layer=adapter.n_layer, n_embd=adapter.hidden,
+                     n_head=adapter.n_head, n_head_kv=adapter.n_head_kv, head_dim=adapter.head_dim, n_ff=adapter.ffn,
+                     n_vocab=adapter.vocab_size, n_ctx_train=adapter.context_length, tensors=adapter.gguf_tensors())
+
+
+def spec_from_config(config: dict[str, Any], where: str, name: str, source: str) -> ModelSpec:
+    return _from_adapter(adapter_for(config, Path(where)), name, source)
+
+
+def spec_from_checkpoint_dir(model_dir: Path) -> ModelSpec:
+    from lcrun.convert.convert import read_config
+
+    config, path = read_config(model_dir)
+    return spec_from_config(config, str(path), model_dir.name, "checkpoint")
+
+
+def spec_from_gguf(path: Path) -> ModelSpec:
+    """Exact tensor sizes from the file (all splits); shapes and hyper-parameters from its metadata."""
+    import gguf
+
+    from .gguf_info import inspect_gguf
+
+    report = inspect_gguf(path)  # validates the file (and its splits) with one-line errors
+    tensors: list[tuple[str, tuple[int, ...], int]] = []
+    fields: dict[str, Any] = {}
+    for part in report.paths:
+        reader = gguf.GGUFReader(part)
+        for key, value in reader.fields.items():
+            if not key.startswith("tokenizer.ggml.") and key not in fields:
+                fields[key] = value.contents()
+        for tensor in reader.tensors:
+            tensors.append((tensor.name, tuple(int(d) for d in reversed(tensor.shape.tolist())), int(tensor.n_bytes)))
+    return _spec_from_gguf_metadata(fields, tensors, report.name or path.stem, str(path), report.file_type)
+
+
+def _spec_from_gguf_metadata(fields: dict[str, Any], tensors: list[tuple[str, tuple[int, ...], int]], name: str,
+                             where: str, file_type: str | None) -> ModelSpec:
+    arch = fields.get("general.architecture")
+    if not arch:
+        raise LcrunError(where, "no general.architecture in the GGUF metadata")
+
+    def key(suffix: str, default: Any = None) -> Any:
+        return fields.get(f"{arch}.{suffix}", default)
+
+    try:
+        n_head = int(key("attention.head_count"))
+        n_embd = int(key("embedding_length"))
+        head_dim = int(key("attention.key_length", key("rope.dimension_count", n_embd // n_head)))
+        n_vocab = int(key("vocab_size", 0) or next((s[0] for n, s, _ in tensors if n == "token_embd.weight"), 0))
+        return ModelSpec(name=name, source="gguf", arch=arch, n_layer=int(key("block_count")), n_embd=n_embd,
+                         n_head=n_head, n_head_kv=int(key("attention.head_count_kv", n_head)), head_dim=head_dim,
+                         n_ff=int(key("feed_forward_length")), n_vocab=n_vocab,
+                         n_ctx_train=int(key("context_length")), tensors=[(n, s) for n, s, _ in tensors],
+                         file_tensor_bytes={n: b for n, _, b in tensors}, file_type=file_type)
+    except (TypeError, ValueError) as exc:
+        raise LcrunError(where, f"GGUF metadata lacks the {arch} hyper-parameters an estimate needs ({exc})") from None
+
+
+def spec_from_profile(text: str) -> ModelSpec | None:
+    from lcrun.models import find_profile
+
+    profile = find_profile(text)
+    if profile is None:
+        return None
+    spec = spec_from_config(profile.config, f"<profile {profile.name}>", profile.repo_id, "profile")
+    return spec
+
+
+def load_config_text(text: str, where: str) -> dict[str, Any]:
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise LcrunError(where, f"config.json is not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise LcrunError(where, "config.json must hold a JSON object")
+    return config
+
+
+def resolve_model(text: str, *, revision: str | None = None, gguf_file: str | None = None) -> ModelSpec:
+    """A local GGUF or checkpoint folder, a built-in profile, or a Hub repo id (falling back to a matching profile,
+    with a note, when the Hub cannot be reached)."""
+    path = Path(text).expanduser()
+    if path.is_file():
+        return spec_from_gguf(path)
+    if path.is_dir():
+        return spec_from_checkpoint_dir(path)
+    from . import hub
+
+    profile = spec_from_profile(text)
+    if not hub.looks_like_repo_id(text):
+        if profile is not None:
+            profile.notes.append("built-in profile")
+            return profile
+        raise LcrunError(text, "no such file, folder or built-in profile, and not a Hub repo id (see `lcrun models`)")
+    try:
+        if gguf_file:
+            return _spec_from_remote_gguf(text, gguf_file, revision)
+        remote = hub.fetch_checkpoint_metadata(text, revision)
+    except HubUnreachable as exc:
+        if profile is None:
+            raise
+        profile.notes.append(f"the Hub could not be reached ({exc.problem}); using lcrun's built-in profile")
+        return profile
+    spec = spec_from_config(remote.config, f"{text}/config.json", text, "hub")
+    spec.notes.append(f"config and safetensors headers of {text}@{remote.commit[:12]} (no weights downloaded)")
+    return spec
+
+
+def _spec_from_remote_gguf(repo_id: str, filename: str, revision: str | None) -> ModelSpec:
+    """A GGUF on the Hub, from its header alone (range requests); split sets are read split by split."""
+    import re
+
+    import gguf
+
+    from . import hub
+    from .quant_mix import quantized_nbytes
+
+    names = [filename]
+    match = re.match(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$", filename)
+    if match:
+        names = [f"{match.group(1)}-{i:05d}-of-{match.group(3)}.gguf" for i in range(1, int(match.group(3)) + 1)]
+    fields: dict[str, Any] = {}
+    tensors: list[tuple[str, tuple[int, ...], int]] = []
+    for name in names:
+        header = hub.fetch_gguf_header(repo_id, name, revision)
+        for k, v in header.metadata.items():
+            fields.setdefault(k, v)
+        for tensor_name, qtype, ggml_shape in header.tensors:
+            shape = tuple(reversed(ggml_shape))
+            tensors.append((tensor_name, shape, quantized_nbytes(shape, gguf.GGMLQuantizationType(qtype))))
+    file_type = fields.get("general.file_type")
+    label = next((n[len("MOSTLY_"):] if n.startswith("MOSTLY_") else n for n, v in gguf.LlamaFileType.__members__.items()
+                  if v == file_type), None) if file_type is not None else None
+    spec = _spec_from_gguf_metadata(fields, tensors, f"{repo_id}/{filename}", f"{repo_id}/{filename}", label)
+    spec.source = "hub"
+    spec.notes.append(f"GGUF header of {repo_id}/{filename} read by range requests (no weights downloaded)")
+    return spec

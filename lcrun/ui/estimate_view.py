@@ -1,0 +1,52 @@
+"""The estimate table: rows quant × context, columns KV type; what fits the machine highlighted."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from lcrun.devices import Device
+from lcrun.estimate import Plan
+
+GIB = 1 << 30
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:,.1f}"
+
+
+def render_estimate(model: str, source_note: str, devices: Sequence[Device], plans: Sequence[Plan],
+                    largest: dict[tuple[str, str], int], console: Console) -> None:
+    kv_types = list(dict.fromkeys(f"{p.type_k}/{p.type_v}" if p.type_k != p.type_v else p.type_k for p in plans))
+    machine = ", ".join(f"{d.name} {_gib(d.free_bytes)} GiB free{'' if d.detected else ' (given)'}" for d in devices)
+    console.print(Text(f"{model}  ·  {source_note}", style="bold"))
+    console.print(Text(f"machine: {machine}", style="dim"))
+    table = Table(show_lines=False, title_justify="left",
+                  caption="GiB: total = weights + KV + compute + output; green fits, red does not", caption_justify="left")
+    table.add_column("quant")
+    table.add_column("context", justify="right")
+    table.add_column("weights", justify="right")
+    for kv in kv_types:
+        table.add_column(f"KV {kv}", justify="right")
+        table.add_column(f"total ({kv})", justify="right")
+    rows: dict[tuple[str, int], dict[str, Plan]] = {}
+    for plan in plans:
+        kv = f"{plan.type_k}/{plan.type_v}" if plan.type_k != plan.type_v else plan.type_k
+        rows.setdefault((plan.quant, plan.ctx), {})[kv] = plan
+    for (quant, ctx), by_kv in rows.items():
+        first = next(iter(by_kv.values()))
+        cells: list[Text | str] = [quant, f"{ctx:,}", _gib(first.weights_bytes)]
+        for kv in kv_types:
+            plan = by_kv.get(kv)
+            if plan is None:
+                cells += ["", ""]
+                continue
+            cells.append(_gib(plan.kv_bytes))
+            cells.append(Text(_gib(plan.total_bytes), style="bold green" if plan.fits else "red"))
+        table.add_row(*cells)
+    console.print(table)
+    for (quant, kv), ctx in largest.items():
+        verdict = f"up to {ctx:,} tokens" if ctx else "does not fit at any context"
+        console.print(f"largest context that fits: {quant} with KV {kv}: {verdict}")

@@ -1,0 +1,226 @@
+"""The memory estimate against what llama.cpp itself allocates.
+
+Small llama GGUF files are written here (F16 weights, a byte-level BPE vocab of 4096 tokens so the logits matter) and
+loaded by llama.cpp in its `no_alloc` mode, which lays out every buffer without allocating it; lcrun.engine.allocations reads
+the sizes, in bytes, from llama.cpp's own memory breakdown. KV cache and weights must match to the byte; the compute
+buffer, an allocator's peak, must be within the tolerance its model documents."""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+from lcrun.engine.allocations import allocations_from_log, measure_allocations
+from lcrun.memory_model import (
+    ModelShape,
+    compute_buffer_bytes,
+    kv_cache_bytes,
+    output_buffer_bytes,
+    validate_kv,
+    weights_bytes,
+)
+
+GiB = 1024**3
+MiB = 1024**2
+
+# (n_layer, n_embd, n_head, n_head_kv, n_ff, n_vocab): head size 64 and 128, GQA 2 and 4, n_ff/n_embd 2.75–3.5 like
+# released models
+SHAPES = {
+    "d64-gqa2": (2, 256, 4, 2, 896, 4096),
+    "d128-gqa4": (3, 512, 4, 1, 1792, 4096),
+    "d64-gqa4-4layers": (4, 512, 8, 2, 1408, 8192),
+}
+CACHE_TYPES = [("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0"), ("q8_0", "f16")]
+
+
+def _byte_level_tokens() -> list[str]:
+    # GPT-2's printable stand-in for every byte, so llama.cpp finds a newline token
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    stand_ins, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            stand_ins[b] = chr(b)
+        else:
+            stand_ins[b] = chr(256 + extra)
+            extra += 1
+    return [stand_ins[b] for b in range(256)]
+
+
+def write_llama_gguf(path: Path, shape: ModelShape) -> Path:
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_context_length(shape.n_ctx_train)
+    w.add_embedding_length(shape.n_embd)
+    w.add_block_count(shape.n_layer)
+    w.add_feed_forward_length(shape.n_ff)
+    w.add_head_count(shape.n_head)
+    w.add_head_count_kv(shape.n_head_kv)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(shape.head_dim_k)
+    w.add_rope_freq_base(500000.0)
+    w.add_vocab_size(shape.n_vocab)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    tokens = [*_byte_level_tokens(), "ĠĠ"]
+    n_normal = len(tokens)
+    tokens += [f"<|reserved_{i}|>" for i in range(shape.n_vocab - n_normal)]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("llama-bpe")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.NORMAL] * n_normal + [gguf.TokenType.CONTROL] * (shape.n_vocab - n_normal))
+    w.add_token_merges(["Ġ Ġ"])
+    w.add_bos_token_id(n_normal)
+    w.add_eos_token_id(n_normal + 1)
+
+    def tensor(name: str, *dims: int, dtype: type = np.float16) -> None:
+        w.add_tensor(name, np.zeros(dims, dtype=dtype))
+
+    e, kv = shape.n_embd, shape.n_embd_k_gqa
+    tensor("token_embd.weight", shape.n_vocab, e)
+    tensor("output_norm.weight", e, dtype=np.float32)
+    tensor("output.weight", shape.n_vocab, e)
+    for i in range(shape.n_layer):
+        tensor(f"blk.{i}.attn_norm.weight", e, dtype=np.float32)
+        tensor(f"blk.{i}.attn_q.weight", shape.n_head * shape.head_dim_k, e)
+        tensor(f"blk.{i}.attn_k.weight", kv, e)
+        tensor(f"blk.{i}.attn_v.weight", shape.n_embd_v_gqa, e)
+        tensor(f"blk.{i}.attn_output.weight", e, shape.n_head * shape.head_dim_v)
+        tensor(f"blk.{i}.ffn_norm.weight", e, dtype=np.float32)
+        tensor(f"blk.{i}.ffn_gate.weight", shape.n_ff, e)
+        tensor(f"blk.{i}.ffn_up.weight", shape.n_ff, e)
+        tensor(f"blk.{i}.ffn_down.weight", e, shape.n_ff)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _shape(n_layer: int, n_embd: int, n_head: int, n_head_kv: int, n_ff: int, n_vocab: int) -> ModelShape:
+    head_dim = n_embd // n_head
+    return ModelShape(n_layer, n_embd, n_head, n_head_kv, head_dim, head_dim, n_ff, n_vocab, n_ctx_train=8192)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[ModelShape, Path]]:
+    folder = tmp_path_factory.mktemp("memory_models")
+    out = {}
+    for name, dims in SHAPES.items():
+        shape = _shape(*dims)
+        out[name] = (shape, write_llama_gguf(folder / f"{name}.gguf", shape))
+    return out
+
+
+def _cases() -> list[tuple[str, int, int, bool, str, str]]:
+    cases = []
+    for name, n_ctx, n_ubatch, flash_attn, (type_k, type_v) in itertools.product(
+        SHAPES, (512, 4096, 33000), (512, 128), (True, False), CACHE_TYPES
+    ):
+        if type_v != "f16" and not flash_attn:
+            continue  # llama.cpp refuses a quantized V cache without flash attention
+        cases.append((name, n_ctx, n_ubatch, flash_attn, type_k, type_v))
+    return cases
+
+
+def _compute_tolerance(flash_attn: bool, type_k: str) -> float:
+    # the documented error of compute_buffer_bytes: exact with flash attention and a f16 K; otherwise ggml-alloc's
+    # holes move by about ±n_embd per token
+    return 0.002 if flash_attn and type_k == "f16" else 0.05
+
+
+@pytest.mark.parametrize(("name", "n_ctx", "n_ubatch", "flash_attn", "type_k", "type_v"), _cases())
+def test_estimate_matches_llama_cpp(
+    models: dict[str, tuple[ModelShape, Path]], name: str, n_ctx: int, n_ubatch: int, flash_attn: bool, type_k: str,
+    type_v: str,
+) -> None:
+    shape, path = models[name]
+    measured = measure_allocations(
+        path, n_ctx=n_ctx, n_ubatch=n_ubatch, n_batch=512, type_k=type_k, type_v=type_v, flash_attn=flash_attn
+    )
+    assert measured.exact
+    assert kv_cache_bytes(shape, n_ctx=n_ctx, type_k=type_k, type_v=type_v, flash_attn=flash_attn) == measured.kv_bytes
+
+    estimate = compute_buffer_bytes(
+        shape, n_ctx=n_ctx, n_ubatch=n_ubatch, flash_attn=flash_attn, type_k=type_k, type_v=type_v
+    )
+    assert estimate == pytest.approx(measured.compute_bytes, rel=_compute_tolerance(flash_attn, type_k))
+
+    # llama.cpp logs the output buffer only in MiB with two decimals
+    output = output_buffer_bytes(shape, n_ctx=n_ctx, n_batch=512)
+    assert abs(output - measured.output_bytes) <= 0.005 * MiB
+
+
+def test_weights_match_llama_cpp(models: dict[str, tuple[ModelShape, Path]]) -> None:
+    for shape, path in models.values():
+        tensors = gguf.GGUFReader(path).tensors
+        measured = measure_allocations(path, n_ctx=512, n_ubatch=512, n_batch=512)
+        assert weights_bytes(int(t.n_bytes) for t in tensors) == measured.weights_bytes
+
+
+def test_logged_sizes_agree_with_the_breakdown(models: dict[str, tuple[ModelShape, Path]]) -> None:
+    # the fallback where llama_get_memory_breakdown is not exported
+    _, path = models["d64-gqa4-4layers"]
+    exact = measure_allocations(path, n_ctx=33000, n_ubatch=512, n_batch=512, flash_attn=False, simulate=False)
+    logged = allocations_from_log(exact.log)
+    for kind in ("weights", "kv", "compute"):
+        assert getattr(exact, kind).keys() == getattr(logged, kind).keys() == {"CPU"}
+        assert abs(getattr(exact, f"{kind}_bytes") - getattr(logged, f"{kind}_bytes")) <= 0.005 * MiB
+
+
+def test_several_sequences_get_one_padded_stream_each(models: dict[str, tuple[ModelShape, Path]]) -> None:
+    shape, path = models["d128-gqa4"]
+    for n_ctx in (4096, 5000):
+        measured = measure_allocations(path, n_ctx=n_ctx, n_ubatch=512, n_batch=512, n_seq=3)
+        assert kv_cache_bytes(shape, n_ctx=n_ctx, n_seq=3) == measured.kv_bytes
+        assert abs(output_buffer_bytes(shape, n_ctx=n_ctx, n_batch=512, n_seq=3) - measured.output_bytes) <= 0.005 * MiB
+
+
+@pytest.mark.slow
+def test_simulated_allocation_equals_real_allocation(models: dict[str, tuple[ModelShape, Path]]) -> None:
+    _, path = models["d64-gqa2"]
+    for flash_attn, type_k in ((True, "q8_0"), (False, "f16")):
+        settings = dict(n_ctx=4096, n_ubatch=512, n_batch=512, type_k=type_k, flash_attn=flash_attn)
+        simulated = measure_allocations(path, **settings)
+        real = measure_allocations(path, simulate=False, **settings)
+        assert (simulated.weights, simulated.kv, simulated.compute) == (real.weights, real.kv, real.compute)
+
+
+LLAMA3_8B = ModelShape(32, 4096, 32, 8, 128, 128, 14336, 128256, 8192)
+LLAMA3_70B = ModelShape(80, 8192, 64, 8, 128, 128, 28672, 128256, 8192)
+MILLION = 1024 * 1024
+
+
+def test_published_kv_sizes_of_llama3() -> None:
+    assert kv_cache_bytes(LLAMA3_8B, n_ctx=MILLION) == 128 * GiB
+    assert kv_cache_bytes(LLAMA3_70B, n_ctx=MILLION) == 320 * GiB
+    assert kv_cache_bytes(LLAMA3_70B, n_ctx=MILLION, type_k="q8_0", type_v="q8_0") == 170 * GiB
+    assert kv_cache_bytes(LLAMA3_70B, n_ctx=MILLION, type_k="q4_0", type_v="q4_0") == 90 * GiB
+    assert kv_cache_bytes(LLAMA3_8B, n_ctx=1) == kv_cache_bytes(LLAMA3_8B, n_ctx=256) == 256 * 128 * 1024
+
+
+def test_score_matrix_dominates_without_flash_attention() -> None:
+    # 8B at 128K, ubatch 512: the n_ctx × n_ubatch × n_head f32 scores are 8 GiB
+    without = compute_buffer_bytes(LLAMA3_8B, n_ctx=131072, n_ubatch=512, flash_attn=False)
+    with_fa = compute_buffer_bytes(LLAMA3_8B, n_ctx=131072, n_ubatch=512, flash_attn=True)
+    assert 8 * GiB < without < 8.4 * GiB
+    assert with_fa < 0.3 * GiB  # the logits of 512 tokens (250 MiB) are the largest part left
+
+
+def test_quantized_cache_needs_whole_blocks() -> None:
+    tiny_heads = ModelShape(2, 64, 4, 4, 16, 16, 128, 256, 512)
+    with pytest.raises(ValueError, match="head size is 16"):
+        validate_kv(tiny_heads, "q8_0", "f16", flash_attn=True)
+    validate_kv(tiny_heads, "f16", "f16", flash_attn=False)
+
+
+def test_quantized_v_needs_flash_attention() -> None:
+    with pytest.raises(ValueError, match="flash attention"):
+        validate_kv(LLAMA3_8B, "q8_0", "q8_0", flash_attn=False)
+    with pytest.raises(ValueError, match="flash attention"):
+        kv_cache_bytes(LLAMA3_8B, n_ctx=4096, type_k="f16", type_v="q4_0", flash_attn=False)
+
+
+def test_unknown_cache_type_names_the_choices() -> None:
+    with pytest.raises(ValueError, match="unknown KV cache type"):
+        validate_kv(LLAMA3_8B, "q3_x", "f16", flash_attn=True)
