@@ -270,6 +270,62 @@ def estimate(model: str, quants: tuple[str, ...], ctxs: tuple[str, ...], kv_type
     render_estimate(spec.name, "; ".join(spec.notes) or spec.source, devices, plans, largest, make_console())
 
 
+@cli.command(epilog="""\b
+Examples:
+  lcrun plan Llama-3.1-8B-Instruct-Q4_K_M.gguf                 # the largest context that fits, KV type chosen
+  lcrun plan model.gguf --ctx 128k --gpu-mem 24G               # refused before loading if it cannot fit
+  lcrun plan model.gguf --ctx 8k --verify                      # check the estimate with llama.cpp's dry run
+  lcrun plan llama-3.1-70b --quant Q4_K_M --kv-type q8_0
+""")
+@click.argument("model")
+@click.option("--quant", default="Q4_K_M", show_default=True, help="Quant type, when MODEL is not a GGUF file.")
+@click.option("--ctx", default="auto", show_default=True, help="Context length (32k, 128k, …) or auto: the largest that fits.")
+@click.option("--kv-type", default="auto", show_default=True, help="KV cache type (f16, q8_0, q4_0, K/V) or auto: the least lossy that reaches the context.")
+@click.option("--flash-attn", type=click.Choice(["on", "off", "auto"]), default="auto", show_default=True)
+@click.option("--gpu-layers", type=int, help="Layers to offload (default: as many as fit).")
+@click.option("--ubatch", type=int, default=512, show_default=True)
+@click.option("--parallel", type=int, default=1, show_default=True)
+@click.option("--gpu-mem", "gpu_mem", multiple=True, metavar="SIZE", help="Plan for GPU(s) of this free memory.")
+@click.option("--ram", metavar="SIZE", help="Plan for this much free RAM.")
+@click.option("--verify", is_flag=True, help="Run llama.cpp's allocation dry run (no_alloc) on the GGUF and compare.")
+@click.option("--json", "as_json", is_flag=True)
+def plan(model: str, quant: str, ctx: str, kv_type: str, flash_attn: str, gpu_layers: int | None, ubatch: int,
+         parallel: int, gpu_mem: tuple[str, ...], ram: str | None, verify: bool, as_json: bool) -> None:
+    """Choose context, KV type, flash attention and GPU layers for MODEL on this machine, and explain the choice."""
+    from .devices import machine_devices
+    from .errors import LcrunError
+    from .model_spec import resolve_model
+    from .planner import choose
+
+    spec = resolve_model(model)
+    devices = machine_devices([parse_memory(g) for g in gpu_mem] if gpu_mem else None,
+                              parse_memory(ram) if ram else None)
+    quant_name = spec.file_type or quant if spec.file_tensor_bytes is not None else quant
+    choice = choose(spec, quant_name, devices, ctx=None if ctx == "auto" else parse_ctx(ctx),
+                    kv_type=None if kv_type == "auto" else kv_type, flash_attn=flash_attn, n_gpu_layers=gpu_layers,
+                    n_ubatch=ubatch, n_seq=parallel)
+    result = {**choice.plan.to_dict(), "why": choice.why}
+    if verify:
+        if spec.source != "gguf":
+            raise LcrunError(model, "--verify needs a local GGUF file (llama.cpp's dry run reads its header)")
+        from .engine.allocations import measure_allocations
+
+        p = choice.plan
+        measured = measure_allocations(model, n_ctx=p.ctx, n_ubatch=p.n_ubatch, n_batch=max(p.n_ubatch, 2048),
+                                       type_k=p.type_k, type_v=p.type_v, flash_attn=p.flash_attn, n_seq=p.n_seq,
+                                       n_gpu_layers=p.n_gpu_layers)
+        result["llama_cpp"] = {"weights_bytes": measured.weights_bytes, "kv_bytes": measured.kv_bytes,
+                               "compute_bytes": measured.compute_bytes, "output_bytes": measured.output_bytes,
+                               "exact": measured.exact}
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    from .ui.console import make_console
+    from .ui.plan_view import render_plan
+
+    render_plan(spec.name, result, make_console())
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)

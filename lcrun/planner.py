@@ -1,0 +1,75 @@
+"""The planner: from a model, the machine and the user's constraints, choose context length, KV type, flash attention
+and GPU layers — and refuse, before anything is loaded, a plan that cannot fit, saying what would make it fit."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .devices import Device
+from .errors import LcrunError
+from .estimate import CTX_STEP, GIB, Plan, largest_fitting_ctx, plan_memory
+from .memory_model import validate_kv
+from .model_spec import ModelSpec
+
+KV_LADDER = ("f16", "q8_0", "q4_0")  # least lossy first
+
+
+@dataclass
+class Choice:
+    plan: Plan
+    why: str                      # which constraint binds, in words
+
+
+class PlanRefused(LcrunError):
+    """No plan fits; the message says what would."""
+
+
+def _kv_candidates(spec: ModelSpec, kv_type: str | None, flash_attn: bool) -> list[tuple[str, str]]:
+    from .estimate import model_shape
+
+    if kv_type:
+        k, _, v = kv_type.partition("/")
+        return [(k.lower(), (v or k).lower())]
+    shape = model_shape(spec)
+    legal = []
+    for kv in KV_LADDER:
+        try:
+            validate_kv(shape, kv, kv, flash_attn)
+            legal.append((kv, kv))
+        except ValueError:
+            continue
+    return legal or [("f16", "f16")]
+
+
+def choose(spec: ModelSpec, quant: str, devices: list[Device], *, ctx: int | None = None, kv_type: str | None = None,
+           flash_attn: str = "auto", n_gpu_layers: int | None = None, n_ubatch: int = 512, n_seq: int = 1) -> Choice:
+    """ctx None = the largest multiple of 256 that fits, capped at the model's maximum; kv_type None = the least
+    lossy of f16 → q8_0 → q4_0 that reaches the context; flash attention on unless "off" (it never costs memory)."""
+    fa = flash_attn != "off"
+    target = ctx or spec.n_ctx_train
+    options = dict(flash_attn=fa, n_ubatch=n_ubatch, n_seq=n_seq, n_gpu_layers=n_gpu_layers)
+    best: tuple[int, tuple[str, str]] | None = None
+    for type_k, type_v in _kv_candidates(spec, kv_type, fa):
+        try:
+            plan = plan_memory(spec, quant, target, devices, type_k=type_k, type_v=type_v, **options)
+        except ValueError as exc:
+            raise PlanRefused(spec.name, str(exc)) from None
+        if plan.fits:
+            limit = "the model's maximum context" if target == spec.n_ctx_train and ctx is None else "the requested context"
+            kv_note = "" if (type_k, type_v) == _kv_candidates(spec, kv_type, fa)[0] else (
+                f"; KV {type_k} because less compressed types do not reach it")
+            return Choice(plan, f"fits at {limit} ({target:,} tokens){kv_note}")
+        reach = largest_fitting_ctx(spec, quant, devices, max_ctx=target, type_k=type_k, type_v=type_v, **options)
+        if best is None or reach > best[0]:
+            best = (reach, (type_k, type_v))
+    assert best is not None
+    reach, (type_k, type_v) = best
+    at_target = plan_memory(spec, quant, target, devices, type_k=type_k, type_v=type_v, **options)
+    if ctx is not None or reach == 0:
+        fix = (f"use --ctx {reach:,} or less (the largest that fits with KV {type_k})" if reach else
+               "use a smaller quant, fewer parallel sequences, or a machine with more memory")
+        raise PlanRefused(spec.name, f"{target:,} tokens do not fit: {at_target.binding}; {fix}")
+    plan = plan_memory(spec, quant, reach, devices, type_k=type_k, type_v=type_v, **options)
+    beyond = plan_memory(spec, quant, reach + CTX_STEP, devices, type_k=type_k, type_v=type_v, **options)
+    kv_gib = at_target.kv_bytes / GIB
+    return Choice(plan, f"context limited to {reach:,} of {target:,} tokens by memory: {beyond.binding} "
+                        f"(the full context needs {kv_gib:.1f} GiB of KV {type_k})")
