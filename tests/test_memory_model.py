@@ -6,6 +6,7 @@ the sizes, in bytes, from llama.cpp's own memory breakdown. KV cache and weights
 buffer, an allocator's peak, must be within the tolerance its model documents."""
 from __future__ import annotations
 
+import functools
 import itertools
 from pathlib import Path
 
@@ -149,6 +150,18 @@ def test_estimate_matches_llama_cpp(
     # llama.cpp logs the output buffer only in MiB with two decimals
     output = output_buffer_bytes(shape, n_ctx=n_ctx, n_batch=512)
     assert abs(output - measured.output_bytes) <= 0.005 * MiB
+
+    # the issue's bar for the whole: within 3 %
+    weights = _file_weights(path)
+    total = weights + kv_cache_bytes(shape, n_ctx=n_ctx, type_k=type_k, type_v=type_v, flash_attn=flash_attn)
+    total += estimate + output
+    measured_total = measured.weights_bytes + measured.kv_bytes + measured.compute_bytes + measured.output_bytes
+    assert total == pytest.approx(measured_total, rel=0.03)
+
+
+@functools.cache
+def _file_weights(path: Path) -> int:
+    return weights_bytes(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
 
 
 def test_weights_match_llama_cpp(models: dict[str, tuple[ModelShape, Path]]) -> None:
