@@ -141,3 +141,15 @@ def test_corrupt_gguf(tmp_path: Path) -> None:
     bad.write_bytes(b"GGUF" + b"\x00" * 10)
     run = lcrun("estimate", str(bad))
     assert run.returncode == 1 and str(bad) in run.stderr and run.stderr.count("\n") == 1
+
+
+def test_hub_gguf_repo_reads_only_the_header(fake_hub: FakeHub, tmp_path: Path) -> None:
+    make_llama_checkpoint(tmp_path / "ck", hidden=512, layers=4, heads=8, kv_heads=2, ffn=1536)
+    model = tmp_path / "m.gguf"
+    assert lcrun("convert", str(tmp_path / "ck"), "-o", str(model), "--outtype", "q8_0", "-q").returncode == 0
+    assert model.stat().st_size > 8 << 20  # far more than one header read
+    fake_hub.add_repo("org/Tiny-GGUF", {"m-Q8_0.gguf": model.read_bytes()})
+    [plan] = plans(lcrun("estimate", "org/Tiny-GGUF", "--file", "m-Q8_0.gguf", "--ctx", "1k", "--ram", "8G", "--json"))
+    assert plan["weights_bytes"] == sum(int(t.n_bytes) for t in gguf.GGUFReader(model).tensors)
+    assert plan["quant"] == "Q8_0"
+    assert 0 < fake_hub.bytes_served() <= 1 << 20  # one 1 MiB range read holds this header; no tensor data beyond
