@@ -23,6 +23,7 @@ from lcrun.memory_model import (
     validate_kv,
     weights_bytes,
 )
+from tests.fixtures.gguf_llama import add_llama_hparams
 
 GiB = 1024**3
 MiB = 1024**2
@@ -52,16 +53,9 @@ def _byte_level_tokens() -> list[str]:
 
 def write_llama_gguf(path: Path, shape: ModelShape) -> Path:
     w = gguf.GGUFWriter(path, "llama")
-    w.add_context_length(shape.n_ctx_train)
-    w.add_embedding_length(shape.n_embd)
-    w.add_block_count(shape.n_layer)
-    w.add_feed_forward_length(shape.n_ff)
-    w.add_head_count(shape.n_head)
-    w.add_head_count_kv(shape.n_head_kv)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_dimension_count(shape.head_dim_k)
-    w.add_rope_freq_base(500000.0)
-    w.add_vocab_size(shape.n_vocab)
+    add_llama_hparams(w, n_ctx=shape.n_ctx_train, n_embd=shape.n_embd, n_layer=shape.n_layer, n_ff=shape.n_ff,
+                      n_head=shape.n_head, n_head_kv=shape.n_head_kv, head_dim=shape.head_dim_k,
+                      n_vocab=shape.n_vocab, rope_base=500000.0)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     tokens = [*_byte_level_tokens(), "ĠĠ"]
     n_normal = len(tokens)

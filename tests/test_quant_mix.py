@@ -12,6 +12,7 @@ import pytest
 from lcrun.engine import quantize_gguf
 from lcrun.errors import EngineError
 from lcrun.quant_mix import llama_tensor_types, quantized_nbytes
+from tests.fixtures.gguf_llama import add_llama_hparams
 
 T = gguf.GGMLQuantizationType
 VOCAB = 64
@@ -69,15 +70,8 @@ NEEDS_IMATRIX = ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M", "IQ3_X
 def _write_model(path: Path, spec: Spec) -> None:
     rng = np.random.default_rng(0)
     writer = gguf.GGUFWriter(path, spec.arch)
-    writer.add_context_length(128)
-    writer.add_embedding_length(spec.hidden)
-    writer.add_block_count(spec.n_layer)
-    writer.add_feed_forward_length(spec.ffn)
-    writer.add_head_count(spec.n_head)
-    writer.add_head_count_kv(spec.n_head_kv)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_dimension_count(spec.head_dim)
-    writer.add_vocab_size(VOCAB)
+    add_llama_hparams(writer, n_ctx=128, n_embd=spec.hidden, n_layer=spec.n_layer, n_ff=spec.ffn, n_head=spec.n_head,
+                      n_head_kv=spec.n_head_kv, head_dim=spec.head_dim, n_vocab=VOCAB)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if spec.f16_source else gguf.LlamaFileType.ALL_F32)
     for name, shape in spec.shapes().items():
         data = (rng.standard_normal(shape) * 0.02).astype(np.float32)

@@ -11,6 +11,7 @@ import pytest
 from lcrun.convert.gguf_out import GGUFOutput
 from lcrun.convert.quants import Q, encode_rows, tensor_nbytes
 from lcrun.engine import quantize_gguf
+from tests.fixtures.gguf_llama import add_llama_hparams
 
 HIDDEN, FFN, VOCAB, HEADS = 64, 128, 96, 2
 
@@ -32,14 +33,8 @@ def _crafted_rows(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
 def _write_f32_llama(path: Path, tensors: dict[str, np.ndarray]) -> None:
     out = GGUFOutput(path, "llama")
     w = out.writer
-    w.add_context_length(256)
-    w.add_embedding_length(HIDDEN)
-    w.add_block_count(1)
-    w.add_feed_forward_length(FFN)
-    w.add_head_count(HEADS)
-    w.add_head_count_kv(HEADS)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_dimension_count(HIDDEN // HEADS)
+    add_llama_hparams(w, n_ctx=256, n_embd=HIDDEN, n_layer=1, n_ff=FFN, n_head=HEADS, n_head_kv=HEADS,
+                      head_dim=HIDDEN // HEADS)
     w.add_file_type(gguf.LlamaFileType.ALL_F32)
     for name, data in tensors.items():
         out.add_tensor(name, data.shape, Q.F32, data.nbytes)

@@ -21,6 +21,7 @@ from tokenizers import Tokenizer
 from lcrun.convert.errors import TokenizerError
 from lcrun.convert.vocab import LLAMA3_REGEX, QWEN2_REGEX, Vocab, add_vocab_to_gguf, load_vocab
 from tests.fixtures.tokenizer_factory import LLAMA3_CHAT_TEMPLATE, LLAMA3_SPECIAL_TOKENS, write_llama3_tokenizer
+from tests.fixtures.gguf_llama import add_llama_hparams
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -69,16 +70,8 @@ TEXTS = CORPUS + _fuzz(300, seed=1)
 def _write_vocab_gguf(path: Path, vocab: Vocab) -> Path:
     """A GGUF with only metadata: the llama hyper-parameters llama.cpp reads before its vocabulary, and the vocab."""
     w = gguf.GGUFWriter(path, "llama")
-    w.add_context_length(256)
-    w.add_embedding_length(64)
-    w.add_block_count(1)
-    w.add_feed_forward_length(128)
-    w.add_head_count(2)
-    w.add_head_count_kv(2)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_rope_dimension_count(32)
-    w.add_rope_freq_base(500000.0)
-    w.add_vocab_size(len(vocab.tokens))
+    add_llama_hparams(w, n_ctx=256, n_embd=64, n_layer=1, n_ff=128, n_head=2, n_head_kv=2, head_dim=32,
+                      n_vocab=len(vocab.tokens), rope_base=500000.0)
     add_vocab_to_gguf(w, vocab)
     w.write_header_to_file()
     w.write_kv_data_to_file()
