@@ -308,10 +308,10 @@ def plan(model: str, quant: str, ctx: str, kv_type: str, flash_attn: str, gpu_la
     if verify:
         if spec.source != "gguf":
             raise LcrunError(model, "--verify needs a local GGUF file (llama.cpp's dry run reads its header)")
-        from .engine.allocations import measure_allocations
+        from .engine.allocations import measure_allocations_isolated
 
         p = choice.plan
-        measured = measure_allocations(model, n_ctx=p.ctx, n_ubatch=p.n_ubatch, n_batch=max(p.n_ubatch, 2048),
+        measured = measure_allocations_isolated(model, n_ctx=p.ctx, n_ubatch=p.n_ubatch, n_batch=max(p.n_ubatch, 2048),
                                        type_k=p.type_k, type_v=p.type_v, flash_attn=p.flash_attn, n_seq=p.n_seq,
                                        n_gpu_layers=p.n_gpu_layers)
         result["llama_cpp"] = {"weights_bytes": measured.weights_bytes, "kv_bytes": measured.kv_bytes,

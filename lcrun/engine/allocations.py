@@ -16,6 +16,7 @@ import ctypes
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 _MIB = 1024 * 1024
 _BREAKDOWN_SYMBOL = "_Z26llama_get_memory_breakdownPK13llama_context"
@@ -217,3 +218,37 @@ def measure_allocations(
         if model:
             llama_cpp.llama_model_free(model)
         llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, ctypes.c_void_p(0))
+
+
+def _child(conn: Any, gguf_path: str, options: dict[str, Any]) -> None:
+    try:
+        conn.send(("ok", measure_allocations(gguf_path, **options)))
+    except Exception as exc:  # noqa: BLE001 - reported to the parent as one line
+        conn.send(("error", str(exc)))
+    finally:
+        conn.close()
+
+
+def measure_allocations_isolated(gguf_path: str | Path, **options: Any) -> Allocations:
+    """measure_allocations in a child process: a crash inside llama.cpp (seen with the no_alloc dry run on a CUDA
+    build) becomes a one-line EngineError instead of taking lcrun down."""
+    import multiprocessing
+
+    from ..errors import EngineError
+
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe(duplex=False)
+    process = context.Process(target=_child, args=(child, str(gguf_path), options), daemon=True)
+    process.start()
+    child.close()
+    try:
+        status, payload = parent.recv()
+    except EOFError:
+        status, payload = "crash", None
+    process.join()
+    if status == "ok":
+        return payload
+    if status == "error":
+        raise EngineError(gguf_path, f"llama.cpp's allocation dry run failed: {payload}")
+    raise EngineError(gguf_path, f"llama.cpp's allocation dry run crashed (exit {process.exitcode}); "
+                                 "the plan stands, unverified")
