@@ -230,7 +230,7 @@ def estimate(model: str, quants: tuple[str, ...], ctxs: tuple[str, ...], kv_type
     """
     from .devices import machine_devices
     from .errors import LcrunError
-    from .estimate import context_ladder, largest_fitting_ctx, plan_memory
+    from .estimate import context_ladder, estimate_grid
     from .model_spec import resolve_model
 
     spec = resolve_model(model, revision=revision, gguf_file=gguf_file)
@@ -244,22 +244,15 @@ def estimate(model: str, quants: tuple[str, ...], ctxs: tuple[str, ...], kv_type
             raise LcrunError(model, f"a GGUF file has its own quantization ({spec.file_type}); drop --quant")
         quants = (spec.file_type or "file",)
     quants = quants or ("Q8_0", "Q4_K_M")
-    kv_pairs = [tuple(k.split("/", 1)) if "/" in k else (k, k) for k in (kv_types or ("f16",))]
+    kv_pairs = [(k.partition("/")[0].lower(), (k.partition("/")[2] or k).lower()) for k in (kv_types or ("f16",))]
     devices = machine_devices([parse_memory(g) for g in gpu_mem] if gpu_mem else None,
                               parse_memory(ram) if ram else None)
-    plans, largest = [], {}
-    for quant in quants:
-        for type_k, type_v in kv_pairs:
-            fa = flash_attn == "on" or (flash_attn == "auto")
-            options = dict(type_k=type_k.lower(), type_v=type_v.lower(), flash_attn=fa, n_ubatch=ubatch,
-                           n_seq=parallel, n_gpu_layers=gpu_layers)
-            try:
-                for ctx in contexts:
-                    plans.append(plan_memory(spec, quant, ctx, devices, **options))
-            except ValueError as exc:
-                raise LcrunError(model, str(exc)) from exc
-            kv = type_k if type_k == type_v else f"{type_k}/{type_v}"
-            largest[(quant.upper(), kv)] = largest_fitting_ctx(spec, quant, devices, max_ctx=max(contexts), **options)
+    try:
+        plans, largest = estimate_grid(spec, quants, contexts, kv_pairs, devices, flash_attn=flash_attn != "off",
+                                       n_ubatch=ubatch, n_seq=parallel, n_gpu_layers=gpu_layers,
+                                       max_ctx=max(spec.n_ctx_train, *contexts))
+    except ValueError as exc:
+        raise LcrunError(model, str(exc)) from exc
     if as_json:
         for plan in plans:
             click.echo(json.dumps(plan.to_dict()))
@@ -300,7 +293,7 @@ def plan(model: str, quant: str, ctx: str, kv_type: str, flash_attn: str, gpu_la
     spec = resolve_model(model)
     devices = machine_devices([parse_memory(g) for g in gpu_mem] if gpu_mem else None,
                               parse_memory(ram) if ram else None)
-    quant_name = spec.file_type or quant if spec.file_tensor_bytes is not None else quant
+    quant_name = (spec.file_type or quant) if spec.file_tensor_bytes is not None else quant
     choice = choose(spec, quant_name, devices, ctx=None if ctx == "auto" else parse_ctx(ctx),
                     kv_type=None if kv_type == "auto" else kv_type, flash_attn=flash_attn, n_gpu_layers=gpu_layers,
                     n_ubatch=ubatch, n_seq=parallel)

@@ -2,6 +2,7 @@
 and KV type — before anything is downloaded. Pure: no llama_cpp, no network (callers bring the ModelSpec)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -142,6 +143,20 @@ def largest_fitting_ctx(spec: ModelSpec, quant: str, devices: list[Device], *, m
         else:
             hi = mid - 1
     return lo * CTX_STEP
+
+
+def estimate_grid(spec: ModelSpec, quants: Sequence[str], contexts: Sequence[int], kv_pairs: Sequence[tuple[str, str]],
+                  devices: list[Device], *, max_ctx: int, **options: Any) -> tuple[list[Plan], dict[tuple[str, str], int]]:
+    """Plans for every quant × KV type × context, and per quant and KV type the largest context that fits."""
+    plans: list[Plan] = []
+    largest: dict[tuple[str, str], int] = {}
+    for quant in quants:
+        for type_k, type_v in kv_pairs:
+            kv_options = dict(options, type_k=type_k, type_v=type_v)
+            plans += [plan_memory(spec, quant, ctx, devices, **kv_options) for ctx in contexts]
+            kv = type_k if type_k == type_v else f"{type_k}/{type_v}"
+            largest[(quant.upper(), kv)] = largest_fitting_ctx(spec, quant, devices, max_ctx=max_ctx, **kv_options)
+    return plans, largest
 
 
 def context_ladder(max_ctx: int) -> list[int]:
