@@ -18,7 +18,7 @@ import numpy as np
 from .arch import ModelAdapter, TensorPlan, adapter_for
 from .errors import CheckpointError, OutputError, UnsupportedModelError
 from .gguf_out import GGUFOutput
-from .quants import FLOAT_TYPES, OWN_QUANTS, Q, can_encode, encode_rows, tensor_nbytes
+from .quants import OWN_QUANTS, Q, can_encode, encode_rows, tensor_nbytes
 from .safetensors_io import Checkpoint
 from .vocab import add_vocab_to_gguf, load_vocab
 

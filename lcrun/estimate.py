@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import gguf
 
 from .devices import Device
 from .memory_model import (ModelShape, compute_buffer_bytes, kv_cache_bytes, output_buffer_bytes, validate_kv)
@@ -166,10 +165,3 @@ def context_ladder(max_ctx: int) -> list[int]:
         ladder.append(ctx)
         ctx *= 2
     return [*ladder, max_ctx]
-
-
-def ggml_type_name(name: str) -> gguf.GGMLQuantizationType:
-    try:
-        return gguf.GGMLQuantizationType[name.upper()]
-    except KeyError:
-        raise ValueError(f"unknown KV cache type {name!r}") from None

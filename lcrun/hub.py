@@ -320,11 +320,15 @@ def _int_or_none(text: str | None) -> int | None:
     return int(text) if text and text.isdigit() else None
 
 
-def _download_timeout() -> float:
+def _env_seconds(name: str, default: float = 10.0) -> float:
     try:
-        return float(os.environ.get("HF_HUB_DOWNLOAD_TIMEOUT") or 10)
+        return float(os.environ.get(name) or default)
     except ValueError:
-        return 10.0
+        return default
+
+
+def _download_timeout() -> float:
+    return _env_seconds("HF_HUB_DOWNLOAD_TIMEOUT")
 
 
 def _gguf() -> Any:
@@ -546,10 +550,7 @@ def _offline() -> bool:
 
 
 def _etag_timeout() -> float:
-    try:
-        return float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or 10)
-    except ValueError:
-        return 10.0
+    return _env_seconds("HF_HUB_ETAG_TIMEOUT")
 
 
 def _hub_cache_dir() -> Path:

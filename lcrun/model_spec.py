@@ -2,7 +2,6 @@
 checkpoint folder, a local GGUF (splits included), or a Hub repo (config and safetensors headers only)."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,18 +95,7 @@ def spec_from_profile(text: str) -> ModelSpec | None:
     profile = find_profile(text)
     if profile is None:
         return None
-    spec = spec_from_config(profile.config, f"<profile {profile.name}>", profile.repo_id, "profile")
-    return spec
-
-
-def load_config_text(text: str, where: str) -> dict[str, Any]:
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise LcrunError(where, f"config.json is not valid JSON ({exc})") from exc
-    if not isinstance(config, dict):
-        raise LcrunError(where, "config.json must hold a JSON object")
-    return config
+    return spec_from_config(profile.config, f"<profile {profile.name}>", profile.repo_id, "profile")
 
 
 def resolve_model(text: str, *, revision: str | None = None, gguf_file: str | None = None) -> ModelSpec:

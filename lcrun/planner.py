@@ -48,14 +48,15 @@ def choose(spec: ModelSpec, quant: str, devices: list[Device], *, ctx: int | Non
     target = ctx or spec.n_ctx_train
     options = dict(flash_attn=fa, n_ubatch=n_ubatch, n_seq=n_seq, n_gpu_layers=n_gpu_layers)
     best: tuple[int, tuple[str, str]] | None = None
-    for type_k, type_v in _kv_candidates(spec, kv_type, fa):
+    candidates = _kv_candidates(spec, kv_type, fa)
+    for type_k, type_v in candidates:
         try:
             plan = plan_memory(spec, quant, target, devices, type_k=type_k, type_v=type_v, **options)
         except ValueError as exc:
             raise PlanRefused(spec.name, str(exc)) from None
         if plan.fits:
             limit = "the model's maximum context" if target == spec.n_ctx_train and ctx is None else "the requested context"
-            kv_note = "" if (type_k, type_v) == _kv_candidates(spec, kv_type, fa)[0] else (
+            kv_note = "" if (type_k, type_v) == candidates[0] else (
                 f"; KV {type_k} because less compressed types do not reach it")
             return Choice(plan, f"fits at {limit} ({target:,} tokens){kv_note}")
         reach = largest_fitting_ctx(spec, quant, devices, max_ctx=target, type_k=type_k, type_v=type_v, **options)
