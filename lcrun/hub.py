@@ -563,3 +563,45 @@ def _hub_cache_dir() -> Path:
         xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
         home = os.path.join(xdg, "huggingface")
     return Path(os.path.expandvars(home)).expanduser() / "hub"
+
+
+def download_gguf(repo_id: str, filename: str, revision: str | None = None, *,
+                  progress: Callable[[int, int], None] | None = None) -> Path:
+    """Download a GGUF (every split of a split set) from a Hub repo into the HF cache; returns the first file."""
+    import re
+
+    from huggingface_hub import HfApi, get_token, hf_hub_download
+
+    endpoint, cache_dir, offline, token = _endpoint(), _hub_cache_dir(), _offline(), get_token()
+    names = [filename]
+    match = re.match(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$", filename)
+    if match:
+        names = [f"{match.group(1)}-{i:05d}-of-{match.group(3)}.gguf" for i in range(1, int(match.group(3)) + 1)]
+    try:
+        sizes: dict[str, int] = {}
+        if not offline:
+            info = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision, files_metadata=True)
+            sizes = {s.rfilename: s.size or 0 for s in info.siblings or [] if s.rfilename in names}
+            missing = [n for n in names if n not in sizes]
+            if missing:
+                ggufs = sorted(s.rfilename for s in info.siblings or [] if s.rfilename.endswith(".gguf"))
+                hint = f"; it has {', '.join(ggufs[:6])}" if ggufs else "; it has no .gguf files"
+                raise HubError(repo_id, f"no file {missing[0]} in the repo{hint}")
+        total, done_before = sum(sizes.values()), 0
+        paths = []
+        for name in names:
+            bar = _progress_bar_class(progress, total=total, initial=done_before) if progress else None
+            paths.append(Path(hf_hub_download(repo_id, name, revision=revision, cache_dir=cache_dir,
+                                              endpoint=endpoint, token=token, local_files_only=offline,
+                                              etag_timeout=_etag_timeout(), tqdm_class=bar)))
+            done_before += sizes.get(name, 0)
+    except HubError:
+        raise
+    except Exception as error:
+        mapped = _hub_error(repo_id, revision, error, offline=offline, endpoint=endpoint, token_sent=bool(token))
+        if mapped is None:
+            raise
+        raise mapped from error
+    if progress is not None and total:
+        progress(total, total)
+    return paths[0]

@@ -28,6 +28,8 @@ class ModelSpec:
     file_tensor_bytes: dict[str, int] | None = None    # a GGUF's exact tensor sizes (then the quant is fixed)
     file_type: str | None = None
     notes: list[str] = field(default_factory=list)
+    rope_theta: float | None = None                    # as the file or config says (for override warnings)
+    rope_scaling: str | None = None
 
 
 def _from_adapter(adapter: ModelAdapter, name: str, source: str) -> ModelSpec:
@@ -84,9 +86,14 @@ def _spec_from_gguf_metadata(fields: dict[str, Any], tensors: list[tuple[str, tu
                          n_head=n_head, n_head_kv=int(key("attention.head_count_kv", n_head)), head_dim=head_dim,
                          n_ff=int(key("feed_forward_length")), n_vocab=n_vocab,
                          n_ctx_train=int(key("context_length")), tensors=[(n, s) for n, s, _ in tensors],
-                         file_tensor_bytes={n: b for n, _, b in tensors}, file_type=file_type)
+                         file_tensor_bytes={n: b for n, _, b in tensors}, file_type=file_type,
+                         rope_theta=_float_or_none(key("rope.freq_base")), rope_scaling=key("rope.scaling.type"))
     except (TypeError, ValueError) as exc:
         raise LcrunError(where, f"GGUF metadata lacks the {arch} hyper-parameters an estimate needs ({exc})") from None
+
+
+def _float_or_none(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 def spec_from_profile(text: str) -> ModelSpec | None:

@@ -115,6 +115,21 @@ class Engine:
         except (ValueError, RuntimeError) as err:
             raise EngineError(f"{config.model_path}: llama.cpp could not load the model ({err})") from err
         self.n_ctx: int = self._llm.n_ctx()
+        self.n_ctx_train: int = self._llm._model.n_ctx_train()
+        self.metadata: dict[str, str] = dict(self._llm.metadata)
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.metadata.get("tokenizer.chat_template")
+
+    def token_text(self, token: int) -> str:
+        return self._llama_cpp.llama_vocab_get_text(self._llm._model.vocab, token).decode("utf-8", errors="replace")
+
+    def special_tokens(self) -> dict[str, int]:
+        """bos, eos and eot ids the vocabulary defines (absent ones left out)."""
+        lc, vocab = self._llama_cpp, self._llm._model.vocab
+        found = {"bos": lc.llama_vocab_bos(vocab), "eos": lc.llama_vocab_eos(vocab), "eot": lc.llama_vocab_eot(vocab)}
+        return {name: int(tok) for name, tok in found.items() if tok >= 0}
 
     @property
     def cached_tokens(self) -> list[int]:
@@ -161,6 +176,38 @@ class Engine:
         except RuntimeError as err:
             raise EngineError(f"{self.config.model_path}: llama_decode failed ({err})") from err
 
+    def _start(self, prompt_tokens: list[int], *, redo_last: bool = True) -> tuple[int, list[int]]:
+        """Keep the longest cached prefix (for sampling, never the last prompt token: it needs its logits from a
+        live decode); return how many tokens were reused and the rest to evaluate."""
+        if not prompt_tokens:
+            raise ValueError("needs at least one prompt token")
+        if len(prompt_tokens) >= self.n_ctx:
+            raise EngineError(f"prompt: {len(prompt_tokens)} tokens do not fit the {self.n_ctx}-token context")
+        llm = self._llm
+        common = 0
+        for cached, wanted in zip(llm.input_ids[: llm.n_tokens], prompt_tokens):
+            if int(cached) != wanted:
+                break
+            common += 1
+        reused = self._truncate_cache(min(common, len(prompt_tokens) - redo_last))
+        return reused, prompt_tokens[reused:]
+
+    def _prefill_steps(self, pending: list[int], cancel: threading.Event | None,
+                       chunk: int) -> Iterator[PrefillProgress]:
+        step = max(1, min(chunk, self._llm.n_batch))
+        for i in range(0, len(pending), step):
+            if cancel is not None and cancel.is_set():
+                return
+            self._eval(pending[i : i + step])
+            yield PrefillProgress(done=min(i + step, len(pending)), total=len(pending))
+
+    def prefill(self, tokens: list[int], *, cancel: threading.Event | None = None,
+                chunk: int = 512) -> Iterator[PrefillProgress]:
+        """Bring the cache to `tokens` without sampling —
+        e.g. a document as soon as it is added. Cancelling leaves the part already evaluated cached."""
+        _reused, pending = self._start(tokens, redo_last=False)
+        yield from self._prefill_steps(pending, cancel, chunk)
+
     def generate(
         self,
         prompt_tokens: list[int],
@@ -169,23 +216,12 @@ class Engine:
         stop_tokens: set[int] | None = None,
         cancel: threading.Event | None = None,
         prefill_chunk: int = 512,
+        ignore_eog: bool = False,
     ) -> Iterator[GenerateEvent]:
-        if not prompt_tokens:
-            raise ValueError("generate() needs at least one prompt token")
-        if len(prompt_tokens) >= self.n_ctx:
-            raise EngineError(f"prompt: {len(prompt_tokens)} tokens do not fit the {self.n_ctx}-token context")
         llm = self._llm
         stop_tokens = stop_tokens or set()
         start = time.perf_counter()
-
-        common = 0
-        for cached, wanted in zip(llm.input_ids[: llm.n_tokens], prompt_tokens):
-            if int(cached) != wanted:
-                break
-            common += 1
-        # The last prompt token is always decoded again: sampling needs its logits from a live decode.
-        reused = self._truncate_cache(min(common, len(prompt_tokens) - 1))
-        pending = prompt_tokens[reused:]
+        reused, pending = self._start(prompt_tokens)
 
         def finished(reason: str, completion: int, first_token_at: float | None, prefill_s: float) -> Finished:
             now = time.perf_counter()
@@ -196,13 +232,11 @@ class Engine:
                 prefill_tokens_per_s=_rate(len(pending), prefill_s), gen_tokens_per_s=_rate(completion - 1, gen_s),
             )
 
-        step = max(1, min(prefill_chunk, llm.n_batch))
-        for i in range(0, len(pending), step):
-            if cancel is not None and cancel.is_set():
-                yield finished("cancelled", 0, None, time.perf_counter() - start)
-                return
-            self._eval(pending[i : i + step])
-            yield PrefillProgress(done=min(i + step, len(pending)), total=len(pending))
+        for progress in self._prefill_steps(pending, cancel, prefill_chunk):
+            yield progress
+        if llm.n_tokens < len(prompt_tokens):  # cancelled between chunks
+            yield finished("cancelled", 0, None, time.perf_counter() - start)
+            return
         prefill_s = time.perf_counter() - start
 
         llm.set_seed(sampling.seed)
@@ -228,7 +262,7 @@ class Engine:
                     first_token_at = time.perf_counter()
                 # Every sampled token enters the cache, stop tokens included, so the next turn reuses all of it.
                 self._eval([token])
-                if token in stop_tokens or self._is_eog(token):
+                if token in stop_tokens or (not ignore_eog and self._is_eog(token)):
                     reason = "stop"
                     break
                 unsent += 1

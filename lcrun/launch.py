@@ -1,0 +1,106 @@
+"""From what the user typed to an engine configuration — shared by `chat`, `niah` and `bench`: find the GGUF (a path,
+a split set, `demo`, or a file in a Hub GGUF repo), plan it on this machine with the user's overrides (refusing, before
+anything is loaded, a plan that cannot fit), and build the EngineConfig."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .devices import Device, machine_devices
+from .engine.runtime import EngineConfig
+from .errors import LcrunError
+from .model_spec import ModelSpec, spec_from_gguf
+from .planner import Choice, choose
+
+
+@dataclass(frozen=True)
+class RunOverrides:
+    """What the user forced; None means "the planner decides"."""
+    ctx: int | None = None
+    kv_type: str | None = None          # "q8_0", or "q8_0/q4_0" for K and V apart
+    flash_attn: str = "auto"            # "on", "off", "auto"
+    gpu_layers: int | None = None
+    threads: int | None = None
+    rope_theta: float | None = None
+    rope_scale: float | None = None
+    ubatch: int = 512
+    gpu_mem: tuple[int, ...] | None = None
+    ram: int | None = None
+
+
+@dataclass
+class Launch:
+    model_path: Path
+    spec: ModelSpec
+    choice: Choice
+    config: EngineConfig
+    devices: list[Device]
+    warnings: list[str] = field(default_factory=list)
+
+
+def demo_gguf() -> Path:
+    """The built-in demo checkpoint converted once (F16) into the user cache: a model that needs no download."""
+    import platformdirs
+
+    from lcrun.convert.convert import convert_checkpoint
+    from lcrun.models import demo_checkpoint
+
+    from . import __version__
+
+    path = Path(platformdirs.user_cache_dir("lcrun")) / f"demo-{__version__}-F16.gguf"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        convert_checkpoint(demo_checkpoint(), path, outtype="f16")
+    return path
+
+
+def find_model_file(model: str, *, hub_file: str | None = None, revision: str | None = None,
+                    progress: Callable[[int, int], None] | None = None) -> Path:
+    path = Path(model).expanduser()
+    if path.is_file():
+        if hub_file:
+            raise LcrunError(model, "--file names a file in a Hub repo; MODEL is already a local file")
+        return path
+    if model == "demo":
+        return demo_gguf()
+    if path.is_dir():
+        raise LcrunError(model, "a folder, not a GGUF file (convert a checkpoint first: lcrun convert "
+                                f"{model} --outtype q8_0)")
+    from . import hub
+
+    if not hub.looks_like_repo_id(model):
+        raise LcrunError(model, "no such file (give a .gguf path, `demo`, or a Hub repo id with --file NAME.gguf)")
+    if not hub_file:
+        raise LcrunError(model, "a Hub repo id needs --file NAME.gguf to say which GGUF to run "
+                                "(for a safetensors repo, run `lcrun convert` first)")
+    return hub.download_gguf(model, hub_file, revision, progress=progress)
+
+
+def plan_launch(model_path: Path, overrides: RunOverrides = RunOverrides(), *,
+                devices: list[Device] | None = None, n_seq: int = 1) -> Launch:
+    spec = spec_from_gguf(model_path)
+    if devices is None:
+        devices = machine_devices(list(overrides.gpu_mem) if overrides.gpu_mem is not None else None, overrides.ram)
+    choice = choose(spec, spec.file_type or "file", devices, ctx=overrides.ctx, kv_type=overrides.kv_type,
+                    flash_attn=overrides.flash_attn, n_gpu_layers=overrides.gpu_layers, n_ubatch=overrides.ubatch,
+                    n_seq=n_seq)
+    plan = choice.plan
+    warnings = []
+    if overrides.rope_theta is not None:
+        was = f"{spec.rope_theta:g}" if spec.rope_theta else "unset"
+        warnings.append(f"--rope-theta {overrides.rope_theta:g} overrides the file's RoPE base ({was}); "
+                        "the model computes different numbers than it was trained with")
+    if overrides.rope_scale is not None:
+        warnings.append(f"--rope-scale {overrides.rope_scale:g} overrides the file's RoPE scaling "
+                        f"({spec.rope_scaling or 'none'}); positions are compressed by that factor")
+    if plan.ctx > spec.n_ctx_train:
+        warnings.append(f"context {plan.ctx:,} is above the {spec.n_ctx_train:,} tokens the model declares")
+    config = EngineConfig(
+        model_path=model_path, n_ctx=plan.ctx, n_gpu_layers=plan.n_gpu_layers, type_k=plan.type_k,
+        type_v=plan.type_v, flash_attn=plan.flash_attn, n_threads=overrides.threads,
+        n_batch=max(plan.n_ubatch, 2048), n_ubatch=plan.n_ubatch,
+        rope_freq_base=overrides.rope_theta, rope_freq_scale=(1.0 / overrides.rope_scale
+                                                              if overrides.rope_scale else None),
+    )
+    return Launch(model_path, spec, choice, config, devices, warnings)
