@@ -319,6 +319,11 @@ def plan(model: str, quant: str, ctx: str, kv_type: str, flash_attn: str, gpu_la
     render_plan(spec.name, result, make_console())
 
 
+from .chat_cli import chat  # noqa: E402  (each command module imports only click at the top)
+
+cli.add_command(chat)
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)

@@ -53,3 +53,10 @@ def overrides_from(options: dict[str, Any]) -> Any:
         gpu_mem=tuple(parse_memory(g) for g in options["gpu_mem"]) if options.get("gpu_mem") else None,
         ram=parse_memory(options["ram"]) if options.get("ram") else None,
     )
+
+
+def run_options_without_file(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The model-loading options except --file (for `chat`, where --file also adds documents)."""
+    for option in reversed(_RUN_OPTIONS[1:]):
+        func = option(func)
+    return func

@@ -78,7 +78,7 @@ def _ggml_type(name: str) -> int:
     try:
         return int(GGMLQuantizationType[name.upper()])
     except KeyError:
-        raise EngineError(f"{name}: not a ggml type for the KV cache (try f16, q8_0, q4_0)") from None
+        raise EngineError(str(name), "not a ggml type for the KV cache (try f16, q8_0, q4_0)") from None
 
 
 def _rate(n: int, seconds: float) -> float:
@@ -113,7 +113,7 @@ class Engine:
                 verbose=False,
             )
         except (ValueError, RuntimeError) as err:
-            raise EngineError(f"{config.model_path}: llama.cpp could not load the model ({err})") from err
+            raise EngineError(str(config.model_path), f"llama.cpp could not load the model ({err})") from err
         self.n_ctx: int = self._llm.n_ctx()
         self.n_ctx_train: int = self._llm._model.n_ctx_train()
         self.metadata: dict[str, str] = dict(self._llm.metadata)
@@ -174,7 +174,7 @@ class Engine:
         try:
             self._llm.eval(list(tokens))
         except RuntimeError as err:
-            raise EngineError(f"{self.config.model_path}: llama_decode failed ({err})") from err
+            raise EngineError(str(self.config.model_path), f"llama_decode failed ({err})") from err
 
     def _start(self, prompt_tokens: list[int], *, redo_last: bool = True) -> tuple[int, list[int]]:
         """Keep the longest cached prefix (for sampling, never the last prompt token: it needs its logits from a
@@ -182,7 +182,7 @@ class Engine:
         if not prompt_tokens:
             raise ValueError("needs at least one prompt token")
         if len(prompt_tokens) >= self.n_ctx:
-            raise EngineError(f"prompt: {len(prompt_tokens)} tokens do not fit the {self.n_ctx}-token context")
+            raise EngineError("prompt", f"{len(prompt_tokens)} tokens do not fit the {self.n_ctx}-token context")
         llm = self._llm
         common = 0
         for cached, wanted in zip(llm.input_ids[: llm.n_tokens], prompt_tokens):
@@ -286,7 +286,7 @@ class Engine:
         )
         if not ok:
             partial.unlink(missing_ok=True)
-            raise EngineError(f"{path}: llama.cpp could not write the session state")
+            raise EngineError(str(path), "llama.cpp could not write the session state")
         with open(partial, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(partial, path)
@@ -296,13 +296,13 @@ class Engine:
         tokens = (self._llama_cpp.llama_token * self.n_ctx)()
         count = ctypes.c_size_t(0)
         if not path.is_file():
-            raise EngineError(f"{path}: no such session state file")
+            raise EngineError(str(path), "no such session state file")
         if not self._llama_cpp.llama_state_load_file(
             llm._ctx.ctx, os.fsencode(path), tokens, self.n_ctx, ctypes.byref(count)
         ):
             llm.n_tokens = 0
             llm._ctx.kv_cache_clear()
-            raise EngineError(f"{path}: not a session state for this model and context size")
+            raise EngineError(str(path), "not a session state for this model and context size")
         n = count.value
         llm.input_ids[:n] = tokens[:n]
         llm.n_tokens = n

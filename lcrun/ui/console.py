@@ -13,4 +13,5 @@ def make_console(*, stderr: bool = False) -> Console:
     no_color = "NO_COLOR" in os.environ or not tty
     # a pipe has no width: don't squeeze tables into rich's default 80 columns
     width = None if tty or "COLUMNS" in os.environ else 140
-    return Console(file=stream, no_color=no_color, highlight=False, soft_wrap=False, width=width)
+    # a pipe or a file gets whole lines: a one-line message must stay one line whatever the width
+    return Console(file=stream, no_color=no_color, highlight=False, soft_wrap=not tty, width=width)

@@ -1,0 +1,306 @@
+"""A chat session: the conversation, the engine that holds its KV cache, and the rules between them — the prompt is
+re-rendered each turn and the engine reuses the cached prefix, documents are prefilled when added, the oldest turns
+are dropped (never the system prompt or a document) when the next turn would not fit, and every finished turn goes
+to the history. No llama_cpp and no rich here: the engine comes in as a parameter, the UI consumes the events."""
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+from lcrun.engine.runtime import Finished, PrefillProgress, Sampling, TextChunk
+from lcrun.errors import LcrunError
+
+from .conversation import Conversation, Message, document_text, fit_to_context
+from .documents import DocumentError, read_document
+from .history import History
+from .template import ChatTemplate, template_for
+
+
+class EngineLike(Protocol):
+    n_ctx: int
+    chat_template: str | None
+
+    def tokenize(self, text: str, *, special: bool = True, add_bos: bool = False) -> list[int]: ...
+    def token_text(self, token: int) -> str: ...
+    def special_tokens(self) -> dict[str, int]: ...
+    def generate(self, prompt_tokens: list[int], sampling: Sampling, **kw: Any) -> Iterator[Any]: ...
+    def prefill(self, tokens: list[int], **kw: Any) -> Iterator[PrefillProgress]: ...
+    @property
+    def cached_tokens(self) -> list[int]: ...
+    def save_state(self, path: Path) -> None: ...
+    def load_state(self, path: Path) -> int: ...
+
+
+class ContextFull(LcrunError):
+    """A message or document that cannot fit even with every droppable turn gone."""
+
+
+@dataclass(frozen=True)
+class Notice:
+    text: str
+    level: str = "info"   # "info" | "warning"
+
+
+@dataclass(frozen=True)
+class TurnStarted:
+    prompt_tokens: int     # the prompt as sent, after any drops
+    n_ctx: int
+
+
+ChatEvent = Notice | TurnStarted | PrefillProgress | TextChunk | Finished
+
+
+@dataclass(frozen=True)
+class DocumentCheck:
+    path: Path
+    name: str
+    content: str           # as it enters the conversation
+    tokens: int            # what it adds to the prompt
+    used_after: int        # prompt tokens once it is in (after any drops)
+    drops_turns: int       # oldest turns that must go to make room
+
+
+@dataclass(frozen=True)
+class ContextUsage:
+    n_ctx: int
+    system: int
+    documents: list[tuple[str, int]]
+    turns: int
+    n_turns: int
+    prompt: int            # the whole rendered prompt, as the next turn would send it (without a new question)
+    cached: int            # tokens the engine holds in its KV cache now
+    reserve: int           # kept free for the reply
+
+    @property
+    def free(self) -> int:
+        return max(self.n_ctx - self.prompt, 0)
+
+
+@dataclass
+class SessionStats:
+    turns: int = 0
+    prompt_tokens_evaluated: int = 0
+    reused_tokens: int = 0
+    completion_tokens: int = 0
+    dropped_turns: int = 0
+    last: Finished | None = None
+    started_at: float = field(default_factory=time.time)
+
+
+def chat_template_of(engine: EngineLike) -> ChatTemplate:
+    special = engine.special_tokens()
+    bos = engine.token_text(special["bos"]) if "bos" in special else ""
+    eos = engine.token_text(special["eos"]) if "eos" in special else ""
+    return template_for(engine.chat_template, bos, eos, lambda text: len(engine.tokenize(text)) == 1)
+
+
+class ChatSession:
+    def __init__(self, engine: EngineLike, *, template: ChatTemplate | None = None, system: str | None = None,
+                 sampling: Sampling = Sampling(), max_tokens: int | None = None, history: History | None = None,
+                 model_name: str = "", session_path: Path | None = None) -> None:
+        self.engine = engine
+        self.template = template or chat_template_of(engine)
+        self.conversation = Conversation(system or None)
+        self.sampling = sampling
+        self.max_tokens = max_tokens
+        self.history = history
+        self.model_name = model_name
+        self.session_path = session_path
+        self.stats = SessionStats()
+        special = engine.special_tokens()
+        self.stop_tokens = {special[k] for k in ("eos", "eot") if k in special}
+
+    # -- sizes --------------------------------------------------------------------------------------------------
+    @property
+    def n_ctx(self) -> int:
+        return self.engine.n_ctx
+
+    @property
+    def reserve(self) -> int:
+        """Tokens kept free for the reply when fitting a prompt."""
+        return min(self.max_tokens or 1024, max(16, self.n_ctx // 4))
+
+    def count(self, text: str) -> int:
+        return len(self.engine.tokenize(text))
+
+    def _tokens(self, messages: list[Message] | None = None, *, add_generation_prompt: bool = True) -> list[int]:
+        return self.engine.tokenize(self.conversation.render(self.template, messages=messages,
+                                                             add_generation_prompt=add_generation_prompt))
+
+    # -- turns --------------------------------------------------------------------------------------------------
+    def ask(self, text: str, cancel: threading.Event | None = None) -> Iterator[ChatEvent]:
+        self.conversation.messages.append(Message("user", text))
+        yield from self._reply(cancel, question=text)
+
+    def retry(self, cancel: threading.Event | None = None) -> Iterator[ChatEvent]:
+        messages = self.conversation.messages
+        while messages and messages[-1].role == "assistant":
+            messages.pop()
+        if not messages or messages[-1].role != "user" or messages[-1].pinned:
+            raise LcrunError("/retry", "no question to answer again yet")
+        if self.sampling.temperature > 0:  # greedy would give the same answer; sampled replies get a new seed
+            self.sampling = replace(self.sampling, seed=self.sampling.seed + 1)
+        yield from self._reply(cancel, question=messages[-1].content)
+
+    def _reply(self, cancel: threading.Event | None, question: str) -> Iterator[ChatEvent]:
+        messages = self.conversation.messages
+        fitted = fit_to_context(self.conversation, self.template, self.engine.tokenize, self.n_ctx - self.reserve)
+        if fitted is None:
+            need = len(self._tokens())
+            messages.pop()
+            raise ContextFull("message", f"{need:,} tokens with the system prompt and documents, more than the "
+                                         f"{self.n_ctx - self.reserve:,} the {self.n_ctx:,}-token context leaves "
+                                         f"beside {self.reserve:,} for the reply; shorten it, or /clear documents")
+        if fitted.dropped_turns:
+            self.stats.dropped_turns += fitted.dropped_turns
+            yield Notice(f"context full: dropped the {fitted.dropped_turns} oldest turn(s) "
+                         f"({fitted.dropped_tokens:,} tokens) to make room", "warning")
+        room = self.n_ctx - len(fitted.tokens) - 1
+        sampling = replace(self.sampling, max_tokens=min(self.max_tokens or room, room))
+        parts: list[str] = []
+        finished: Finished | None = None
+        yield TurnStarted(len(fitted.tokens), self.n_ctx)
+        for event in self.engine.generate(fitted.tokens, sampling, stop_tokens=self.stop_tokens, cancel=cancel):
+            if isinstance(event, TextChunk):
+                parts.append(event.text)
+            elif isinstance(event, Finished):
+                finished = event
+            yield event
+        assert finished is not None
+        reply = "".join(parts)
+        if finished.reason == "cancelled" and not finished.completion_tokens:
+            messages.pop()  # stopped before the first token: as if the question was never sent
+            yield Notice("cancelled before the reply started; the question was not kept")
+            return
+        messages.append(Message("assistant", reply, interrupted=finished.reason == "cancelled"))
+        if finished.reason == "length" and finished.completion_tokens >= room:
+            yield Notice("the reply filled the context; the next turn drops the oldest turns", "warning")
+        self._record(question, reply, finished)
+
+    def _record(self, question: str, reply: str, finished: Finished) -> None:
+        stats = self.stats
+        stats.turns += 1
+        stats.prompt_tokens_evaluated += finished.prompt_tokens - finished.reused_tokens
+        stats.reused_tokens += finished.reused_tokens
+        stats.completion_tokens += finished.completion_tokens
+        stats.last = finished
+        if self.history is not None:
+            self.history.append({
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": self.model_name,
+                "system": self.conversation.system,
+                "documents": [m.document for m in self.conversation.messages if m.pinned],
+                "user": question, "assistant": reply, "finish_reason": finished.reason,
+                "prompt_tokens": finished.prompt_tokens, "reused_tokens": finished.reused_tokens,
+                "completion_tokens": finished.completion_tokens,
+                "time_to_first_token_s": round(finished.time_to_first_token_s, 4),
+                "gen_tokens_per_s": round(finished.gen_tokens_per_s, 2),
+            })
+        if self.session_path is not None:
+            self.save(self.session_path)
+
+    # -- documents ----------------------------------------------------------------------------------------------
+    def check_document(self, path: Path) -> DocumentCheck:
+        """Read and measure a document without adding it; refuse one that cannot fit at all."""
+        text = read_document(path)
+        name = path.name
+        content = document_text(name, text)
+        trial = Conversation(self.conversation.system, [*self.conversation.messages, Message("user", content, name)])
+        fitted = fit_to_context(trial, self.template, self.engine.tokenize, self.n_ctx - self.reserve)
+        adds = self.count(content)
+        if fitted is None:
+            pinned = sum(1 for m in self.conversation.messages if m.pinned)
+            held = f" and {pinned} document(s) already added" if pinned else ""
+            raise DocumentError(str(path), f"{adds:,} tokens; the {self.n_ctx:,}-token context cannot hold it with "
+                                           f"the system prompt{held} and {self.reserve:,} tokens for a reply "
+                                           "(use a larger --ctx, a smaller KV type, or a shorter excerpt)")
+        return DocumentCheck(path, name, content, adds, len(fitted.tokens), fitted.dropped_turns)
+
+    def add_document(self, check: DocumentCheck, cancel: threading.Event | None = None) -> Iterator[ChatEvent]:
+        """Add a checked document and prefill it now, so the next question costs only its own tokens. Cancelling
+        the prefill leaves the conversation as it was."""
+        saved = list(self.conversation.messages)
+        self.conversation.messages.append(Message("user", check.content, check.name))
+        fitted = fit_to_context(self.conversation, self.template, self.engine.tokenize, self.n_ctx - self.reserve)
+        if fitted is None:  # the conversation changed since the check
+            self.conversation.messages[:] = saved
+            raise DocumentError(str(check.path), "no longer fits the context")
+        if fitted.dropped_turns:
+            self.stats.dropped_turns += fitted.dropped_turns
+            yield Notice(f"dropped the {fitted.dropped_turns} oldest turn(s) ({fitted.dropped_tokens:,} tokens) "
+                         "to make room for the document", "warning")
+        tokens = self._tokens(add_generation_prompt=False)
+        yield from self.engine.prefill(tokens, cancel=cancel)
+        if cancel is not None and cancel.is_set() and len(self.engine.cached_tokens) < len(tokens):
+            self.conversation.messages[:] = saved
+            yield Notice(f"cancelled: {check.name} was not added")
+            return
+        yield Notice(f"{check.name} added: {check.tokens:,} tokens, pinned (never dropped to make room); "
+                     "questions about it now cost only their own tokens")
+        if self.session_path is not None:
+            self.save(self.session_path)
+            self.engine.save_state(kv_state_path(self.session_path))
+
+    # -- commands -----------------------------------------------------------------------------------------------
+    def clear(self) -> None:
+        """Forget turns and documents; keep the system prompt."""
+        self.conversation.messages.clear()
+
+    def set_system(self, text: str) -> None:
+        self.conversation.system = text.strip() or None
+
+    def usage(self) -> ContextUsage:
+        base = self.engine.tokenize(self.template.render([], add_generation_prompt=False)) if not \
+            self.conversation.system else self._tokens([], add_generation_prompt=False)
+        documents, turns = [], 0
+        for m in self.conversation.messages:
+            alone = len(self._tokens([m], add_generation_prompt=False)) - len(base)
+            if m.pinned:
+                documents.append((m.document or "", alone))
+            else:
+                turns += alone
+        n_turns = sum(1 for m in self.conversation.messages if m.role == "user" and not m.pinned)
+        return ContextUsage(self.n_ctx, len(base), documents, turns, n_turns,
+                            len(self._tokens()), len(self.engine.cached_tokens), self.reserve)
+
+    # -- files --------------------------------------------------------------------------------------------------
+    def save(self, path: Path) -> None:
+        data = {"lcrun_chat": 1, "model": self.model_name, "n_ctx": self.n_ctx, **self.conversation.to_dict()}
+        write_atomic(path, json.dumps(data, ensure_ascii=False, indent=1).encode("utf-8"))
+
+    def load(self, path: Path) -> None:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict) or data.get("lcrun_chat") != 1:
+                raise ValueError("not an lcrun chat file (saved with /save or --session)")
+            conversation = Conversation.from_dict(data)
+        except FileNotFoundError:
+            raise LcrunError(str(path), "no such file") from None
+        except OSError as exc:
+            raise LcrunError(str(path), f"cannot be read ({exc.strerror or exc})") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise LcrunError(str(path), f"not a saved chat: {exc}") from None
+        self.conversation = conversation
+
+
+def kv_state_path(session_path: Path) -> Path:
+    return session_path.with_name(session_path.name + ".kv")
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    partial = path.with_name(path.name + ".partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(partial, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except OSError as exc:
+        partial.unlink(missing_ok=True)
+        raise LcrunError(str(path), f"cannot be written ({exc.strerror or exc})") from None

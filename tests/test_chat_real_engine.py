@@ -1,0 +1,116 @@
+"""`lcrun chat` on a real tiny converted model through llama.cpp: greedy answers equal llama-cpp-python's own chat
+completion (its own rendering of the GGUF's template), a follow-up that reuses the KV cache answers exactly as a fresh
+evaluation of the whole conversation would, and a --session restores the cache so nothing is prefilled twice."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lcrun.chat.session import ChatSession
+from lcrun.convert.convert import convert_checkpoint
+from lcrun.engine.runtime import Engine, EngineConfig, Sampling, TextChunk
+from tests.fixtures.checkpoint_factory import make_llama_checkpoint
+
+MAX = 24
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("chat-real")
+    ck = make_llama_checkpoint(root / "ckpt", hidden=128, layers=2, heads=4, kv_heads=2, ffn=256)
+    return convert_checkpoint(ck.path, root / "tiny.gguf", outtype="f16").paths[0]
+
+
+def direct_llama(path: Path, n_ctx: int):  # type: ignore[no-untyped-def]
+    import llama_cpp
+
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=2, n_batch=2048, n_ubatch=512,
+                           flash_attn=True, yarn_attn_factor=-1.0, yarn_beta_fast=-1.0, yarn_beta_slow=-1.0,
+                           verbose=False)
+
+
+def direct_greedy(llm, tokens: list[int], limit: int) -> list[int]:  # type: ignore[no-untyped-def]
+    import llama_cpp
+
+    out: list[int] = []
+    llm.reset()
+    for token in llm.generate(tokens, temp=0.0, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0, reset=True):
+        if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
+            break
+        out.append(token)
+        if len(out) == limit:
+            break
+    return out
+
+
+def lcrun(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lcrun.cli", "chat", *args], input=stdin, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_one_shot_answer_equals_llama_cpp_python_chat_completion(tiny: Path, tmp_path: Path) -> None:
+    result = lcrun(str(tiny), "-p", "Tell me about foxes.", "--temp", "0", "--max-tokens", str(MAX),
+                   "--threads", "2", "--history", str(tmp_path / "h.jsonl"))
+    assert result.returncode == 0, result.stderr
+    llm = direct_llama(tiny, 1024)
+    try:
+        theirs = llm.create_chat_completion([{"role": "user", "content": "Tell me about foxes."}], temperature=0.0,
+                                            max_tokens=MAX, seed=0)
+    finally:
+        llm.close()
+    expected = theirs["choices"][0]["message"]["content"]
+    # random weights emit bytes that are not UTF-8: we show U+FFFD where llama-cpp-python drops them
+    assert expected and result.stdout.replace("\ufffd", "") == expected + "\n"
+    record = json.loads((tmp_path / "h.jsonl").read_text())
+    assert record["assistant"].replace("\ufffd", "") == expected and record["completion_tokens"] >= 1
+    assert "prompt tokens" in result.stderr
+
+
+def test_follow_up_reuses_the_cache_and_answers_as_a_fresh_evaluation(tiny: Path) -> None:
+    engine = Engine(EngineConfig(model_path=tiny, n_ctx=1024, n_threads=2, n_batch=2048, n_ubatch=512))
+    try:
+        session = ChatSession(engine, system="You are terse.", sampling=Sampling(temperature=0.0), max_tokens=MAX)
+        first = list(session.ask("First question about the weather?"))[-1]
+        events = list(session.ask("And a second one?"))
+        fin = events[-1]
+        ours = "".join(e.text for e in events if isinstance(e, TextChunk))
+        # the first prompt comes from the cache; the reply is re-tokenized from its text, which for random weights
+        # (bytes that are not UTF-8) need not give the sampled tokens back
+        assert fin.reused_tokens >= first.prompt_tokens
+        prompt = engine.cached_tokens[: fin.prompt_tokens]
+    finally:
+        engine.close()
+    llm = direct_llama(tiny, 1024)
+    try:
+        fresh = direct_greedy(llm, prompt, fin.completion_tokens)
+        assert llm.detokenize(fresh).decode("utf-8", errors="replace") == ours
+    finally:
+        llm.close()
+
+
+def test_session_file_skips_the_document_prefill(tiny: Path, tmp_path: Path) -> None:
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    session = tmp_path / "doc.session"
+    common = ["--temp", "0", "--max-tokens", "8", "--threads", "2", "--no-history", "--ctx", "1024",
+              "--session", str(session)]
+    first = lcrun(str(tiny), "-p", "What is it about?", "--file", str(doc), *common)
+    assert first.returncode == 0, first.stderr
+    assert session.exists() and Path(str(session) + ".kv").stat().st_size > 0
+    second = lcrun(str(tiny), "-p", "Anything else?", *common)
+    assert second.returncode == 0, second.stderr
+    restored = int(second.stderr.split(" tokens of KV cache restored")[0].rsplit(", ", 1)[1].replace(",", ""))
+    reused = int(second.stderr.split(" reused)")[0].rsplit("(", 1)[1].replace(",", ""))
+    first_prompt = int(first.stderr.split(" prompt tokens")[0].rsplit("\n", 1)[-1].replace(",", ""))
+    assert first_prompt > 400 and restored > first_prompt
+    assert reused >= first_prompt  # the document and the first question came back from the state file
+    # a damaged state file is refused with a warning, and the chat still answers (prefilling again)
+    kv = Path(str(session) + ".kv")
+    kv.write_bytes(kv.read_bytes()[:1000])
+    third = lcrun(str(tiny), "-p", "Again?", *common)
+    assert third.returncode == 0, third.stderr
+    assert "warning:" in third.stderr and "prefilled again" in third.stderr and "(0 reused)" in third.stderr

@@ -1,0 +1,186 @@
+"""ChatSession with the fake engine: prefix reuse, overflow (oldest turns go, never the system prompt or a document),
+documents, retry, usage, files and the history."""
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from lcrun.chat.documents import DocumentError
+from lcrun.chat.history import History
+from lcrun.chat.session import ChatSession, ContextFull, Notice, TurnStarted
+from lcrun.engine.runtime import Finished, PrefillProgress, Sampling, TextChunk
+from lcrun.errors import LcrunError
+from tests.fixtures.fake_engine import EOT, FakeEngine
+
+
+def turn(session: ChatSession, text: str, cancel: threading.Event | None = None) -> tuple[str, Finished, list]:
+    events = list(session.ask(text, cancel))
+    fin = events[-1]
+    assert isinstance(fin, Finished)
+    return "".join(e.text for e in events if isinstance(e, TextChunk)), fin, events
+
+
+def test_follow_up_evaluates_only_the_new_tokens() -> None:
+    engine = FakeEngine()
+    session = ChatSession(engine, system="Be brief.")
+    reply, first, _ = turn(session, "hello")
+    assert reply == "You said: hello" and first.reused_tokens == 0
+    cached = engine.cached_tokens
+    _, second, _ = turn(session, "again")
+    # everything cached (prompt, reply and its <|eot_id|>) is reused; only the new user message is evaluated
+    assert cached[-1] == EOT
+    assert second.reused_tokens == len(cached)
+    new_part = "<|start_header_id|>user<|end_header_id|>\n\nagain<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    assert engine.calls[-1].evaluated_tokens == len(engine.tokenize(new_part))
+
+
+def test_overflow_drops_oldest_turns_but_never_system_or_documents(tmp_path: Path) -> None:
+    engine = FakeEngine(n_ctx=700)
+    session = ChatSession(engine, system="SYSTEM", max_tokens=40)
+    doc = tmp_path / "doc.txt"
+    doc.write_text("D" * 150)
+    list(session.add_document(session.check_document(doc)))
+    notices = []
+    for i in range(12):
+        _, fin, events = turn(session, f"question number {i} " + "x" * 20)
+        notices += [e for e in events if isinstance(e, Notice)]
+        assert fin.prompt_tokens + 40 <= 700
+    assert any("dropped the" in n.text for n in notices)
+    prompt = session.conversation.render(session.template)
+    assert "SYSTEM" in prompt and "D" * 150 in prompt
+    assert "question number 0 " not in prompt and "question number 11 " in prompt
+    assert session.stats.dropped_turns >= 1
+
+
+def test_a_message_too_large_for_the_context_is_refused_and_nothing_changes() -> None:
+    engine = FakeEngine(n_ctx=300)
+    session = ChatSession(engine, max_tokens=20)
+    turn(session, "short")
+    before = list(session.conversation.messages)
+    with pytest.raises(ContextFull, match="tokens with the system prompt"):
+        list(session.ask("y" * 400))
+    assert session.conversation.messages == before
+    reply, _, _ = turn(session, "still here")  # the session goes on
+    assert reply == "You said: still here"
+
+
+def test_document_check_counts_tokens_and_refuses_what_cannot_fit(tmp_path: Path) -> None:
+    session = ChatSession(FakeEngine(n_ctx=500), max_tokens=50)
+    small, big, binary = tmp_path / "small.txt", tmp_path / "big.txt", tmp_path / "x.bin"
+    small.write_text("abc " * 20)
+    big.write_text("z" * 1000)
+    binary.write_bytes(b"\x7fELF\x00\x01\x02")
+    check = session.check_document(small)
+    assert check.tokens == len(session.engine.tokenize('<document name="small.txt">\n' + ("abc " * 20).strip() +
+                                                       "\n</document>"))
+    assert check.drops_turns == 0 and not session.conversation.messages  # checking adds nothing
+    with pytest.raises(DocumentError, match="big.txt: 1,0[0-9][0-9] tokens; the 500-token context cannot hold it"):
+        session.check_document(big)
+    with pytest.raises(DocumentError, match="x.bin: a binary file"):
+        session.check_document(binary)
+    with pytest.raises(DocumentError, match="nothere.txt: no such file"):
+        session.check_document(tmp_path / "nothere.txt")
+
+
+def test_document_is_prefilled_when_added_and_cancel_undoes_it(tmp_path: Path) -> None:
+    engine = FakeEngine()
+    session = ChatSession(engine)
+    doc = tmp_path / "d.txt"
+    doc.write_text("w" * 1500)
+    cancel = threading.Event()
+    check = session.check_document(doc)
+    events = []
+    for event in session.add_document(check, cancel):
+        events.append(event)
+        if isinstance(event, PrefillProgress):
+            cancel.set()
+    assert any(isinstance(e, Notice) and "was not added" in e.text for e in events)
+    assert session.conversation.messages == []
+    events = list(session.add_document(check))
+    assert [m.document for m in session.conversation.messages] == ["d.txt"]
+    prefilled = len(engine.cached_tokens)
+    assert prefilled >= 1500
+    _, fin, _ = turn(session, "what is in it?")
+    assert fin.reused_tokens == prefilled  # the whole document came from the cache
+    assert fin.prompt_tokens - fin.reused_tokens < 60  # only the question was evaluated
+
+
+def test_cancelled_reply_is_kept_as_interrupted_and_recorded(tmp_path: Path) -> None:
+    cancel = threading.Event()
+    engine = FakeEngine(on_token=lambda i: cancel.set() if i == 4 else None)
+    history = History(tmp_path / "h.jsonl")
+    session = ChatSession(engine, history=history)
+    reply, fin, _ = turn(session, "a long question", cancel)
+    assert fin.reason == "cancelled" and reply == "You "
+    assert session.conversation.messages[-1].interrupted
+    record = list(history.records())[-1]
+    assert record["finish_reason"] == "cancelled" and record["assistant"] == "You "
+
+
+def test_cancel_before_the_first_token_forgets_the_question() -> None:
+    cancel = threading.Event()
+    cancel.set()
+    session = ChatSession(FakeEngine())
+    events = list(session.ask("never mind", cancel))
+    assert isinstance(events[-1], Notice) and session.conversation.messages == []
+
+
+def test_retry_regenerates_the_last_answer_with_a_new_seed_when_sampling() -> None:
+    engine = FakeEngine()
+    session = ChatSession(engine, sampling=Sampling(temperature=0.8, seed=7))
+    turn(session, "q1")
+    events = list(session.retry())
+    assert [m.role for m in session.conversation.messages] == ["user", "assistant"]
+    assert engine.calls[-1].sampling.seed == 8
+    assert any(isinstance(e, TurnStarted) for e in events)
+    with pytest.raises(LcrunError, match="no question"):
+        list(ChatSession(FakeEngine()).retry())
+
+
+def test_usage_breaks_the_context_down(tmp_path: Path) -> None:
+    engine = FakeEngine()
+    session = ChatSession(engine, system="S" * 30)
+    doc = tmp_path / "notes.txt"
+    doc.write_text("n" * 200)
+    list(session.add_document(session.check_document(doc)))
+    turn(session, "hi")
+    usage = session.usage()
+    assert usage.system >= 30 and usage.documents[0][0] == "notes.txt" and usage.documents[0][1] > 200
+    assert usage.n_turns == 1 and usage.turns > 0
+    assert usage.prompt == len(engine.tokenize(session.conversation.render(session.template)))
+    assert usage.cached == len(engine.cached_tokens)
+    assert usage.free == usage.n_ctx - usage.prompt
+
+
+def test_save_and_load_roundtrip_and_bad_files(tmp_path: Path) -> None:
+    session = ChatSession(FakeEngine(), system="sys")
+    turn(session, "remember me")
+    path = tmp_path / "chat.json"
+    session.save(path)
+    assert not (tmp_path / "chat.json.partial").exists()
+    other = ChatSession(FakeEngine())
+    other.load(path)
+    assert other.conversation == session.conversation
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(LcrunError, match="bad.json: not a saved chat"):
+        other.load(tmp_path / "bad.json")
+    (tmp_path / "other.json").write_text(json.dumps({"messages": []}))
+    with pytest.raises(LcrunError, match="not an lcrun chat file"):
+        other.load(tmp_path / "other.json")
+    assert other.conversation == session.conversation  # a failed load changes nothing
+
+
+def test_history_appends_one_line_per_turn_and_survives_a_torn_line(tmp_path: Path) -> None:
+    path = tmp_path / "h.jsonl"
+    history = History(path)
+    session = ChatSession(FakeEngine(), history=history)
+    turn(session, "one")
+    with open(path, "ab") as f:
+        f.write(b'{"user": "torn by a cra')  # what kill -9 in the middle of a write would leave
+    turn(session, "two")
+    assert [r["user"] for r in history.records()] == ["one", "two"]
+    lines = path.read_bytes().split(b"\n")
+    assert len([line for line in lines if line]) == 3  # two records and the torn line, each on its own line
