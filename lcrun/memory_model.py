@@ -67,6 +67,13 @@ def _is_quantized(type_name: str) -> bool:
     return gguf.GGML_QUANT_SIZES[_quant(type_name)][0] > 1
 
 
+def _kv_fix(role: str, type_k: str, type_v: str) -> str:
+    k, v = ("f16", type_v) if role == "K" else (type_k, "f16")
+    if role == "K" and _is_quantized(type_v):
+        v = "f16"  # quantized types share the 32-value block: V fails the same way
+    return k if k == v else f"{k}/{v}"
+
+
 def validate_kv(shape: ModelShape, type_k: str, type_v: str, flash_attn: bool) -> None:
     """Raise ValueError, naming the fix, for a KV cache type llama.cpp would refuse for this model."""
     for role, type_name, head_dim in (("K", type_k, shape.head_dim_k), ("V", type_v, shape.head_dim_v)):
@@ -74,7 +81,7 @@ def validate_kv(shape: ModelShape, type_k: str, type_v: str, flash_attn: bool) -
         if head_dim % block_size:
             raise ValueError(
                 f"{role} cache type {type_name} packs {block_size} values per block, but this model's head size is "
-                f"{head_dim}; use --cache-type-{role.lower()} f16"
+                f"{head_dim}; use --kv-type {_kv_fix(role, type_k, type_v)}"
             )
     if _is_quantized(type_v) and not flash_attn:
         raise ValueError(f"a quantized V cache ({type_v}) needs flash attention; enable it or use a f16 V cache")

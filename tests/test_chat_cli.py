@@ -180,6 +180,7 @@ def test_dry_run_shows_the_plan_without_loading(model: Path, engines: Engines) -
     (["{model}", "--ctx", "2048", "--ram", "1M"], "2,048 tokens do not fit"),
     (["{model}", "-p", "-"], "-p: the prompt is empty"),
     (["{model}", "-p", "hi", "--file", "{tmp}/nope.txt"], "{tmp}/nope.txt: no such file"),
+    (["{model}", "--kv-type", "q8_0"], "head size is 16; use --kv-type f16"),
 ])
 def test_bad_input_is_one_line_before_loading(model: Path, engines: Engines, tmp_path: Path,
                                               args: list[str], message: str) -> None:
@@ -189,3 +190,21 @@ def test_bad_input_is_one_line_before_loading(model: Path, engines: Engines, tmp
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message.format(tmp=tmp_path) in lines[0]
     assert engines == []
+
+
+def test_hub_gguf_repo_is_downloaded_into_the_cache_then_chatted_with(model: Path, engines: Engines,
+                                                                        fake_hub, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    doc = tmp_path / "q.txt"
+    doc.write_text("a document")
+    fake_hub.add_repo("someorg/tiny-GGUF", {"tiny-F16.gguf": model.read_bytes(), "README.md": b"# tiny"})
+    result = run(["someorg/tiny-GGUF", "--file", "tiny-F16.gguf", "--file", str(doc), "-p", "hi", "--no-history"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "You said: hi\n"
+    assert fake_hub.bytes_served("tiny-F16.gguf") == model.stat().st_size
+    cached = list((tmp_path / "hf-home" / "hub").rglob("tiny-F16.gguf"))
+    assert len(cached) == 1 and cached[0].read_bytes() == model.read_bytes()
+    missing = run(["someorg/tiny-GGUF", "--file", "other.gguf", "-p", "hi"])
+    assert missing.exit_code == 1
+    assert missing.stderr.strip() == "error: someorg/tiny-GGUF: no file other.gguf in the repo; it has tiny-F16.gguf"
+    no_file = run(["someorg/tiny-GGUF", "-p", "hi"])
+    assert no_file.exit_code == 1 and "needs --file NAME.gguf" in no_file.stderr
