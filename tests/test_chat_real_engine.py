@@ -114,3 +114,44 @@ def test_session_file_skips_the_document_prefill(tiny: Path, tmp_path: Path) -> 
     third = lcrun(str(tiny), "-p", "Again?", *common)
     assert third.returncode == 0, third.stderr
     assert "warning:" in third.stderr and "prefilled again" in third.stderr and "(0 reused)" in third.stderr
+
+
+def test_prompt_tokenizer_equals_whole_tokenization_and_skips_known_fragments(tiny: Path) -> None:
+    from lcrun.chat.prompt_tokens import PromptTokenizer
+
+    engine = Engine(EngineConfig(model_path=tiny, n_ctx=512, n_threads=2))
+    try:
+        session = ChatSession(engine, system="Sys")
+        assert session.tokenize._split is not None  # the probe passed: this vocabulary splits at specials
+        calls: list[str] = []
+
+        def counting(text: str) -> list[int]:
+            calls.append(text)
+            return engine.tokenize(text)
+
+        prompt_tokenizer = PromptTokenizer.for_template(counting, engine.token_text, session.template.source,
+                                                        ["<|begin_of_text|>"], probe="")
+        doc = "Ünïcödé text, numbers 12345 and   spaces.\n" * 200
+        for tail in ["", "Question one?", "Question two, longer: é ✓ 日本"]:
+            messages = [{"role": "user", "content": doc}] + ([{"role": "user", "content": tail}] if tail else [])
+            text = session.template.render([{"role": "system", "content": "Sys"}, *messages])
+            calls.clear()
+            assert prompt_tokenizer(text) == engine.tokenize(text)
+            if tail:
+                assert all(doc not in c for c in calls)  # the document was not tokenized again
+    finally:
+        engine.close()
+
+
+def test_prompt_tokenizer_falls_back_when_fragments_are_not_independent() -> None:
+    """Negative control: a tokenizer that merges across the special token fails the probe and is used whole."""
+    from lcrun.chat.prompt_tokens import PromptTokenizer
+
+    def merging(text: str) -> list[int]:
+        return [hash(text) & 0xFFFF]  # one token for the whole text: fragments do not concatenate to it
+
+    def token_text(token: int) -> str:
+        return "<|x|>" if token == hash("<|x|>") & 0xFFFF else "?"
+
+    tokenizer = PromptTokenizer(merging, token_text, ["<|x|>"], probe="a<|x|>b")
+    assert tokenizer._split is None and tokenizer("a<|x|>b") == merging("a<|x|>b")

@@ -19,6 +19,7 @@ from lcrun.errors import LcrunError
 from .conversation import Conversation, Message, document_text, fit_to_context
 from .documents import DocumentError, read_document
 from .history import History
+from .prompt_tokens import PromptTokenizer
 from .template import ChatTemplate, template_for
 
 
@@ -115,6 +116,10 @@ class ChatSession:
         self.stats = SessionStats()
         special = engine.special_tokens()
         self.stop_tokens = {special[k] for k in ("eos", "eot") if k in special}
+        probe = self.template.render([{"role": "system", "content": "Probe one."}, {"role": "user", "content": "Two"},
+                                      {"role": "assistant", "content": " three\n"}, {"role": "user", "content": "4"}])
+        self.tokenize = PromptTokenizer.for_template(engine.tokenize, engine.token_text, self.template.source,
+                                                     [engine.token_text(t) for t in special.values()], probe)
 
     # -- sizes --------------------------------------------------------------------------------------------------
     @property
@@ -130,8 +135,8 @@ class ChatSession:
         return len(self.engine.tokenize(text))
 
     def _tokens(self, messages: list[Message] | None = None, *, add_generation_prompt: bool = True) -> list[int]:
-        return self.engine.tokenize(self.conversation.render(self.template, messages=messages,
-                                                             add_generation_prompt=add_generation_prompt))
+        return self.tokenize(self.conversation.render(self.template, messages=messages,
+                                                      add_generation_prompt=add_generation_prompt))
 
     # -- turns --------------------------------------------------------------------------------------------------
     def ask(self, text: str, cancel: threading.Event | None = None) -> Iterator[ChatEvent]:
@@ -150,7 +155,7 @@ class ChatSession:
 
     def _reply(self, cancel: threading.Event | None, question: str) -> Iterator[ChatEvent]:
         messages = self.conversation.messages
-        fitted = fit_to_context(self.conversation, self.template, self.engine.tokenize, self.n_ctx - self.reserve)
+        fitted = fit_to_context(self.conversation, self.template, self.tokenize, self.n_ctx - self.reserve)
         if fitted is None:
             need = len(self._tokens())
             messages.pop()
@@ -211,8 +216,9 @@ class ChatSession:
         name = path.name
         content = document_text(name, text)
         trial = Conversation(self.conversation.system, [*self.conversation.messages, Message("user", content, name)])
-        fitted = fit_to_context(trial, self.template, self.engine.tokenize, self.n_ctx - self.reserve)
-        adds = self.count(content)
+        adds = len(self.tokenize(trial.render(self.template, add_generation_prompt=False))) - \
+            len(self._tokens(add_generation_prompt=False))
+        fitted = fit_to_context(trial, self.template, self.tokenize, self.n_ctx - self.reserve)
         if fitted is None:
             pinned = sum(1 for m in self.conversation.messages if m.pinned)
             held = f" and {pinned} document(s) already added" if pinned else ""
@@ -226,7 +232,7 @@ class ChatSession:
         the prefill leaves the conversation as it was."""
         saved = list(self.conversation.messages)
         self.conversation.messages.append(Message("user", check.content, check.name))
-        fitted = fit_to_context(self.conversation, self.template, self.engine.tokenize, self.n_ctx - self.reserve)
+        fitted = fit_to_context(self.conversation, self.template, self.tokenize, self.n_ctx - self.reserve)
         if fitted is None:  # the conversation changed since the check
             self.conversation.messages[:] = saved
             raise DocumentError(str(check.path), "no longer fits the context")
@@ -255,7 +261,7 @@ class ChatSession:
         self.conversation.system = text.strip() or None
 
     def usage(self) -> ContextUsage:
-        base = self.engine.tokenize(self.template.render([], add_generation_prompt=False)) if not \
+        base = self.tokenize(self.template.render([], add_generation_prompt=False)) if not \
             self.conversation.system else self._tokens([], add_generation_prompt=False)
         documents, turns = [], 0
         for m in self.conversation.messages:

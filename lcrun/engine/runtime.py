@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lcrun.errors import EngineError
 
 
@@ -184,11 +186,9 @@ class Engine:
         if len(prompt_tokens) >= self.n_ctx:
             raise EngineError("prompt", f"{len(prompt_tokens)} tokens do not fit the {self.n_ctx}-token context")
         llm = self._llm
-        common = 0
-        for cached, wanted in zip(llm.input_ids[: llm.n_tokens], prompt_tokens):
-            if int(cached) != wanted:
-                break
-            common += 1
+        n = min(llm.n_tokens, len(prompt_tokens))
+        differ = np.flatnonzero(llm.input_ids[:n] != np.asarray(prompt_tokens[:n], dtype=llm.input_ids.dtype))
+        common = int(differ[0]) if differ.size else n
         reused = self._truncate_cache(min(common, len(prompt_tokens) - redo_last))
         return reused, prompt_tokens[reused:]
 
