@@ -320,8 +320,10 @@ def plan(model: str, quant: str, ctx: str, kv_type: str, flash_attn: str, gpu_la
 
 
 from .chat_cli import chat  # noqa: E402  (each command module imports only click at the top)
+from .niah_cli import niah  # noqa: E402
 
 cli.add_command(chat)
+cli.add_command(niah)
 
 
 def _json_default(value: Any) -> Any:

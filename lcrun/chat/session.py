@@ -20,7 +20,7 @@ from .conversation import Conversation, Message, document_text, fit_to_context
 from .documents import DocumentError, read_document
 from .history import History
 from .prompt_tokens import PromptTokenizer
-from .template import ChatTemplate, template_for
+from .template import ChatTemplate, engine_template
 
 
 class EngineLike(Protocol):
@@ -94,19 +94,12 @@ class SessionStats:
     started_at: float = field(default_factory=time.time)
 
 
-def chat_template_of(engine: EngineLike) -> ChatTemplate:
-    special = engine.special_tokens()
-    bos = engine.token_text(special["bos"]) if "bos" in special else ""
-    eos = engine.token_text(special["eos"]) if "eos" in special else ""
-    return template_for(engine.chat_template, bos, eos, lambda text: len(engine.tokenize(text)) == 1)
-
-
 class ChatSession:
     def __init__(self, engine: EngineLike, *, template: ChatTemplate | None = None, system: str | None = None,
                  sampling: Sampling = Sampling(), max_tokens: int | None = None, history: History | None = None,
                  model_name: str = "", session_path: Path | None = None) -> None:
         self.engine = engine
-        self.template = template or chat_template_of(engine)
+        self.template = template or engine_template(engine)
         self.conversation = Conversation(system or None)
         self.sampling = sampling
         self.max_tokens = max_tokens

@@ -111,3 +111,11 @@ def template_for(source: str | None, bos_token: str, eos_token: str, has_token: 
         return ChatTemplate(CHATML_TEMPLATE, bos_token, eos_token, origin="chatml (the file has none)")
     raise TemplateError("chat template", "the model file has none and its vocabulary matches no known format "
                                          "(add one when converting: tokenizer_config.json chat_template)")
+
+
+def engine_template(engine: Any) -> ChatTemplate:
+    """The template of the model an engine has loaded (its GGUF's, or the fallback its vocabulary suggests)."""
+    special = engine.special_tokens()
+    bos = engine.token_text(special["bos"]) if "bos" in special else ""
+    eos = engine.token_text(special["eos"]) if "eos" in special else ""
+    return template_for(engine.chat_template, bos, eos, lambda text: len(engine.tokenize(text)) == 1)

@@ -1,0 +1,155 @@
+"""`lcrun niah`: parse, plan, load, run the grid into the results log, then show and save the heatmap. The click
+callback only parses; `_run` strings the core (lcrun.niah) and the view (lcrun.ui.niah_view) together."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from .cli_options import run_options
+
+if TYPE_CHECKING:
+    from .launch import Launch, RunOverrides
+    from .niah.run import NiahParams
+
+_PLAN_ROOM = 256  # tokens planned beyond --max-ctx for the template, question and answer (measured after loading)
+
+
+def _ctx_value(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+    from .cli import parse_ctx
+
+    return parse_ctx(value) if value is not None else None
+
+
+@click.command(epilog="""\b
+Examples:
+  lcrun niah demo --max-ctx 1800 --ctx-steps 4                 # the tiny built-in model: plumbing, scores 0
+  lcrun niah model.gguf --max-ctx 128k --ctx-steps 8 --svg niah.svg
+  lcrun niah model.gguf --max-ctx 64k --kv-type f16  -o f16.jsonl
+  lcrun niah model.gguf --max-ctx 64k --kv-type q4_0 -o q4_0.jsonl   # same needles: compare the two
+  lcrun niah model.gguf --max-ctx 64k -o run.jsonl --resume          # after an interruption
+""")
+@click.argument("model")
+@run_options
+@click.option("--min-ctx", default="100", show_default=True, metavar="N", callback=_ctx_value,
+              help="Shortest context (haystack with needle) in tokens.")
+@click.option("--max-ctx", metavar="N", callback=_ctx_value,
+              help="Longest context (default 1140200, Gradient's), capped to the planned context less the room "
+                   "the question and answer need.")
+@click.option("--ctx-interval", metavar="N", callback=_ctx_value,
+              help="Contexts min, min+N, … and max (default 86675, Gradient's).")
+@click.option("--ctx-steps", type=int, metavar="N", help="Instead: N contexts evenly spaced from min to max.")
+@click.option("--depth-interval", type=float, default=0.2, show_default=True,
+              help="Needle depths 0.0, step, … 1.0 (0.0 = the document's start, 1.0 = its end).")
+@click.option("--samples", type=int, default=1, show_default=True, help="Needles per (context, depth).")
+@click.option("--digits", type=int, default=8, show_default=True, help="Digits of the number to find.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the hidden numbers: the same seed hides the same needles.")
+@click.option("--haystack", "haystack_file", type=click.Path(path_type=Path), metavar="FILE",
+              help="UTF-8 text to hide the needle in (default: the essays lcrun ships; repeated when too short).")
+@click.option("-o", "--output", type=click.Path(path_type=Path), metavar="PATH.jsonl",
+              help="Results log, one line per cell (default: niah-<model>-<kv>.jsonl here); the summary goes "
+                   "beside it (.summary.json).")
+@click.option("--resume", is_flag=True, help="Continue the run in --output: finished cells are not redone.")
+@click.option("--force", is_flag=True, help="Start over, replacing an existing results log.")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON summary on stdout (the heatmap on stderr).")
+@click.option("--svg", type=click.Path(dir_okay=False, path_type=Path), help="Save the heatmap as SVG.")
+@click.option("--html", type=click.Path(dir_okay=False, path_type=Path), help="Save the heatmap as HTML.")
+def niah(model: str, min_ctx: int, max_ctx: int | None, ctx_interval: int | None, ctx_steps: int | None,
+         depth_interval: float, samples: int, digits: int, seed: int, haystack_file: Path | None,
+         output: Path | None, resume: bool, force: bool, as_json: bool, svg: Path | None, html: Path | None,
+         **run: Any) -> None:
+    """Needle in a haystack on MODEL (a GGUF file, `demo`, or a Hub GGUF repo with --file): can it find a number
+    hidden at each depth of each context length?
+
+    Each cell cuts the haystack to the context length in the model's own tokens, puts a sentence with a random
+    number at a sentence boundary near the depth, asks for the number through the chat template and scores the
+    greedy answer 1 if it holds the number. The planner sizes the engine; --kv-type and the other options force it.
+    """
+    from .cli_options import overrides_from
+    from .niah.grid import GRADIENT_MAX_CTX
+    from .niah.run import NiahParams
+
+    if resume and force:
+        raise click.UsageError("--resume and --force exclude each other: continue the run, or start it over")
+    params = NiahParams(min_ctx=min_ctx, max_ctx=max_ctx or GRADIENT_MAX_CTX, ctx_interval=ctx_interval,
+                        ctx_steps=ctx_steps, depth_interval=depth_interval, samples=samples, digits=digits,
+                        seed=seed)
+    code = _run(model, params, overrides_from(run), run.get("hub_file"), run.get("revision"), haystack_file,
+                output, resume=resume, force=force, as_json=as_json, svg=svg, html=html)
+    if code:
+        sys.exit(code)
+
+
+def _plan(path: Path, overrides: RunOverrides, max_ctx: int) -> Launch:
+    """The planner's launch; without --ctx, no larger than the grid needs (a smaller KV cache, a less lossy type)."""
+    from dataclasses import replace
+
+    from .launch import plan_launch
+
+    launch = plan_launch(path, overrides)
+    wanted = -(-(max_ctx + _PLAN_ROOM) // 256) * 256
+    if overrides.ctx is None and launch.choice.plan.ctx > wanted:
+        launch = plan_launch(path, replace(overrides, ctx=wanted))
+    return launch
+
+
+def _run(model: str, params: NiahParams, overrides: RunOverrides, hub_file: str | None, revision: str | None,
+         haystack_file: Path | None, output: Path | None, *, resume: bool, force: bool, as_json: bool,
+         svg: Path | None, html: Path | None) -> int:
+    from .launch import find_model_file
+    from .niah.haystack import read_haystack
+    from .niah.results import ResultsLog
+    from .niah.run import prepare_run, run_cells, run_identity
+    from .niah.summary import summarize, summary_path, write_summary
+    from .ui.chat_view import is_plain, render_plan_panel
+    from .ui.console import make_console
+    from .ui.niah_view import NiahProgress, export_picture, render_heatmap
+    from .ui.progress import phase_progress
+
+    out, err = make_console(), make_console(stderr=True)
+    params.check()
+    haystack = read_haystack(haystack_file)
+    with phase_progress(err) as progress:
+        path = find_model_file(model, hub_file=hub_file, revision=revision, progress=progress("download"))
+    launch = _plan(path, overrides, params.max_ctx)
+    plan = launch.choice.plan
+    settings = {"type_k": plan.type_k, "type_v": plan.type_v, "flash_attn": plan.flash_attn,
+                "rope_theta": overrides.rope_theta, "rope_scale": overrides.rope_scale}
+    kv = plan.type_k if plan.type_k == plan.type_v else f"{plan.type_k}-{plan.type_v}"
+    output = output or Path(f"niah-{path.stem}-{kv}.jsonl")
+    log = ResultsLog(output, run_identity(path, haystack, params, settings), resume=resume, force=force)
+    render_plan_panel(launch, err)
+
+    from .engine.runtime import Engine
+
+    if is_plain(err):
+        engine = Engine(launch.config)
+    else:
+        with err.status(f"loading {path.name}…"):
+            engine = Engine(launch.config)
+    try:
+        niah_run = prepare_run(engine, params, haystack)
+        for note in niah_run.notes:
+            err.print(f"note: {note}", highlight=False, markup=False)
+        with log, NiahProgress(err) as bar:
+            for event in run_cells(engine, niah_run, log):
+                bar.update(event)
+    except KeyboardInterrupt:
+        click.echo(f"error: interrupted; {len(log.done)} finished cells are in {output} (continue with --resume)",
+                   err=True)
+        return 130
+    finally:
+        engine.close()
+
+    summary = summarize(niah_run, log.done, model=path.name, results=output,
+                        settings={**settings, "n_gpu_layers": plan.n_gpu_layers})
+    write_summary(summary, summary_path(output))
+    render_heatmap(summary, err if as_json else out)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    export_picture(summary, svg=svg, html=html)
+    return 0
