@@ -186,3 +186,15 @@ def test_history_appends_one_line_per_turn_and_survives_a_torn_line(tmp_path: Pa
     assert [r["user"] for r in history.records()] == ["one", "two"]
     lines = path.read_bytes().split(b"\n")
     assert len([line for line in lines if line]) == 3  # two records and the torn line, each on its own line
+
+
+def test_a_template_that_refuses_the_conversation_leaves_it_unchanged() -> None:
+    picky = ("{% for m in messages %}{% if 'forbidden' in m['content'] %}{{ raise_exception('no: ' + m['content']) }}"
+             "{% endif %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>"
+             "{% endfor %}<|start_header_id|>assistant<|end_header_id|>\n\n")
+    session = ChatSession(FakeEngine(chat_template=picky))
+    with pytest.raises(LcrunError, match="no: forbidden word"):
+        list(session.ask("forbidden word"))
+    assert session.conversation.messages == []
+    reply, _, _ = turn(session, "fine")
+    assert reply == "You said: fine"

@@ -62,3 +62,12 @@ def test_fallbacks_follow_the_vocabulary() -> None:
 def test_tojson_and_strftime_now_are_available() -> None:
     template = template_for("{{ messages[0] | tojson }} {{ strftime_now('%Y') | length }}", "", "", lambda t: False)
     assert template.render([{"role": "user", "content": "é"}]) == '{"role": "user", "content": "é"} 4'
+
+
+def test_a_template_without_a_system_role_gets_it_folded_into_the_first_user_message() -> None:
+    gemma_like = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                  "{% endif %}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>"
+                  "{% endfor %}")
+    template = template_for(gemma_like, "", "", lambda t: False)
+    assert template.render(MESSAGES) == "<user>Be brief.\n\n Hi \n</user>"
+    assert template.render(MESSAGES[1:]) == "<user> Hi \n</user>"  # nothing to fold: rendered as it is

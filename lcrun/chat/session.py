@@ -16,11 +16,11 @@ from typing import Any, Protocol
 from lcrun.engine.runtime import Finished, PrefillProgress, Sampling, TextChunk
 from lcrun.errors import LcrunError
 
-from .conversation import Conversation, Message, document_text, fit_to_context
+from .conversation import Conversation, Fitted, Message, document_text, fit_to_context
 from .documents import DocumentError, read_document
 from .history import History
 from .prompt_tokens import PromptTokenizer
-from .template import ChatTemplate, engine_template
+from .template import ChatTemplate, TemplateError, engine_template
 
 
 class EngineLike(Protocol):
@@ -109,8 +109,13 @@ class ChatSession:
         self.stats = SessionStats()
         special = engine.special_tokens()
         self.stop_tokens = {special[k] for k in ("eos", "eot") if k in special}
-        probe = self.template.render([{"role": "system", "content": "Probe one."}, {"role": "user", "content": "Two"},
-                                      {"role": "assistant", "content": " three\n"}, {"role": "user", "content": "4"}])
+        try:
+            probe = self.template.render([{"role": "system", "content": "Probe one."},
+                                          {"role": "user", "content": "Two"},
+                                          {"role": "assistant", "content": " three\n"},
+                                          {"role": "user", "content": "4"}])
+        except TemplateError:
+            probe = ""  # no probe, no splitting: whole-prompt tokenization is always right
         self.tokenize = PromptTokenizer.for_template(engine.tokenize, engine.token_text, self.template.source,
                                                      [engine.token_text(t) for t in special.values()], probe)
 
@@ -134,7 +139,12 @@ class ChatSession:
     # -- turns --------------------------------------------------------------------------------------------------
     def ask(self, text: str, cancel: threading.Event | None = None) -> Iterator[ChatEvent]:
         self.conversation.messages.append(Message("user", text))
-        yield from self._reply(cancel, question=text)
+        try:
+            fitted = self._fit()
+        except (TemplateError, ContextFull):
+            self.conversation.messages.pop()  # refused: as if it was never sent
+            raise
+        yield from self._reply(fitted, cancel, question=text)
 
     def retry(self, cancel: threading.Event | None = None) -> Iterator[ChatEvent]:
         messages = self.conversation.messages
@@ -144,17 +154,19 @@ class ChatSession:
             raise LcrunError("/retry", "no question to answer again yet")
         if self.sampling.temperature > 0:  # greedy would give the same answer; sampled replies get a new seed
             self.sampling = replace(self.sampling, seed=self.sampling.seed + 1)
-        yield from self._reply(cancel, question=messages[-1].content)
+        yield from self._reply(self._fit(), cancel, question=messages[-1].content)
 
-    def _reply(self, cancel: threading.Event | None, question: str) -> Iterator[ChatEvent]:
-        messages = self.conversation.messages
+    def _fit(self) -> Fitted:
         fitted = fit_to_context(self.conversation, self.template, self.tokenize, self.n_ctx - self.reserve)
         if fitted is None:
             need = len(self._tokens())
-            messages.pop()
             raise ContextFull("message", f"{need:,} tokens with the system prompt and documents, more than the "
                                          f"{self.n_ctx - self.reserve:,} the {self.n_ctx:,}-token context leaves "
                                          f"beside {self.reserve:,} for the reply; shorten it, or /clear documents")
+        return fitted
+
+    def _reply(self, fitted: Fitted, cancel: threading.Event | None, question: str) -> Iterator[ChatEvent]:
+        messages = self.conversation.messages
         if fitted.dropped_turns:
             self.stats.dropped_turns += fitted.dropped_turns
             yield Notice(f"context full: dropped the {fitted.dropped_turns} oldest turn(s) "

@@ -33,14 +33,19 @@ class ChatTemplate:
     origin: str = "file"   # "file" or the name of the fallback used
 
     def render(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
-        """The prompt text. Templates that insist on alternating roles get consecutive same-role messages joined."""
+        """The prompt text. A template that refuses the conversation gets consecutive same-role messages joined (for
+        templates that insist on alternating roles), then also the system prompt folded into the first user message
+        (for templates without a system role)."""
         try:
             return self._render(messages, add_generation_prompt)
-        except TemplateError:
-            merged = merge_same_roles(messages)
-            if len(merged) == len(messages):
-                raise
-            return self._render(merged, add_generation_prompt)
+        except TemplateError as refused:
+            for variant in (merge_same_roles(messages), fold_system(messages)):
+                if variant != list(messages):
+                    try:
+                        return self._render(variant, add_generation_prompt)
+                    except TemplateError:
+                        continue
+            raise refused
 
     def _render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
         import jinja2
@@ -98,6 +103,15 @@ def merge_same_roles(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]
         else:
             merged.append(dict(message))
     return merged
+
+
+def fold_system(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+    if not messages or messages[0]["role"] != "system":
+        return merge_same_roles(messages)
+    system, rest = messages[0]["content"], merge_same_roles(messages[1:])
+    if rest and rest[0]["role"] == "user":
+        return [{**rest[0], "content": system + "\n\n" + rest[0]["content"]}, *rest[1:]]
+    return [{"role": "user", "content": system}, *rest]
 
 
 def template_for(source: str | None, bos_token: str, eos_token: str, has_token: Any) -> ChatTemplate:
