@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     except (click.exceptions.Abort, KeyboardInterrupt):
         if debug:
             raise
-        _fail("interrupted; nothing was written to the output path", 130)
+        _fail("interrupted (nothing half-written is left behind)", 130)
     except OneLineError as exc:
         if debug:
             raise
@@ -321,9 +321,11 @@ def plan(model: str, quant: str, ctx: str, kv_type: str, flash_attn: str, gpu_la
 
 from .chat_cli import chat  # noqa: E402  (each command module imports only click at the top)
 from .niah_cli import niah  # noqa: E402
+from .bench_cli import bench  # noqa: E402
 
 cli.add_command(chat)
 cli.add_command(niah)
+cli.add_command(bench)
 
 
 def _json_default(value: Any) -> Any:

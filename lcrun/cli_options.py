@@ -11,12 +11,13 @@ _RUN_OPTIONS = [
     click.option("--file", "hub_file", metavar="NAME.gguf", help="When MODEL is a Hub repo id: the GGUF file in it "
                  "(downloaded into the Hugging Face cache, with a progress bar)."),
     click.option("--revision", help="Hub revision (branch, tag or commit)."),
-    click.option("--ctx", metavar="N", help="Context length (32k, 128k, 1M, …); default: the largest that fits."),
+    click.option("--ctx", metavar="N", help="Context length (32k, 128k, 1M, …); default: the largest that fits (chat) or what the run needs "
+                 "(niah, bench)."),
     click.option("--kv-type", metavar="K[/V]", help="KV cache type: f16, q8_0, q4_0, or K/V apart (q8_0/q4_0); "
                  "default: the least lossy that reaches the context."),
     click.option("--flash-attn", type=click.Choice(["on", "off", "auto"]), default="auto", show_default=True),
     click.option("--gpu-layers", type=int, help="Layers to offload to the GPU (default: as many as fit)."),
-    click.option("--threads", type=int, help="CPU threads for generation (default: llama.cpp's choice)."),
+    click.option("--threads", type=int, help="CPU threads (default: one per physical core)."),
     click.option("--rope-theta", type=float, help="Override the file's RoPE base (warns: the model changes)."),
     click.option("--rope-scale", type=float, help="Override the file's RoPE scaling: stretch positions by this factor."),
     click.option("--gpu-mem", "gpu_mem", multiple=True, metavar="SIZE", help="Plan for GPU(s) of this free memory "

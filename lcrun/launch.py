@@ -77,6 +77,17 @@ def find_model_file(model: str, *, hub_file: str | None = None, revision: str | 
     return hub.download_gguf(model, hub_file, revision, progress=progress)
 
 
+def default_threads() -> int:
+    """One thread per physical core, as llama.cpp's own tools default to (llama-cpp-python would take half the
+    logical CPUs, which on a small machine leaves cores idle while generating)."""
+    import os
+
+    import psutil
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(psutil.cpu_count(logical=False) or usable, usable))
+
+
 def plan_launch(model_path: Path, overrides: RunOverrides = RunOverrides(), *,
                 devices: list[Device] | None = None, n_seq: int = 1) -> Launch:
     spec = spec_from_gguf(model_path)
@@ -98,7 +109,7 @@ def plan_launch(model_path: Path, overrides: RunOverrides = RunOverrides(), *,
         warnings.append(f"context {plan.ctx:,} is above the {spec.n_ctx_train:,} tokens the model declares")
     config = EngineConfig(
         model_path=model_path, n_ctx=plan.ctx, n_gpu_layers=plan.n_gpu_layers, type_k=plan.type_k,
-        type_v=plan.type_v, flash_attn=plan.flash_attn, n_threads=overrides.threads,
+        type_v=plan.type_v, flash_attn=plan.flash_attn, n_threads=overrides.threads or default_threads(),
         n_batch=max(plan.n_ubatch, 2048), n_ubatch=plan.n_ubatch,
         rope_freq_base=overrides.rope_theta, rope_freq_scale=(1.0 / overrides.rope_scale
                                                               if overrides.rope_scale else None),

@@ -1,0 +1,78 @@
+"""`lcrun bench`: parse, plan (refusing depths that cannot fit before the model loads), load, measure, render."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import click
+
+from .cli_options import overrides_from, run_options
+
+
+def _parse_depth(text: str) -> int:
+    from .cli import parse_ctx
+
+    try:
+        return parse_ctx(text)
+    except click.BadParameter:
+        raise click.BadParameter(f"{text!r} is not a token count like 0, 4096 or 4k", param_hint="--depth") from None
+
+
+@click.command(epilog="""\b
+Examples:
+  lcrun bench demo                                        # the built-in tiny model, no download
+  lcrun bench model-Q4_K_M.gguf --depth 0 --depth 16k --depth 64k
+  lcrun bench model-Q4_K_M.gguf --kv-type q4_0 --depth 32k --json > q4_0.json
+  lcrun bench model-Q8_0.gguf --flash-attn off --pp 1024 --tg 64 -r 5
+""")
+@click.argument("model")
+@run_options
+@click.option("--depth", "depths", multiple=True, metavar="N",
+              help="Tokens already in the KV cache when pp and tg are timed (repeatable; 0, 4096, 16k, …). "
+                   "Default: 0 and 1k, 4k, 16k, 64k, … as far as the context allows.")
+@click.option("--pp", type=int, default=512, show_default=True, help="Prompt tokens timed at each depth.")
+@click.option("--tg", type=int, default=128, show_default=True, help="Tokens generated at each depth (0: none).")
+@click.option("-r", "--repetitions", type=int, default=3, show_default=True,
+              help="Measurements per depth (reported as mean ± stddev).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (every repetition included).")
+def bench(model: str, depths: tuple[str, ...], pp: int, tg: int, repetitions: int, as_json: bool,
+          **run: Any) -> None:
+    """Prompt processing (pp) and generation (tg) speed of MODEL at several context depths, with the planned or
+    forced settings: compare quants, KV cache types and flash attention on this machine.
+
+    Without --ctx the context is the smallest that holds the deepest measurement. The cache is filled untimed with
+    each depth (smallest first); tokens are the model's own, from seeded random words.
+    """
+    from contextlib import nullcontext
+
+    from .bench import bench_report, check_counts, plan_bench, run_bench
+    from .launch import find_model_file
+    from .ui.bench_view import bench_progress, render_bench
+    from .ui.console import make_console
+    from .ui.progress import phase_progress
+
+    out, err = make_console(), make_console(stderr=True)
+    depth_list = [_parse_depth(d) for d in depths]
+    check_counts(depth_list, pp, tg, repetitions)  # before a download
+    overrides = overrides_from(run)
+    with phase_progress(err) as progress:
+        path = find_model_file(model, hub_file=run.get("hub_file"), revision=run.get("revision"),
+                               progress=progress("download"))
+    plan = plan_bench(path, overrides, depth_list, pp=pp, tg=tg, repetitions=repetitions)
+
+    from .engine.runtime import Engine
+
+    with err.status(f"loading {path.name}…") if err.is_terminal else nullcontext():
+        engine = Engine(plan.launch.config)
+    try:
+        with bench_progress(err) as step:
+            results = run_bench(engine, plan.depths, pp=pp, tg=tg, repetitions=repetitions, progress=step)
+    finally:
+        engine.close()
+    report = bench_report(plan, results, pp=pp, tg=tg, repetitions=repetitions)
+    if as_json:
+        for warning in report.warnings:
+            err.print(f"warning: {warning}")
+        click.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    render_bench(report, out)
