@@ -40,10 +40,25 @@ def _kv_candidates(spec: ModelSpec, kv_type: str | None, flash_attn: bool) -> li
     return legal or [("f16", "f16")]
 
 
+def _prefer_fast_attention(plan: Plan, spec: ModelSpec, quant: str, devices: list[Device], flash_attn: str,
+                           options: dict) -> tuple[Plan, str]:
+    """With flash attention left to us, a run entirely on the CPU takes it off when its larger compute buffer fits:
+    llama.cpp's CPU flash-attention path generates several times slower at depth (5.6× at 16K tokens in
+    docs/performance.md). A quantized V cache needs flash attention; GPUs keep it (their kernels are fast)."""
+    if flash_attn != "auto" or plan.n_gpu_layers or plan.type_v not in ("f16", "f32", "bf16"):
+        return plan, ""
+    without = plan_memory(spec, quant, plan.ctx, devices, type_k=plan.type_k, type_v=plan.type_v,
+                          **{**options, "flash_attn": False})
+    if not without.fits:
+        return plan, ""
+    return without, "; flash attention off: faster generation on CPU, and its larger compute buffer fits"
+
+
 def choose(spec: ModelSpec, quant: str, devices: list[Device], *, ctx: int | None = None, kv_type: str | None = None,
            flash_attn: str = "auto", n_gpu_layers: int | None = None, n_ubatch: int = 512, n_seq: int = 1) -> Choice:
     """ctx None = the largest multiple of 256 that fits, capped at the model's maximum; kv_type None = the least
-    lossy of f16 → q8_0 → q4_0 that reaches the context; flash attention on unless "off" (it never costs memory)."""
+    lossy of f16 → q8_0 → q4_0 that reaches the context; flash attention "auto": on (it never costs memory), except
+    on an all-CPU run with an f16 cache when turning it off fits (faster generation there)."""
     fa = flash_attn != "off"
     target = ctx or spec.n_ctx_train
     options = dict(flash_attn=fa, n_ubatch=n_ubatch, n_seq=n_seq, n_gpu_layers=n_gpu_layers)
@@ -58,7 +73,8 @@ def choose(spec: ModelSpec, quant: str, devices: list[Device], *, ctx: int | Non
             limit = "the model's maximum context" if target == spec.n_ctx_train and ctx is None else "the requested context"
             kv_note = "" if (type_k, type_v) == candidates[0] else (
                 f"; KV {type_k} because less compressed types do not reach it")
-            return Choice(plan, f"fits at {limit} ({target:,} tokens){kv_note}")
+            plan, fa_note = _prefer_fast_attention(plan, spec, quant, devices, flash_attn, options)
+            return Choice(plan, f"fits at {limit} ({target:,} tokens){kv_note}{fa_note}")
         reach = largest_fitting_ctx(spec, quant, devices, max_ctx=target, type_k=type_k, type_v=type_v, **options)
         if best is None or reach > best[0]:
             best = (reach, (type_k, type_v))

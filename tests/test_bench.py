@@ -130,7 +130,7 @@ def test_cli_table(gguf_path: Path) -> None:
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0] == "tiny.gguf  ·  F16"
-    assert lines[1] == ("context 256 · KV f16 · flash attention on · GPU layers 0/3 · threads 1 · batch 2048/512")
+    assert lines[1] == ("context 256 · KV f16 · flash attention off · GPU layers 0/3 · threads 1 · batch 2048/512")
     header = next(line for line in lines if "depth" in line)
     assert "pp32 t/s" in header and "tg4 t/s" in header
     rows = [line for line in lines if line.startswith("│")]

@@ -45,6 +45,19 @@ def test_auto_context_is_limited_by_memory_and_says_why() -> None:
     assert choice.why.startswith("context limited to") and "RAM needs" in choice.why
 
 
+def test_cpu_only_runs_take_flash_attention_off_when_its_compute_buffer_fits() -> None:
+    spec = spec_from_profile("llama-3.1-8b")
+    roomy = choose(spec, "Q4_K_M", machine(None, 64), ctx=32768)
+    assert not roomy.plan.flash_attn and roomy.plan.fits and "flash attention off" in roomy.why
+    on = choose(spec, "Q4_K_M", machine(None, 64), ctx=32768, flash_attn="on")
+    assert on.plan.flash_attn and on.plan.compute_bytes < roomy.plan.compute_bytes  # what "off" costs in memory
+    # negative controls: too little RAM for the larger buffer, a GPU run, a quantized V cache
+    tight = choose(spec, "Q4_K_M", machine(None, on.plan.total_bytes / GIB + 0.5), ctx=32768)
+    assert tight.plan.flash_attn and tight.plan.fits and "flash attention off" not in tight.why
+    assert choose(spec, "Q4_K_M", machine(80, 64), ctx=32768).plan.flash_attn
+    assert choose(spec, "Q4_K_M", machine(None, 64), ctx=32768, kv_type="q8_0").plan.flash_attn
+
+
 def test_an_explicit_context_that_cannot_fit_is_refused_with_the_fix() -> None:
     spec = spec_from_profile("gradient-70b-1048k")
     with pytest.raises(PlanRefused, match=r"1,048,576 tokens do not fit: .*use --ctx [\d,]+ or less"):
