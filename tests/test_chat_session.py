@@ -153,6 +153,8 @@ def test_usage_breaks_the_context_down(tmp_path: Path) -> None:
     assert usage.system >= 30 and usage.documents[0][0] == "notes.txt" and usage.documents[0][1] > 200
     assert usage.n_turns == 1 and usage.turns > 0
     assert usage.prompt == len(engine.tokenize(session.conversation.render(session.template)))
+    assert usage.system + sum(n for _, n in usage.documents) + usage.turns + usage.reply_header == usage.prompt
+    assert usage.reply_header == len(engine.tokenize("<|start_header_id|>assistant<|end_header_id|>\n\n"))
     assert usage.cached == len(engine.cached_tokens)
     assert usage.free == usage.n_ctx - usage.prompt
 

@@ -21,7 +21,7 @@ class RecordingConsole(Console):
     """A terminal console that remembers what was printed (settled lines) apart from live repaints."""
 
     def __init__(self) -> None:
-        super().__init__(file=io.StringIO(), force_terminal=True, width=60, color_system="standard")
+        super().__init__(file=io.StringIO(), force_terminal=True, width=60, height=12, color_system="standard")
         self.printed: list[str] = []
 
     def print(self, *objects, **kwargs) -> None:  # type: ignore[no-untyped-def,override]
@@ -48,13 +48,42 @@ def test_settled_lines_are_printed_once_and_all_of_them() -> None:
         i += step
         if stream._last_paint != painted_before:  # repainted now (slow renders back off)
             repaints += 1
-            tail = len(rendered_lines(stream.text, console.width - 1)) - stream.printed
-            assert tail <= 4  # the live region never grows beyond its few lines
+            in_progress = stream.text[stream.block_start:]
+            tail = len(rendered_lines(in_progress, console.width - 1)) - stream.printed if in_progress.strip() else 0
+            assert tail <= console.height - 4  # the live region never outgrows the screen
     stream.finish()
     printed = "\n".join(console.printed).split("\n")
-    assert printed == rendered_lines(ANSWER, console.width - 1)
+    assert non_blank(printed) == non_blank(rendered_lines(ANSWER, console.width - 1))
     assert len(console.printed) > 10  # settled progressively while streaming, not all at the end
     assert repaints > 20
+
+
+def non_blank(lines: list[str]) -> list[str]:
+    return [line.rstrip() for line in lines if line.strip()]
+
+
+TABLE = ("Intro paragraph.\n\n| name | value |\n|---|---|\n| a | 1 |\n| a much longer name | 22222 |\n"
+         "| b | 3 |\n\nAfter the *table, an emphasis that\nruns over\nseveral\nlines\nof\ntext* to the end.\n\nDone.")
+
+
+def test_a_table_or_an_emphasis_is_printed_only_once_complete() -> None:
+    console = RecordingConsole()
+    stream = MarkdownStream(console, live_lines=2, min_interval=0.0, get_time=lambda: 0.0)
+    for ch in TABLE:
+        stream._last_paint = -1e9
+        stream.add(ch)
+    stream.finish()
+    printed = non_blank("\n".join(console.printed).split("\n"))
+    assert printed == non_blank(rendered_lines(TABLE, console.width - 1))
+    assert not any("*" in line for line in printed)  # the emphasis was rendered, not left as a literal star
+
+
+def test_block_boundary_ignores_blank_lines_inside_code_fences() -> None:
+    from lcrun.ui.chat_view import block_boundary
+
+    text = "para\n\n```\ncode\n\nmore code\n```\n\nnext"
+    assert block_boundary(text, 0) == text.index("next")
+    assert block_boundary(text[: text.index("more")], 0) == len("para\n\n")
 
 
 def test_negative_control_a_stream_without_settling_would_duplicate() -> None:
@@ -63,11 +92,11 @@ def test_negative_control_a_stream_without_settling_would_duplicate() -> None:
     stream = MarkdownStream(console, live_lines=2, min_interval=0.0, get_time=lambda: 0.0)
     stream.add(ANSWER[:400])
     stream._last_paint = -1e9
-    stream.printed = 0  # forget what was printed
+    stream.block_start = 0  # forget what was printed
     stream.add(ANSWER[400:800])
     stream.finish()
     printed = "\n".join(console.printed).split("\n")
-    assert printed != rendered_lines(ANSWER[:800], console.width - 1)
+    assert non_blank(printed) != non_blank(rendered_lines(ANSWER[:800], console.width - 1))
 
 
 def test_plain_output_is_the_text_itself() -> None:

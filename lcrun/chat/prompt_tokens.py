@@ -17,18 +17,31 @@ class PromptTokenizer:
         self._memo: dict[str, list[int]] = {}
         specials = sorted({t for t in special_texts if t and _is_single_token(tokenize, token_text, t)},
                           key=len, reverse=True)
+        self._specials = tuple(specials)
         self._split = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
         if self._split is not None and probe and self._pieces(probe) != tokenize(probe):
             self._split = None  # this vocabulary does not tokenize fragments independently: do it whole
+        self._known: tuple[str, list[int]] | None = None
 
     @classmethod
     def for_template(cls, tokenize: Callable[[str], list[int]], token_text: Callable[[int], str],
                      template_source: str, extra: Iterable[str], probe: str) -> PromptTokenizer:
         return cls(tokenize, token_text, [*_CANDIDATES.findall(template_source), *extra], probe=probe)
 
+    def remember(self, text: str, tokens: list[int]) -> None:
+        """`text` is what these tokens stand for — e.g. a prompt and the reply the model generated to it, whose
+        sampled tokens need not be the ones re-tokenizing the reply would give. A later prompt that starts with
+        `text` at a special-token boundary reuses them, so the KV cache holding them is reused too."""
+        self._known = (text, list(tokens))
+
     def __call__(self, text: str) -> list[int]:
         if self._split is None:
             return self._tokenize(text)
+        if self._known is not None:
+            known, tokens = self._known
+            rest = text[len(known):]
+            if text.startswith(known) and (known.endswith(self._specials) or rest.startswith(self._specials)):
+                return tokens + (self._pieces(rest) if rest else [])
         return self._pieces(text)
 
     def _pieces(self, text: str) -> list[int]:

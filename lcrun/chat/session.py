@@ -77,6 +77,7 @@ class ContextUsage:
     prompt: int            # the whole rendered prompt, as the next turn would send it (without a new question)
     cached: int            # tokens the engine holds in its KV cache now
     reserve: int           # kept free for the reply
+    reply_header: int = 0  # what the template adds to start the reply (the generation prompt)
 
     @property
     def free(self) -> int:
@@ -189,6 +190,10 @@ class ChatSession:
             yield Notice("cancelled before the reply started; the question was not kept")
             return
         messages.append(Message("assistant", reply, interrupted=finished.reason == "cancelled"))
+        cached = self.engine.cached_tokens
+        prompt_text = self.conversation.render(self.template, messages=messages[:-1])
+        stop_text = self.engine.token_text(cached[-1]) if finished.reason == "stop" and cached else ""
+        self.tokenize.remember(prompt_text + reply + stop_text, cached)
         if finished.reason == "length" and finished.completion_tokens >= room:
             yield Notice("the reply filled the context; the next turn drops the oldest turns", "warning")
         self._record(question, reply, finished)
@@ -266,18 +271,21 @@ class ChatSession:
         self.conversation.system = text.strip() or None
 
     def usage(self) -> ContextUsage:
-        base = self.tokenize(self.template.render([], add_generation_prompt=False)) if not \
-            self.conversation.system else self._tokens([], add_generation_prompt=False)
-        documents, turns = [], 0
-        for m in self.conversation.messages:
-            alone = len(self._tokens([m], add_generation_prompt=False)) - len(base)
+        """Each part as the difference it makes to the prompt (so the rows add up to it exactly)."""
+        messages = self.conversation.messages
+        previous = len(self._tokens([], add_generation_prompt=False))
+        system, documents, turns = previous, [], 0
+        for i, m in enumerate(messages):
+            now = len(self._tokens(messages[: i + 1], add_generation_prompt=False))
             if m.pinned:
-                documents.append((m.document or "", alone))
+                documents.append((m.document or "", now - previous))
             else:
-                turns += alone
-        n_turns = sum(1 for m in self.conversation.messages if m.role == "user" and not m.pinned)
-        return ContextUsage(self.n_ctx, len(base), documents, turns, n_turns,
-                            len(self._tokens()), len(self.engine.cached_tokens), self.reserve)
+                turns += now - previous
+            previous = now
+        prompt = len(self._tokens())
+        n_turns = sum(1 for m in messages if m.role == "user" and not m.pinned)
+        return ContextUsage(self.n_ctx, system, documents, turns, n_turns, prompt, len(self.engine.cached_tokens),
+                            self.reserve, reply_header=prompt - previous)
 
     # -- files --------------------------------------------------------------------------------------------------
     def save(self, path: Path) -> None:

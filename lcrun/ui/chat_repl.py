@@ -58,7 +58,8 @@ def show_events(events: Iterable[ChatEvent], console: Console, *, label: str = "
                 if n_ctx:
                     elapsed = time.perf_counter() - first_at if first_at else 0
                     rate = (generated - 1) / elapsed if elapsed > 0 and generated > 1 else None
-                    stream.status(status_text(prompt_tokens + generated, n_ctx, tokens_per_s=rate))
+                    stream.status(status_text(prompt_tokens + generated, n_ctx, tokens_per_s=rate,
+                                              width=console.width))
             elif isinstance(event, Notice):
                 style = "yellow" if event.level == "warning" else "cyan"
                 console.print(f"[{style}]{escape(event.text)}[/]")
@@ -72,7 +73,8 @@ def show_events(events: Iterable[ChatEvent], console: Console, *, label: str = "
         note = {"cancelled": "stopped", "length": "length limit"}.get(finished.reason, "")
         used = finished.prompt_tokens + finished.completion_tokens
         console.print(status_text(used, n_ctx, tokens_per_s=finished.gen_tokens_per_s or None,
-                                  ttft_s=finished.time_to_first_token_s, reused=finished.reused_tokens, note=note),
+                                  ttft_s=finished.time_to_first_token_s, reused=finished.reused_tokens, note=note,
+                                  width=console.width),
                       style="dim", highlight=False)
     return finished
 
@@ -103,12 +105,15 @@ class ChatRepl:
                 except UnknownCommand as exc:
                     self._error(str(exc))
                     continue
-                if command is None:
-                    self._turn(lambda cancel: self.session.ask(literal_message(line), cancel))
-                elif command[0] == "quit":
+                if command is not None and command[0] == "quit":
                     break
-                else:
-                    self._command(*command)
+                try:
+                    if command is None:
+                        self._turn(lambda cancel: self.session.ask(literal_message(line), cancel))
+                    else:
+                        self._command(*command)
+                except KeyboardInterrupt:  # Ctrl-C outside a reply (reading a /file, writing a /save, …)
+                    self.console.print("[dim](cancelled)[/]")
         finally:
             if self.on_exit is not None:
                 self.on_exit()

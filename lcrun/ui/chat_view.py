@@ -4,6 +4,7 @@ repainted — a live region taller than the screen duplicates text), the status 
 from __future__ import annotations
 
 import io
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +17,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # C0 controls and DEL, except tab and newline
 MIB = 1 << 20
 GIB = 1 << 30
 
@@ -34,8 +36,20 @@ def meter(used: int, total: int, width: int = 20) -> str:
 
 
 def status_text(used: int, n_ctx: int, *, tokens_per_s: float | None = None, ttft_s: float | None = None,
-                reused: int | None = None, note: str = "") -> str:
-    parts = [f"ctx {used:,}/{n_ctx:,} {meter(used, n_ctx, 12)} {100 * used / n_ctx:.0f}%"]
+                reused: int | None = None, note: str = "", width: int | None = None) -> str:
+    """One line; on a narrow screen the meter and then the reuse count go first."""
+    line = _status(used, n_ctx, tokens_per_s, ttft_s, reused, note, bar=True)
+    if width is not None and len(line) >= width:
+        line = _status(used, n_ctx, tokens_per_s, ttft_s, reused, note, bar=False)
+    if width is not None and len(line) >= width:
+        line = _status(used, n_ctx, tokens_per_s, ttft_s, None, note, bar=False)
+    return line
+
+
+def _status(used: int, n_ctx: int, tokens_per_s: float | None, ttft_s: float | None, reused: int | None, note: str,
+            *, bar: bool) -> str:
+    meter_text = f" {meter(used, n_ctx, 12)}" if bar else ""
+    parts = [f"ctx {used:,}/{n_ctx:,}{meter_text} {100 * used / n_ctx:.0f}%"]
     if tokens_per_s:
         parts.append(f"{tokens_per_s:.1f} tok/s")
     if ttft_s is not None:
@@ -74,9 +88,11 @@ class PlainStream:
 
     def __init__(self, console: Console) -> None:
         self.file = console.file
+        # a terminal (NO_COLOR) must not receive the model's escape sequences; a pipe gets the text untouched
+        self.scrub = console.is_terminal
 
     def add(self, delta: str) -> None:
-        self.file.write(delta)
+        self.file.write(_CONTROL.sub("", delta) if self.scrub else delta)
         self.file.flush()
 
     def status(self, text: str) -> None:
@@ -88,9 +104,11 @@ class PlainStream:
 
 
 class MarkdownStream:
-    """The reply rendered as Markdown while it streams. Lines above the last `live_lines` are settled: printed once,
-    above the live region, never again. Only the tail and the status line are repainted, at most every
-    `min_interval` seconds (more when rendering gets slow), so long answers neither flicker nor duplicate."""
+    """The reply rendered as Markdown while it streams. Complete blocks (up to the last blank line outside a code
+    fence) are printed once, above the live region, and never again — a table's widths or an emphasis span can only
+    change until its block ends. Only the block in progress and the status line are repainted, at most every
+    `min_interval` seconds (more when rendering gets slow); a block taller than the screen (less 4 lines, at least
+    `live_lines`) settles its top lines one by one, so the live region never outgrows the screen."""
 
     def __init__(self, console: Console, *, live_lines: int = 6, min_interval: float = 0.05,
                  get_time: Callable[[], float] = time.monotonic) -> None:
@@ -99,17 +117,19 @@ class MarkdownStream:
         self.min_interval = min_interval
         self.get_time = get_time
         self.text = ""
-        self.printed = 0
+        self.block_start = 0     # text before this was printed as complete blocks
+        self.printed = 0         # lines of the block in progress already printed (a tall block)
+        self._blocks_printed = 0
         self._status = ""
         self._last_paint = -1e9
         self._live = Live(console=console, auto_refresh=False, transient=True, vertical_overflow="crop")
         self._live.start()
 
-    def _lines(self) -> list[str]:
+    def _lines(self, text: str) -> list[str]:
         width = max(20, self.console.width - 1)
         sink = Console(file=io.StringIO(), width=width, force_terminal=True,
                        color_system=self.console.color_system or "standard", highlight=False)
-        sink.print(Markdown(self.text, code_theme="monokai"))
+        sink.print(Markdown(text, code_theme="monokai"))
         return sink.file.getvalue().rstrip("\n").split("\n")  # type: ignore[attr-defined]
 
     def add(self, delta: str) -> None:
@@ -118,21 +138,35 @@ class MarkdownStream:
         if now - self._last_paint >= self.min_interval:
             started = time.perf_counter()
             self._paint(final=False)
-            # rendering the whole reply grows with its length: back off so it never dominates
+            # rendering the block in progress grows with its length: back off so it never dominates
             self.min_interval = max(self.min_interval, 10 * (time.perf_counter() - started))
             self._last_paint = now
 
     def status(self, text: str) -> None:
         self._status = text
 
+    def _print(self, lines: list[str]) -> None:
+        if lines:
+            self._live.console.print(Text.from_ansi("\n".join(lines)))
+
     def _paint(self, *, final: bool) -> None:
-        lines = self._lines() if self.text else []
-        settled = len(lines) if final else max(0, len(lines) - self.live_lines)
-        if settled > self.printed:
-            self._live.console.print(Text.from_ansi("\n".join(lines[self.printed:settled])))
-            self.printed = settled
+        boundary = len(self.text) if final else block_boundary(self.text, self.block_start)
+        if boundary > self.block_start:
+            chunk = self.text[self.block_start:boundary]
+            if chunk.strip():
+                lines = self._lines(chunk)
+                self._print(([""] if self._blocks_printed and not self.printed else []) + lines[self.printed:])
+                self._blocks_printed += 1
+            self.block_start, self.printed = boundary, 0
         if final:
             return
+        rest = self.text[self.block_start:]
+        lines = self._lines(rest) if rest.strip() else []
+        room = max(self.live_lines, self.console.height - 4)  # a live region taller than the screen duplicates text
+        settled = max(0, len(lines) - room)
+        if settled > self.printed:  # a block taller than the screen: settle its top lines
+            self._print(([""] if self._blocks_printed and not self.printed else []) + lines[self.printed:settled])
+            self.printed = settled
         tail = Text.from_ansi("\n".join(lines[self.printed:]))
         self._live.update(Group(tail, Text(self._status, style="dim")), refresh=True)
 
@@ -140,6 +174,20 @@ class MarkdownStream:
         self._paint(final=True)
         self._live.update(Text(""), refresh=True)
         self._live.stop()
+
+
+def block_boundary(text: str, start: int) -> int:
+    """Where the last complete Markdown block ends: after the last blank line that is not inside a code fence
+    (`start` if there is none)."""
+    boundary, in_fence, pos = start, False, start
+    for line in text[start:].splitlines(keepends=True):
+        pos += len(line)
+        stripped = line.strip()
+        if stripped.startswith(("```", "~~~")):
+            in_fence = not in_fence
+        elif not stripped and not in_fence and line.endswith("\n") and pos < len(text):
+            boundary = pos
+    return boundary
 
 
 def make_stream(console: Console, **kw: Any) -> PlainStream | MarkdownStream:
@@ -189,6 +237,7 @@ def render_usage(usage: Any, console: Console) -> None:
     for name, n in usage.documents:
         table.add_row(f"document {name}", f"{n:,}", pct(n))
     table.add_row(f"turns ({usage.n_turns})", f"{usage.turns:,}", pct(usage.turns))
+    table.add_row("reply header", f"{usage.reply_header:,}", pct(usage.reply_header))
     table.add_row("prompt now", f"{usage.prompt:,}", pct(usage.prompt))
     table.add_row("free", f"{usage.free:,}", f"{pct(usage.free)}  ({usage.reserve:,} kept for each reply)")
     table.add_row("in the KV cache", f"{usage.cached:,}", "reused by the next turn up to the first change")
