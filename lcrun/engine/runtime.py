@@ -119,6 +119,7 @@ class Engine:
         self.n_ctx: int = self._llm.n_ctx()
         self.n_ctx_train: int = self._llm._model.n_ctx_train()
         self.metadata: dict[str, str] = dict(self._llm.metadata)
+        self._pieces: dict[int, bytes] = {}  # token → its bytes: a token's piece never changes
 
     @property
     def chat_template(self) -> str | None:
@@ -146,17 +147,20 @@ class Engine:
 
     def _piece_bytes(self, tokens: Sequence[int]) -> bytes:
         # llama-cpp-python's own token_to_piece/detokenize use a fixed 32-byte buffer; long pieces need more.
-        lc, vocab = self._llama_cpp, self._llm._model.vocab
+        lc, vocab, pieces = self._llama_cpp, self._llm._model.vocab, self._pieces
         out = bytearray()
         for token in tokens:
-            size = 64
-            while True:
-                buf = ctypes.create_string_buffer(size)
-                n = lc.llama_token_to_piece(vocab, lc.llama_token(int(token)), buf, size, 0, False)
-                if n >= 0:
-                    out += buf.raw[:n]
-                    break
-                size = -n
+            piece = pieces.get(token)
+            if piece is None:
+                size = 64
+                while True:
+                    buf = ctypes.create_string_buffer(size)
+                    n = lc.llama_token_to_piece(vocab, lc.llama_token(int(token)), buf, size, 0, False)
+                    if n >= 0:
+                        piece = pieces[token] = buf.raw[:n]
+                        break
+                    size = -n
+            out += piece
         return bytes(out)
 
     def _is_eog(self, token: int) -> bool:
