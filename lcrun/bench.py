@@ -234,7 +234,7 @@ def measure(engine: Any, context: list[int], prompt: list[int], tg: int, *, batc
             clock: Callable[[], float] = time.perf_counter) -> Repetition:
     """One repetition: the prefill of `prompt` after the cached `context`, then `tg` greedy tokens."""
     events = engine.generate(context + prompt, Sampling(temperature=0.0, max_tokens=tg), prefill_chunk=batch,
-                             ignore_eog=True)
+                             ignore_eog=True, pad_short_batches=False)  # llama.cpp as it is, like llama-bench
     start = clock()
     prefilled: float | None = None
     finished: Finished | None = None

@@ -25,7 +25,9 @@ def gguf_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_config(path: Path) -> EngineConfig:
-    return EngineConfig(model_path=path, n_ctx=N_CTX, n_threads=2, n_batch=64, n_ubatch=64)
+    # flash attention off: with it on, a CPU engine re-evaluates cached tokens to avoid short batches (tested apart,
+    # in test_cpu_flash_attention_never_decodes_a_short_batch), and these tests count reused tokens exactly
+    return EngineConfig(model_path=path, n_ctx=N_CTX, n_threads=2, n_batch=64, n_ubatch=64, flash_attn=False)
 
 
 @pytest.fixture
@@ -62,7 +64,7 @@ def test_greedy_matches_llama_cpp_python(engine: Engine, gguf_path: Path) -> Non
     ours = completion_tokens(engine, prompt, fin)
 
     direct = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=N_CTX, n_threads=2, n_batch=64, n_ubatch=64,
-                             flash_attn=True, yarn_attn_factor=-1.0, yarn_beta_fast=-1.0, yarn_beta_slow=-1.0,
+                             flash_attn=False, yarn_attn_factor=-1.0, yarn_beta_fast=-1.0, yarn_beta_slow=-1.0,
                              verbose=False)
     try:
         theirs = []
@@ -189,3 +191,40 @@ def test_streamed_text_is_utf8_safe(engine: Engine) -> None:
 
 def test_detokenize_roundtrip(engine: Engine) -> None:
     assert engine.detokenize(engine.tokenize(TEXT)) == TEXT
+
+
+def test_cpu_flash_attention_never_decodes_a_short_batch(gguf_path: Path) -> None:
+    """A 2-63-token batch takes llama.cpp's slow CPU flash-attention path: a short new suffix is padded with cached
+    tokens to 64 and a prefill's short last chunk borrows from the one before. The answers stay the same."""
+    from lcrun.engine.runtime import CPU_FA_TILE
+
+    config = EngineConfig(model_path=gguf_path, n_ctx=N_CTX, n_threads=2, n_batch=128, n_ubatch=128, flash_attn=True)
+    sizes: list[int] = []
+    fa, fresh = Engine(config), Engine(config)
+    try:
+        original = fa._eval
+        fa._eval = lambda tokens: (sizes.append(len(tokens)), original(tokens))[1]  # type: ignore[method-assign]
+        base = fa.tokenize(TEXT * 4, add_bos=True)[:150]           # 128 + 22 would end on a short batch
+        list(fa.prefill(base))
+        assert sizes == [150 - CPU_FA_TILE, CPU_FA_TILE]
+        sizes.clear()
+        question = base + fa.tokenize(" and a question?")
+        assert len(question) - len(base) < CPU_FA_TILE
+        _, fin = run(fa, question)
+        assert sizes[0] == CPU_FA_TILE and fin.reused_tokens == len(question) - CPU_FA_TILE
+        # negative control: evaluated from scratch (no reuse, no padding) the answer is the same
+        _, fin_fresh = run(fresh, question)
+        assert fin_fresh.reused_tokens == 0
+        assert completion_tokens(fresh, question, fin_fresh) == completion_tokens(fa, question, fin)
+    finally:
+        fa.close()
+        fresh.close()
+
+    plain = Engine(EngineConfig(model_path=gguf_path, n_ctx=N_CTX, n_threads=2, n_batch=128, n_ubatch=128,
+                                flash_attn=False))
+    try:  # without flash attention there is no slow path: nothing is evaluated twice
+        list(plain.prefill(base))
+        _, fin_plain = run(plain, question)
+        assert fin_plain.reused_tokens == len(base)
+    finally:
+        plain.close()

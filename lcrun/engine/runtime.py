@@ -72,6 +72,7 @@ class Sampling:
 
 
 GenerateEvent = PrefillProgress | TextChunk | Finished
+CPU_FA_TILE = 64  # GGML_FA_TILE_Q in llama.cpp's ggml-cpu (llama-cpp-python 0.3.36)
 
 
 def _ggml_type(name: str) -> int:
@@ -182,7 +183,8 @@ class Engine:
         except RuntimeError as err:
             raise EngineError(str(self.config.model_path), f"llama_decode failed ({err})") from err
 
-    def _start(self, prompt_tokens: list[int], *, redo_last: bool = True) -> tuple[int, list[int]]:
+    def _start(self, prompt_tokens: list[int], *, redo_last: bool = True,
+               pad: bool = True) -> tuple[int, list[int]]:
         """Keep the longest cached prefix (for sampling, never the last prompt token: it needs its logits from a
         live decode); return how many tokens were reused and the rest to evaluate."""
         if not prompt_tokens:
@@ -193,17 +195,34 @@ class Engine:
         n = min(llm.n_tokens, len(prompt_tokens))
         differ = np.flatnonzero(llm.input_ids[:n] != np.asarray(prompt_tokens[:n], dtype=llm.input_ids.dtype))
         common = int(differ[0]) if differ.size else n
-        reused = self._truncate_cache(min(common, len(prompt_tokens) - redo_last))
+        keep = min(common, len(prompt_tokens) - redo_last)
+        short = len(prompt_tokens) - keep
+        if pad and self._small_batches_are_slow and 1 < short < CPU_FA_TILE:
+            keep = max(0, keep - (CPU_FA_TILE - short))  # evaluate cached tokens again: one tile is cheaper
+        reused = self._truncate_cache(keep)
         return reused, prompt_tokens[reused:]
 
-    def _prefill_steps(self, pending: list[int], cancel: threading.Event | None,
-                       chunk: int) -> Iterator[PrefillProgress]:
+    @property
+    def _small_batches_are_slow(self) -> bool:
+        """llama.cpp's CPU flash attention takes its tiled path only for batches of CPU_FA_TILE tokens or more;
+        2 to 63 go row by row over the whole cache (0.86 s for 32 tokens against 0.28 s for 64 at 3K tokens cached,
+        docs/performance.md)."""
+        return self.config.flash_attn and self.config.n_gpu_layers == 0
+
+    def _prefill_steps(self, pending: list[int], cancel: threading.Event | None, chunk: int, *,
+                       pad: bool = True) -> Iterator[PrefillProgress]:
         step = max(1, min(chunk, self._llm.n_batch))
-        for i in range(0, len(pending), step):
+        if pad and self._small_batches_are_slow:
+            step = min(step, self.config.n_ubatch)  # each call one ubatch, so that only the last can be short
+        bounds = list(range(0, len(pending), step)) + [len(pending)]
+        tail = bounds[-1] - bounds[-2] if len(bounds) > 2 else 0
+        if pad and self._small_batches_are_slow and 1 < tail < CPU_FA_TILE and step >= 2 * CPU_FA_TILE:
+            bounds[-2] = bounds[-1] - CPU_FA_TILE  # no slow short batch at the end: borrow from the one before
+        for start, stop in zip(bounds, bounds[1:]):
             if cancel is not None and cancel.is_set():
                 return
-            self._eval(pending[i : i + step])
-            yield PrefillProgress(done=min(i + step, len(pending)), total=len(pending))
+            self._eval(pending[start:stop])
+            yield PrefillProgress(done=stop, total=len(pending))
 
     def prefill(self, tokens: list[int], *, cancel: threading.Event | None = None,
                 chunk: int = 512) -> Iterator[PrefillProgress]:
@@ -221,11 +240,14 @@ class Engine:
         cancel: threading.Event | None = None,
         prefill_chunk: int = 512,
         ignore_eog: bool = False,
+        pad_short_batches: bool = True,
     ) -> Iterator[GenerateEvent]:
+        """Stream one reply. `pad_short_batches=False` evaluates exactly the new tokens even where llama.cpp is slow
+        for short batches (benchmarks measure llama.cpp as it is)."""
         llm = self._llm
         stop_tokens = stop_tokens or set()
         start = time.perf_counter()
-        reused, pending = self._start(prompt_tokens)
+        reused, pending = self._start(prompt_tokens, pad=pad_short_batches)
 
         def finished(reason: str, completion: int, first_token_at: float | None, prefill_s: float) -> Finished:
             now = time.perf_counter()
@@ -236,7 +258,7 @@ class Engine:
                 prefill_tokens_per_s=_rate(len(pending), prefill_s), gen_tokens_per_s=_rate(completion - 1, gen_s),
             )
 
-        for progress in self._prefill_steps(pending, cancel, prefill_chunk):
+        for progress in self._prefill_steps(pending, cancel, prefill_chunk, pad=pad_short_batches):
             yield progress
         if llm.n_tokens < len(prompt_tokens):  # cancelled between chunks
             yield finished("cancelled", 0, None, time.perf_counter() - start)
