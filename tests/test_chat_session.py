@@ -128,6 +128,9 @@ def test_cancel_before_the_first_token_forgets_the_question() -> None:
     session = ChatSession(FakeEngine())
     events = list(session.ask("never mind", cancel))
     assert isinstance(events[-1], Notice) and session.conversation.messages == []
+    turn(session, "keep me")
+    events = list(session.retry(cancel))  # a cancelled /retry keeps the question it was answering
+    assert isinstance(events[-1], Notice) and [m.content for m in session.conversation.messages] == ["keep me"]
 
 
 def test_retry_regenerates_the_last_answer_with_a_new_seed_when_sampling() -> None:

@@ -145,7 +145,7 @@ class ChatSession:
         except (TemplateError, ContextFull):
             self.conversation.messages.pop()  # refused: as if it was never sent
             raise
-        yield from self._reply(fitted, cancel, question=text)
+        yield from self._reply(fitted, cancel, question=text, new_question=True)
 
     def retry(self, cancel: threading.Event | None = None) -> Iterator[ChatEvent]:
         messages = self.conversation.messages
@@ -155,7 +155,7 @@ class ChatSession:
             raise LcrunError("/retry", "no question to answer again yet")
         if self.sampling.temperature > 0:  # greedy would give the same answer; sampled replies get a new seed
             self.sampling = replace(self.sampling, seed=self.sampling.seed + 1)
-        yield from self._reply(self._fit(), cancel, question=messages[-1].content)
+        yield from self._reply(self._fit(), cancel, question=messages[-1].content, new_question=False)
 
     def _fit(self) -> Fitted:
         fitted = fit_to_context(self.conversation, self.template, self.tokenize, self.n_ctx - self.reserve)
@@ -166,7 +166,8 @@ class ChatSession:
                                          f"beside {self.reserve:,} for the reply; shorten it, or /clear documents")
         return fitted
 
-    def _reply(self, fitted: Fitted, cancel: threading.Event | None, question: str) -> Iterator[ChatEvent]:
+    def _reply(self, fitted: Fitted, cancel: threading.Event | None, question: str,
+               new_question: bool) -> Iterator[ChatEvent]:
         messages = self.conversation.messages
         if fitted.dropped_turns:
             self.stats.dropped_turns += fitted.dropped_turns
@@ -186,8 +187,10 @@ class ChatSession:
         assert finished is not None
         reply = "".join(parts)
         if finished.reason == "cancelled" and not finished.completion_tokens:
-            messages.pop()  # stopped before the first token: as if the question was never sent
-            yield Notice("cancelled before the reply started; the question was not kept")
+            if new_question:
+                messages.pop()  # stopped before the first token: as if the question was never sent
+            yield Notice("cancelled before the reply started" + ("; the question was not kept" if new_question
+                                                                  else ""))
             return
         messages.append(Message("assistant", reply, interrupted=finished.reason == "cancelled"))
         cached = self.engine.cached_tokens

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from lcrun.chat.documents import read_document
 from lcrun.chat.history import History, default_history_path
-from lcrun.chat.session import ChatSession, kv_state_path
-from lcrun.engine.runtime import Finished, Sampling, TextChunk
+from lcrun.chat.session import ChatSession, Notice, kv_state_path
+from lcrun.engine.runtime import Finished, PrefillProgress, Sampling, TextChunk
 from lcrun.errors import EngineError, LcrunError
 from lcrun.launch import RunOverrides, find_model_file, plan_launch
 
@@ -64,6 +64,7 @@ def run_chat(model: str, hub_file: str | None, revision: str | None, overrides: 
     else:
         with err.status(f"loading {path.name}…"):
             engine = Engine(launch.config)
+    session: ChatSession | None = None
     try:
         history = None if options.no_history else History(options.history_file or default_history_path())
         session = ChatSession(
@@ -92,7 +93,7 @@ def run_chat(model: str, hub_file: str | None, revision: str | None, overrides: 
         return 0
     finally:
         if one_shot:
-            _save(session if "session" in locals() else None, engine, options.session_file, err)
+            _save(session, engine, options.session_file, err)
         engine.close()
 
 
@@ -126,10 +127,10 @@ def _answer_once(session: ChatSession, question: str, err) -> int:  # type: igno
                 sys.stdout.flush()
             elif isinstance(event, Finished):
                 finished = event
-            elif hasattr(event, "done"):
-                bar.update(event.done, event.total)  # type: ignore[union-attr]
-            elif hasattr(event, "text"):
-                err.print(event.text, highlight=False)  # notices
+            elif isinstance(event, PrefillProgress):
+                bar.update(event.done, event.total)
+            elif isinstance(event, Notice):
+                err.print(event.text, highlight=False, markup=False)
     bar.stop()
     sys.stdout.write("\n")
     sys.stdout.flush()
