@@ -45,3 +45,17 @@ def test_wheel_installs_and_runs_outside_the_repo(tmp_path: Path) -> None:
                          cwd=workdir, env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert out.is_file() and out.stat().st_size > 0
+
+    # the chat, the niah grid (with the haystack shipped as package data) and the bench run from the wheel
+    lcrun = str(venv / "bin" / "lcrun")
+    chat = subprocess.run([lcrun, "chat", str(out), "-p", "Hello", "--max-tokens", "4", "--no-history"],
+                          cwd=workdir, env=env, capture_output=True, text=True)
+    assert chat.returncode == 0 and chat.stdout.strip(), chat.stderr
+    niah = subprocess.run([lcrun, "niah", str(out), "--min-ctx", "200", "--max-ctx", "300", "--ctx-steps", "1",
+                           "--depth-interval", "1", "-o", str(workdir / "niah.jsonl"), "--json"],
+                          cwd=workdir, env=env, capture_output=True, text=True)
+    assert niah.returncode == 0, niah.stderr
+    assert (workdir / "niah.jsonl").read_text().count("\n") >= 2
+    bench = subprocess.run([lcrun, "bench", str(out), "--depth", "0", "--pp", "64", "--tg", "4", "-r", "1", "--json"],
+                           cwd=workdir, env=env, capture_output=True, text=True)
+    assert bench.returncode == 0 and '"results"' in bench.stdout, bench.stderr
