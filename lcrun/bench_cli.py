@@ -43,27 +43,19 @@ def bench(model: str, depths: tuple[str, ...], pp: int, tg: int, repetitions: in
     Without --ctx the context is the smallest that holds the deepest measurement. The cache is filled untimed with
     each depth (smallest first); tokens are the model's own, from seeded random words.
     """
-    from contextlib import nullcontext
-
     from .bench import bench_report, check_counts, plan_bench, run_bench
-    from .launch import find_model_file
     from .ui.bench_view import bench_progress, render_bench
     from .ui.console import make_console
-    from .ui.progress import phase_progress
+    from .ui.model_loading import load_engine, locate_model
 
     out, err = make_console(), make_console(stderr=True)
     depth_list = [_parse_depth(d) for d in depths]
     check_counts(depth_list, pp, tg, repetitions)  # before a download
     overrides = overrides_from(run)
-    with phase_progress(err) as progress:
-        path = find_model_file(model, hub_file=run.get("hub_file"), revision=run.get("revision"),
-                               progress=progress("download"))
+    path = locate_model(err, model, run.get("hub_file"), run.get("revision"))
     plan = plan_bench(path, overrides, depth_list, pp=pp, tg=tg, repetitions=repetitions)
 
-    from .engine.runtime import Engine
-
-    with err.status(f"loading {path.name}…") if err.is_terminal else nullcontext():
-        engine = Engine(plan.launch.config)
+    engine = load_engine(err, plan.launch.config)
     try:
         with bench_progress(err) as step:
             results = run_bench(engine, plan.depths, pp=pp, tg=tg, repetitions=repetitions, progress=step)

@@ -65,7 +65,7 @@ def download_checkpoint(repo_id: str, revision: str | None = None, *,
     offline = _offline()
     token = get_token()
     patterns = {"allow_patterns": list(CHECKPOINT_PATTERNS), "ignore_patterns": list(IGNORED_PATTERNS)}
-    try:
+    with _hub_errors(repo_id, revision, endpoint=endpoint, token_sent=bool(token), cache_may_answer=True):
         sizes: dict[str, int] = {}
         cached = 0
         if not offline:
@@ -81,13 +81,6 @@ def download_checkpoint(repo_id: str, revision: str | None = None, *,
             local_files_only=offline, etag_timeout=_etag_timeout(),
             tqdm_class=_progress_bar_class(progress, total=sum(sizes.values()), initial=cached), **patterns,
         )
-    except HubError:
-        raise
-    except Exception as error:
-        mapped = _hub_error(repo_id, revision, error, offline=offline, endpoint=endpoint, token_sent=bool(token))
-        if mapped is None:
-            raise
-        raise mapped from error
     snapshot = Path(folder)
     _require_safetensors(repo_id, (path.name for path in snapshot.iterdir()))
     if progress is not None and sizes:
@@ -215,8 +208,12 @@ def fetch_gguf_header(repo_id: str, filename: str, revision: str | None = None, 
 
 
 @contextmanager
-def _hub_errors(repo_id: str, revision: str | None, *, endpoint: str, token_sent: bool) -> Iterator[None]:
-    if _offline():
+def _hub_errors(repo_id: str, revision: str | None, *, endpoint: str, token_sent: bool,
+                cache_may_answer: bool = False) -> Iterator[None]:
+    """Map the Hub's failures to one-line HubErrors. Offline, metadata reads fail at once; downloads
+    (`cache_may_answer`) go on, since the local cache may hold the files."""
+    offline = _offline()
+    if offline and not cache_may_answer:
         raise HubUnreachable(repo_id, "HF_HUB_OFFLINE is set, so the Hub cannot be reached to read the model's metadata; "
                                 "give a local checkpoint directory instead")
     try:
@@ -224,7 +221,7 @@ def _hub_errors(repo_id: str, revision: str | None, *, endpoint: str, token_sent
     except HubError:
         raise
     except Exception as error:
-        mapped = _hub_error(repo_id, revision, error, offline=False, endpoint=endpoint, token_sent=token_sent)
+        mapped = _hub_error(repo_id, revision, error, offline=offline, endpoint=endpoint, token_sent=token_sent)
         if mapped is None:
             raise
         raise mapped from error
@@ -565,19 +562,24 @@ def _hub_cache_dir() -> Path:
     return Path(os.path.expandvars(home)).expanduser() / "hub"
 
 
+def gguf_split_names(filename: str) -> list[str]:
+    """Every file of the split set `filename` belongs to (NAME-0000i-of-0000N.gguf), or just `filename`."""
+    import re
+
+    match = re.match(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$", filename)
+    if not match:
+        return [filename]
+    return [f"{match.group(1)}-{i:05d}-of-{match.group(3)}.gguf" for i in range(1, int(match.group(3)) + 1)]
+
+
 def download_gguf(repo_id: str, filename: str, revision: str | None = None, *,
                   progress: Callable[[int, int], None] | None = None) -> Path:
     """Download a GGUF (every split of a split set) from a Hub repo into the HF cache; returns the first file."""
-    import re
-
     from huggingface_hub import HfApi, get_token, hf_hub_download
 
     endpoint, cache_dir, offline, token = _endpoint(), _hub_cache_dir(), _offline(), get_token()
-    names = [filename]
-    match = re.match(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$", filename)
-    if match:
-        names = [f"{match.group(1)}-{i:05d}-of-{match.group(3)}.gguf" for i in range(1, int(match.group(3)) + 1)]
-    try:
+    names = gguf_split_names(filename)
+    with _hub_errors(repo_id, revision, endpoint=endpoint, token_sent=bool(token), cache_may_answer=True):
         sizes: dict[str, int] = {}
         if not offline:
             info = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision, files_metadata=True)
@@ -595,13 +597,6 @@ def download_gguf(repo_id: str, filename: str, revision: str | None = None, *,
                                               endpoint=endpoint, token=token, local_files_only=offline,
                                               etag_timeout=_etag_timeout(), tqdm_class=bar)))
             done_before += sizes.get(name, 0)
-    except HubError:
-        raise
-    except Exception as error:
-        mapped = _hub_error(repo_id, revision, error, offline=offline, endpoint=endpoint, token_sent=bool(token))
-        if mapped is None:
-            raise
-        raise mapped from error
     if progress is not None and total:
         progress(total, total)
     return paths[0]

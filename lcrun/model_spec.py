@@ -137,17 +137,12 @@ def resolve_model(text: str, *, revision: str | None = None, gguf_file: str | No
 
 def _spec_from_remote_gguf(repo_id: str, filename: str, revision: str | None) -> ModelSpec:
     """A GGUF on the Hub, from its header alone (range requests); split sets are read split by split."""
-    import re
-
     import gguf
 
     from . import hub
     from .quant_mix import quantized_nbytes
 
-    names = [filename]
-    match = re.match(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$", filename)
-    if match:
-        names = [f"{match.group(1)}-{i:05d}-of-{match.group(3)}.gguf" for i in range(1, int(match.group(3)) + 1)]
+    names = hub.gguf_split_names(filename)
     fields: dict[str, Any] = {}
     tensors: list[tuple[str, tuple[int, ...], int]] = []
     for name in names:

@@ -100,21 +100,19 @@ def _plan(path: Path, overrides: RunOverrides, max_ctx: int) -> Launch:
 def _run(model: str, params: NiahParams, overrides: RunOverrides, hub_file: str | None, revision: str | None,
          haystack_file: Path | None, output: Path | None, *, resume: bool, force: bool, as_json: bool,
          svg: Path | None, html: Path | None) -> int:
-    from .launch import find_model_file
     from .niah.haystack import read_haystack
     from .niah.results import ResultsLog
     from .niah.run import prepare_run, run_cells, run_identity
     from .niah.summary import summarize, summary_path, write_summary
-    from .ui.chat_view import is_plain, render_plan_panel
+    from .ui.chat_view import render_plan_panel
     from .ui.console import make_console
+    from .ui.model_loading import load_engine, locate_model
     from .ui.niah_view import NiahProgress, export_picture, render_heatmap
-    from .ui.progress import phase_progress
 
     out, err = make_console(), make_console(stderr=True)
     params.check()
     haystack = read_haystack(haystack_file)
-    with phase_progress(err) as progress:
-        path = find_model_file(model, hub_file=hub_file, revision=revision, progress=progress("download"))
+    path = locate_model(err, model, hub_file, revision)
     launch = _plan(path, overrides, params.max_ctx)
     plan = launch.choice.plan
     settings = {"type_k": plan.type_k, "type_v": plan.type_v, "flash_attn": plan.flash_attn,
@@ -124,13 +122,7 @@ def _run(model: str, params: NiahParams, overrides: RunOverrides, hub_file: str 
     log = ResultsLog(output, run_identity(path, haystack, params, settings), resume=resume, force=force)
     render_plan_panel(launch, err)
 
-    from .engine.runtime import Engine
-
-    if is_plain(err):
-        engine = Engine(launch.config)
-    else:
-        with err.status(f"loading {path.name}…"):
-            engine = Engine(launch.config)
+    engine = load_engine(err, launch.config)
     try:
         niah_run = prepare_run(engine, params, haystack)
         for note in niah_run.notes:

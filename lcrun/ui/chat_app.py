@@ -12,12 +12,12 @@ from lcrun.chat.history import History, default_history_path
 from lcrun.chat.session import ChatSession, Notice, kv_state_path
 from lcrun.engine.runtime import Finished, PrefillProgress, Sampling, TextChunk
 from lcrun.errors import EngineError, LcrunError
-from lcrun.launch import RunOverrides, find_model_file, plan_launch
+from lcrun.launch import RunOverrides, plan_launch
 
 from .chat_repl import ChatRepl, show_events, sigint_cancels
-from .chat_view import is_plain, render_plan_panel
+from .chat_view import render_plan_panel
 from .console import make_console
-from .progress import phase_progress
+from .model_loading import load_engine, locate_model
 
 
 @dataclass
@@ -45,8 +45,7 @@ def run_chat(model: str, hub_file: str | None, revision: str | None, overrides: 
     question = _read_prompt(options.prompt) if one_shot else None
     for document in options.documents:
         read_document(document)  # a bad --file fails now, before the model loads
-    with phase_progress(err) as progress:
-        path = find_model_file(model, hub_file=hub_file, revision=revision, progress=progress("download"))
+    path = locate_model(err, model, hub_file, revision)
     launch = plan_launch(path, overrides)
     if options.dry_run:
         render_plan_panel(launch, out)
@@ -57,13 +56,7 @@ def run_chat(model: str, hub_file: str | None, revision: str | None, overrides: 
     else:
         render_plan_panel(launch, out)
 
-    from lcrun.engine.runtime import Engine
-
-    if is_plain(err):
-        engine = Engine(launch.config)
-    else:
-        with err.status(f"loading {path.name}…"):
-            engine = Engine(launch.config)
+    engine = load_engine(err, launch.config)
     session: ChatSession | None = None
     try:
         history = None if options.no_history else History(options.history_file or default_history_path())
