@@ -74,6 +74,7 @@ class Conversation:
 
 @dataclass(frozen=True)
 class Fitted:
+    text: str              # the prompt as rendered
     tokens: list[int]
     dropped_turns: int
     dropped_tokens: int
@@ -83,9 +84,10 @@ def fit_to_context(conversation: Conversation, template: ChatTemplate, tokenize:
                    budget: int) -> Fitted | None:
     """Drop the oldest unpinned turns until the prompt is at most `budget` tokens; None if even the system prompt,
     the pinned documents and the question alone are too long (then nothing is dropped)."""
-    tokens = tokenize(conversation.render(template))
+    text = conversation.render(template)
+    tokens = tokenize(text)
     if len(tokens) <= budget:
-        return Fitted(tokens, 0, 0)
+        return Fitted(text, tokens, 0, 0)
     before = len(tokens)
     trial = list(conversation.messages)
     dropped = 0
@@ -95,6 +97,7 @@ def fit_to_context(conversation: Conversation, template: ChatTemplate, tokenize:
             return None
         del trial[span[0]:span[1]]
         dropped += 1
-        tokens = tokenize(conversation.render(template, messages=trial))
+        text = conversation.render(template, messages=trial)
+        tokens = tokenize(text)
     conversation.messages[:] = trial
-    return Fitted(tokens, dropped, before - len(tokens))
+    return Fitted(text, tokens, dropped, before - len(tokens))

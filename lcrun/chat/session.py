@@ -194,9 +194,8 @@ class ChatSession:
             return
         messages.append(Message("assistant", reply, interrupted=finished.reason == "cancelled"))
         cached = self.engine.cached_tokens
-        prompt_text = self.conversation.render(self.template, messages=messages[:-1])
         stop_text = self.engine.token_text(cached[-1]) if finished.reason == "stop" and cached else ""
-        self.tokenize.remember(prompt_text + reply + stop_text, cached)
+        self.tokenize.remember(fitted.text + reply + stop_text, cached)
         if finished.reason == "length" and finished.completion_tokens >= room:
             yield Notice("the reply filled the context; the next turn drops the oldest turns", "warning")
         self._record(question, reply, finished)
