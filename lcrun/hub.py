@@ -16,9 +16,12 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import HubError, HubUnreachable
+
+if TYPE_CHECKING:
+    from .gguf_header import GGUFHeader
 
 # What a checkpoint needs, and nothing else: no .bin/.pth duplicates of the weights, no `original/` folder, no
 # consolidated single-file copies (Mistral ships both, which would double the download).
@@ -97,29 +100,6 @@ class RemoteCheckpoint:
     tensors: dict[str, tuple[str, tuple[int, ...]]]  # name -> (safetensors dtype, shape)
 
 
-@dataclass(frozen=True)
-class ArraySummary:
-    """A GGUF array kept only by its length (token strings, merges): the estimator needs the count, not the text."""
-    element_type: int  # a gguf.GGUFValueType
-    length: int
-
-
-@dataclass
-class RemoteGGUFHeader:
-    """A GGUF file's key/value metadata and tensor infos, read by range requests without the tensor data.
-
-    Tensor shapes are in ggml order, as the file stores them: ne[0] (the row length) first. Tensor types are
-    gguf.GGMLQuantizationType members, or plain ints for types this gguf package does not know.
-    """
-    repo_id: str
-    filename: str
-    metadata: dict[str, Any]
-    tensors: list[tuple[str, int, tuple[int, ...]]]
-    header_size: int        # bytes up to the end of the tensor infos
-    data_offset: int        # where tensor data starts (header_size rounded up to general.alignment)
-    file_size: int | None   # from Content-Range, when the server says
-
-
 # safetensors refuses headers over 100 MB (MAX_HEADER_SIZE in its Rust crate); a larger length is corruption
 _SAFETENSORS_MAX_HEADER = 100_000_000
 _GGUF_FIRST_READ = 1 << 20
@@ -166,12 +146,14 @@ def fetch_checkpoint_metadata(repo_id: str, revision: str | None = None) -> Remo
 
 
 def fetch_gguf_header(repo_id: str, filename: str, revision: str | None = None, *,
-                      first_read: int = _GGUF_FIRST_READ, max_header: int = _GGUF_MAX_HEADER) -> RemoteGGUFHeader:
+                      first_read: int = _GGUF_FIRST_READ, max_header: int = _GGUF_MAX_HEADER) -> GGUFHeader:
     """The header of one GGUF file in a repo (for a split model, call it once per split), read in ranges that
     grow geometrically from `first_read` bytes until the tensor infos are complete; vocabularies make headers
-    several MB. A header larger than `max_header` is refused."""
+    several MB. A header larger than `max_header` is refused. Parsed by lcrun's one header reader."""
     from huggingface_hub import get_token, hf_hub_url
     from huggingface_hub.errors import EntryNotFoundError
+
+    from .gguf_header import HeaderError, NeedMoreBytes, parse_gguf_header
 
     endpoint = _endpoint()
     token = get_token()
@@ -186,25 +168,21 @@ def fetch_gguf_header(repo_id: str, filename: str, revision: str | None = None, 
             except EntryNotFoundError:
                 raise HubError(repo_id, f"no file {filename!r} in this repo") from None
             buffer += chunk
+            whole = file_size is not None and len(buffer) >= file_size
             try:
-                metadata, tensors, header_size = _parse_gguf_header(buffer)
-                break
-            except _NeedMore as more:
-                if len(buffer) < want or (file_size is not None and len(buffer) >= file_size):
+                return parse_gguf_header(buffer, f"{repo_id}/{filename}", complete=whole, file_size=file_size)
+            except NeedMoreBytes as more:
+                if len(buffer) < want:
                     raise HubError(repo_id, f"{filename} is truncated: the file ends inside its GGUF header "
                                             f"({len(buffer)} bytes)") from None
-                if want >= max_header:
+                if want >= max_header or more.at_least > max_header:
                     raise HubError(repo_id, f"{filename}: the GGUF header is larger than {max_header >> 20} MiB; "
                                             "the file is probably corrupt") from None
                 want = min(max(2 * len(buffer), more.at_least), max_header)
-            except _Malformed as malformed:
-                raise HubError(repo_id, f"{filename} is not a valid GGUF file: {malformed}") from None
-    alignment = metadata.get("general.alignment", _gguf().GGUF_DEFAULT_ALIGNMENT)
-    if not isinstance(alignment, int) or alignment <= 0:
-        raise HubError(repo_id, f"{filename} is not a valid GGUF file: general.alignment is {alignment!r}")
-    data_offset = -(-header_size // alignment) * alignment
-    return RemoteGGUFHeader(repo_id=repo_id, filename=filename, metadata=metadata, tensors=tensors,
-                            header_size=header_size, data_offset=data_offset, file_size=file_size)
+            except HeaderError as malformed:
+                if whole and malformed.problem.startswith("truncated"):
+                    raise HubError(repo_id, f"{filename} is truncated: {malformed.problem}") from None
+                raise HubError(repo_id, f"{filename} is not a valid GGUF file: {malformed.problem}") from None
 
 
 @contextmanager
@@ -326,115 +304,6 @@ def _env_seconds(name: str, default: float = 10.0) -> float:
 
 def _download_timeout() -> float:
     return _env_seconds("HF_HUB_DOWNLOAD_TIMEOUT")
-
-
-def _gguf() -> Any:
-    import gguf
-
-    return gguf
-
-
-class _NeedMore(Exception):
-    def __init__(self, at_least: int) -> None:
-        super().__init__(at_least)
-        self.at_least = at_least
-
-
-class _Malformed(Exception):
-    pass
-
-
-# Far above any real model; a count beyond these is a corrupt header, not a reason to read 64 MiB
-_MAX_GGUF_COUNT = 1 << 24
-_MAX_GGUF_DIMS = 8
-
-
-class _GGUFCursor:
-    """Reads GGUF values from a prefix of the file; running off the end of the prefix raises _NeedMore."""
-
-    def __init__(self, data: bytes, byte_order: str) -> None:
-        self.data, self.order, self.pos = data, byte_order, 0
-
-    def take(self, n: int) -> bytes:
-        end = self.pos + n
-        if end > len(self.data):
-            raise _NeedMore(end)
-        chunk = self.data[self.pos:end]
-        self.pos = end
-        return chunk
-
-    def unpack(self, code: str) -> Any:
-        return struct.unpack(self.order + code, self.take(struct.calcsize(code)))[0]
-
-    def count(self, what: str) -> int:
-        n = self.unpack("Q")
-        if n > _MAX_GGUF_COUNT:
-            raise _Malformed(f"{what} is {n}")
-        return n
-
-    def string(self) -> str:
-        n = self.unpack("Q")
-        if n > _GGUF_MAX_HEADER:
-            raise _Malformed(f"a string of {n} bytes at offset {self.pos - 8}")
-        return self.take(n).decode("utf-8", errors="replace")
-
-
-def _gguf_scalar_codes() -> dict[int, str]:
-    t = _gguf().GGUFValueType
-    return {t.UINT8: "B", t.INT8: "b", t.UINT16: "H", t.INT16: "h", t.UINT32: "I", t.INT32: "i",
-            t.FLOAT32: "f", t.BOOL: "?", t.UINT64: "Q", t.INT64: "q", t.FLOAT64: "d"}
-
-
-def _parse_gguf_header(data: bytes) -> tuple[dict[str, Any], list[tuple[str, int, tuple[int, ...]]], int]:
-    """(metadata, tensor infos, header size) from a prefix of a GGUF file; _NeedMore if the prefix is too short."""
-    gguf = _gguf()
-    value_type = gguf.GGUFValueType
-    scalars = _gguf_scalar_codes()
-    cursor = _GGUFCursor(data, "<")
-    if cursor.unpack("I") != gguf.GGUF_MAGIC:
-        raise _Malformed("no GGUF magic at the start")
-    version = cursor.unpack("I")
-    if version & 0xFFFF == 0:  # written big-endian, as gguf's own reader detects it
-        cursor.order = ">"
-        version = struct.unpack(">I", struct.pack("<I", version))[0]
-    if version not in (2, 3):
-        raise _Malformed(f"GGUF version {version} (only versions 2 and 3 are read)")
-    tensor_count = cursor.count("the tensor count")
-    kv_count = cursor.count("the key/value count")
-
-    def read_value(kind: int) -> Any:
-        if kind in scalars:
-            return cursor.unpack(scalars[kind])
-        if kind == value_type.STRING:
-            return cursor.string()
-        if kind == value_type.ARRAY:
-            item_kind = cursor.unpack("I")
-            length = cursor.count("an array length")
-            if item_kind in scalars:
-                code = scalars[item_kind]
-                raw = cursor.take(length * struct.calcsize(code))
-                return list(struct.unpack(f"{cursor.order}{length}{code}", raw))
-            for _ in range(length):
-                read_value(item_kind)
-            return ArraySummary(element_type=item_kind, length=length)
-        raise _Malformed(f"unknown value type {kind} at offset {cursor.pos - 4}")
-
-    metadata: dict[str, Any] = {}
-    for _ in range(kv_count):
-        key = cursor.string()
-        metadata[key] = read_value(cursor.unpack("I"))
-    known_types = {t.value for t in gguf.GGMLQuantizationType}
-    tensors: list[tuple[str, int, tuple[int, ...]]] = []
-    for _ in range(tensor_count):
-        name = cursor.string()
-        n_dims = cursor.unpack("I")
-        if n_dims > _MAX_GGUF_DIMS:
-            raise _Malformed(f"tensor {name!r} has {n_dims} dimensions")
-        shape = tuple(cursor.unpack("Q") for _ in range(n_dims))
-        raw_type = cursor.unpack("I")
-        cursor.unpack("Q")  # offset into the data section: the estimator needs sizes, not positions
-        tensors.append((name, gguf.GGMLQuantizationType(raw_type) if raw_type in known_types else raw_type, shape))
-    return metadata, tensors, cursor.pos
 
 
 def _require_safetensors(repo_id: str, names: Iterable[str]) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from .devices import Device, machine_devices
 from .engine.runtime import EngineConfig
 from .errors import LcrunError
+from .gguf_header import GGUFSet, read_gguf_set
 from .model_spec import ModelSpec, spec_from_gguf
 from .planner import Choice, choose
 
@@ -37,6 +38,7 @@ class Launch:
     config: EngineConfig
     devices: list[Device]
     warnings: list[str] = field(default_factory=list)
+    gguf: GGUFSet | None = None   # the file's headers, read once: metadata, vocabulary lookups, chat template
 
 
 def demo_gguf() -> Path:
@@ -90,7 +92,8 @@ def default_threads() -> int:
 
 def plan_launch(model_path: Path, overrides: RunOverrides = RunOverrides(), *,
                 devices: list[Device] | None = None, n_seq: int = 1) -> Launch:
-    spec = spec_from_gguf(model_path)
+    files = read_gguf_set(model_path)
+    spec = spec_from_gguf(model_path, files)
     if devices is None:
         devices = machine_devices(list(overrides.gpu_mem) if overrides.gpu_mem is not None else None, overrides.ram)
     choice = choose(spec, spec.file_type or "file", devices, ctx=overrides.ctx, kv_type=overrides.kv_type,
@@ -114,4 +117,4 @@ def plan_launch(model_path: Path, overrides: RunOverrides = RunOverrides(), *,
         rope_freq_base=overrides.rope_theta, rope_freq_scale=(1.0 / overrides.rope_scale
                                                               if overrides.rope_scale else None),
     )
-    return Launch(model_path, spec, choice, config, devices, warnings)
+    return Launch(model_path, spec, choice, config, devices, warnings, files)

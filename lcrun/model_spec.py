@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lcrun.convert.arch import ModelAdapter, adapter_for
 
 from .errors import HubUnreachable, LcrunError
+
+if TYPE_CHECKING:
+    from .gguf_header import GGUFHeader, GGUFSet
 
 
 @dataclass
@@ -49,23 +52,27 @@ def spec_from_checkpoint_dir(model_dir: Path) -> ModelSpec:
     return spec_from_config(config, str(path), model_dir.name, "checkpoint")
 
 
-def spec_from_gguf(path: Path) -> ModelSpec:
-    """Exact tensor sizes from the file (all splits); shapes and hyper-parameters from its metadata."""
-    import gguf
+def spec_from_gguf(path: Path, gguf_set: GGUFSet | None = None) -> ModelSpec:
+    """Exact tensor sizes from the file (all splits); shapes and hyper-parameters from its metadata. Pass `gguf_set`
+    when the headers are already read (each command reads a file once)."""
+    from .gguf_header import read_gguf_set
 
-    from .gguf_info import inspect_gguf
+    files = gguf_set or read_gguf_set(path)  # validates the file (and its splits) with one-line errors
+    return _spec_from_headers([h for _, h in files.headers], files.meta, path.stem, str(path))
 
-    report = inspect_gguf(path)  # validates the file (and its splits) with one-line errors
-    tensors: list[tuple[str, tuple[int, ...], int]] = []
+
+def _spec_from_headers(headers: list[GGUFHeader], meta: GGUFHeader, fallback_name: str, where: str) -> ModelSpec:
+    from .gguf_info import file_type_name
+
     fields: dict[str, Any] = {}
-    for part in report.paths:
-        reader = gguf.GGUFReader(part)
-        for key, value in reader.fields.items():
-            if not key.startswith("tokenizer.ggml.") and key not in fields:
-                fields[key] = value.contents()
-        for tensor in reader.tensors:
-            tensors.append((tensor.name, tuple(int(d) for d in reversed(tensor.shape.tolist())), int(tensor.n_bytes)))
-    return _spec_from_gguf_metadata(fields, tensors, report.name or path.stem, str(path), report.file_type)
+    for header in headers:
+        for key, value in header.fields.items():
+            if not key.startswith("tokenizer.ggml."):
+                fields.setdefault(key, value)
+    tensors = [(t.name, t.shape, t.n_bytes) for header in headers for t in header.tensors]
+    name = meta.get("general.name")
+    return _spec_from_gguf_metadata(fields, tensors, name if isinstance(name, str) and name else fallback_name, where,
+                                    file_type_name(meta.get("general.file_type")))
 
 
 def _spec_from_gguf_metadata(fields: dict[str, Any], tensors: list[tuple[str, tuple[int, ...], int]], name: str,
@@ -137,25 +144,11 @@ def resolve_model(text: str, *, revision: str | None = None, gguf_file: str | No
 
 def _spec_from_remote_gguf(repo_id: str, filename: str, revision: str | None) -> ModelSpec:
     """A GGUF on the Hub, from its header alone (range requests); split sets are read split by split."""
-    import gguf
-
     from . import hub
-    from .quant_mix import quantized_nbytes
 
-    names = hub.gguf_split_names(filename)
-    fields: dict[str, Any] = {}
-    tensors: list[tuple[str, tuple[int, ...], int]] = []
-    for name in names:
-        header = hub.fetch_gguf_header(repo_id, name, revision)
-        for k, v in header.metadata.items():
-            fields.setdefault(k, v)
-        for tensor_name, qtype, ggml_shape in header.tensors:
-            shape = tuple(reversed(ggml_shape))
-            tensors.append((tensor_name, shape, quantized_nbytes(shape, gguf.GGMLQuantizationType(qtype))))
-    file_type = fields.get("general.file_type")
-    label = next((n[len("MOSTLY_"):] if n.startswith("MOSTLY_") else n for n, v in gguf.LlamaFileType.__members__.items()
-                  if v == file_type), None) if file_type is not None else None
-    spec = _spec_from_gguf_metadata(fields, tensors, f"{repo_id}/{filename}", f"{repo_id}/{filename}", label)
+    headers = [hub.fetch_gguf_header(repo_id, name, revision) for name in hub.gguf_split_names(filename)]
+    where = f"{repo_id}/{filename}"
+    spec = _spec_from_headers(headers, headers[0], where, where)
     spec.source = "hub"
     spec.notes.append(f"GGUF header of {repo_id}/{filename} read by range requests (no weights downloaded)")
     return spec
