@@ -324,16 +324,19 @@ def _string_starts_fast(buf: Any, start: int, n: int, limit: int, order: str) ->
     window = min(limit - start, n * 24 + 64)
     while window > 8:
         b = np.frombuffer(buf, dtype=np.uint8, count=window, offset=start)
-        heads = np.flatnonzero((b[:-1] == 0) & (b[1:] != 0)) - 7  # a prefix ends at i + 1 - 1: it starts at i - 7
+        zero = b == 0
+        heads = np.flatnonzero(zero[:-1] & ~zero[1:]) - 7  # a prefix ending at byte i (then text) starts at i - 7
         if len(heads) >= n:
             heads = heads[:n]
             if heads[0] != 0 or heads[-1] + 8 > window:
                 return None
-            prefixes = b[heads[:, None] + np.arange(8)]
-            sizes = np.ascontiguousarray(prefixes).view("<u8").ravel()
-            if int(sizes.max()) > window:
+            # the lengths, read as three bytes: the candidates already end in a zero byte, bytes 3-6 must be zero too
+            sizes = b[heads].astype(np.int64) | (b[heads + 1].astype(np.int64) << 8) | (
+                b[heads + 2].astype(np.int64) << 16)
+            high = b[heads + 3] | b[heads + 4] | b[heads + 5] | b[heads + 6]
+            if high.any():
                 return None
-            ends = heads + 8 + sizes.astype(np.int64)
+            ends = heads + 8 + sizes
             if ends[-1] > window or not np.array_equal(ends[:-1], heads[1:]):
                 return None
             return heads + start, start + int(ends[-1])

@@ -182,6 +182,8 @@ def fetch_gguf_header(repo_id: str, filename: str, revision: str | None = None, 
             except HeaderError as malformed:
                 if whole and malformed.problem.startswith("truncated"):
                     raise HubError(repo_id, f"{filename} is truncated: {malformed.problem}") from None
+                if malformed.problem.startswith("not a GGUF file"):
+                    raise HubError(repo_id, f"{filename} is {malformed.problem}") from None
                 raise HubError(repo_id, f"{filename} is not a valid GGUF file: {malformed.problem}") from None
 
 
@@ -469,3 +471,60 @@ def download_gguf(repo_id: str, filename: str, revision: str | None = None, *,
     if progress is not None and total:
         progress(total, total)
     return paths[0]
+
+
+# llama.cpp's -hf form: org/repo[:QUANT]; a quant name as GGUF file names spell it (Q4_K_M, IQ4_XS, q8_0, F16, BF16, …)
+_QUANT_SUFFIX = re.compile(r"^(?P<repo>[^:]+):(?P<quant>[A-Za-z0-9_]+)$")
+_QUANT_IN_NAME = re.compile(r"(?<![A-Za-z0-9])((?:I?Q\d+_[A-Z0-9_]*?|Q\d+_\d|Q\d+|BF16|F16|F32|TQ\d_\d|MXFP4))"
+                            r"(?=[-.](?:\d{5}-of-\d{5}\.)?gguf$|[-.])", re.IGNORECASE)
+
+
+def split_model_ref(text: str) -> tuple[str, str | None]:
+    """("org/repo", "QUANT") for llama.cpp's `org/repo:QUANT`, ("org/repo", None) without a quant; anything else is
+    returned whole, with no quant."""
+    match = _QUANT_SUFFIX.match(text)
+    if match and looks_like_repo_id(match["repo"]):
+        return match["repo"], match["quant"]
+    return text, None
+
+
+def _quant_of(filename: str) -> str | None:
+    """The quant a GGUF file name states (the last one, as in `Model-8B-Instruct-Q4_K_M.gguf`), upper-cased."""
+    found = _QUANT_IN_NAME.findall(filename.rsplit("/", 1)[-1])
+    return found[-1].upper() if found else None
+
+
+def _first_of_split_set(filename: str) -> bool:
+    match = re.search(r"-(\d{5})-of-\d{5}\.gguf$", filename)
+    return match is None or match[1] == "00001"
+
+
+def list_gguf_files(repo_id: str, revision: str | None = None) -> list[str]:
+    """Every .gguf in a Hub repo (sub-folders included), sorted."""
+    from huggingface_hub import HfApi, get_token
+
+    endpoint, token = _endpoint(), get_token()
+    with _hub_errors(repo_id, revision, endpoint=endpoint, token_sent=bool(token)):
+        info = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision)
+    return sorted(s.rfilename for s in info.siblings or [] if s.rfilename.lower().endswith(".gguf"))
+
+
+def choose_gguf(repo_id: str, files: list[str], quant: str | None) -> str:
+    """The GGUF (the first file of a split set) that `org/repo[:QUANT]` means among `files`, or a one-line HubError
+    listing what the repo has."""
+    models = [f for f in files if _first_of_split_set(f) and "mmproj" not in f.lower()]  # vision projectors are not models to chat with
+    if not models:
+        raise HubError(repo_id, "has no .gguf files (for a safetensors repo, run `lcrun convert` first)")
+    quants = sorted({q for q in (_quant_of(f) for f in models) if q})
+    if quant is None:
+        if len(models) == 1:
+            return models[0]
+        raise HubError(repo_id, f"holds {len(models)} GGUFs; pick one with {repo_id}:QUANT "
+                                f"({', '.join(quants) or ', '.join(models[:8])})")
+    chosen = [f for f in models if _quant_of(f) == quant.upper()]
+    if not chosen:
+        raise HubError(repo_id, f"has no {quant} GGUF; it has {', '.join(quants) or ', '.join(models[:8])}")
+    if len(chosen) > 1:
+        raise HubError(repo_id, f"has {len(chosen)} {quant} GGUFs ({', '.join(chosen[:4])}); "
+                                "give the file's path instead")
+    return chosen[0]

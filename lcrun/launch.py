@@ -59,6 +59,8 @@ def demo_gguf() -> Path:
 
 def find_model_file(model: str, *, hub_file: str | None = None, revision: str | None = None,
                     progress: Callable[[int, int], None] | None = None) -> Path:
+    """A GGUF path, `demo`, or a Hub GGUF repo as llama.cpp's -hf takes it: `org/repo:QUANT` (that quant's file or
+    split set), `org/repo` (its only GGUF). The file is downloaded into the Hugging Face cache."""
     path = Path(model).expanduser()
     if path.is_file():
         if hub_file:
@@ -71,12 +73,13 @@ def find_model_file(model: str, *, hub_file: str | None = None, revision: str | 
                                 f"{model} --outtype q8_0)")
     from . import hub
 
-    if not hub.looks_like_repo_id(model):
-        raise LcrunError(model, "no such file (give a .gguf path, `demo`, or a Hub repo id with --file NAME.gguf)")
-    if not hub_file:
-        raise LcrunError(model, "a Hub repo id needs --file NAME.gguf to say which GGUF to run "
-                                "(for a safetensors repo, run `lcrun convert` first)")
-    return hub.download_gguf(model, hub_file, revision, progress=progress)
+    repo_id, quant = hub.split_model_ref(model)
+    if not hub.looks_like_repo_id(repo_id):
+        raise LcrunError(model, "no such file (give a .gguf path, `demo`, or a Hub GGUF repo as org/repo:QUANT)")
+    if quant and hub_file:
+        raise LcrunError(model, f"both :{quant} and --file {hub_file} say which GGUF to run; give one")
+    filename = hub_file or hub.choose_gguf(repo_id, hub.list_gguf_files(repo_id, revision), quant)
+    return hub.download_gguf(repo_id, filename, revision, progress=progress)
 
 
 def default_threads() -> int:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from lcrun.convert.arch import ModelAdapter, adapter_for
 
-from .errors import HubUnreachable, LcrunError
+from .errors import HubError, HubUnreachable, LcrunError
 
 if TYPE_CHECKING:
     from .gguf_header import GGUFHeader, GGUFSet
@@ -113,8 +113,9 @@ def spec_from_profile(text: str) -> ModelSpec | None:
 
 
 def resolve_model(text: str, *, revision: str | None = None, gguf_file: str | None = None) -> ModelSpec:
-    """A local GGUF or checkpoint folder, a built-in profile, or a Hub repo id (falling back to a matching profile,
-    with a note, when the Hub cannot be reached)."""
+    """A local GGUF or checkpoint folder, a built-in profile, or a Hub repo: `org/repo` (a safetensors checkpoint,
+    or a GGUF repo's only file), `org/repo:QUANT` (that quant's GGUF, llama.cpp's -hf form). Falls back to a matching
+    profile, with a note, when the Hub cannot be reached."""
     path = Path(text).expanduser()
     if path.is_file():
         return spec_from_gguf(path)
@@ -122,23 +123,33 @@ def resolve_model(text: str, *, revision: str | None = None, gguf_file: str | No
         return spec_from_checkpoint_dir(path)
     from . import hub
 
-    profile = spec_from_profile(text)
-    if not hub.looks_like_repo_id(text):
+    repo_id, quant = hub.split_model_ref(text)
+    profile = spec_from_profile(repo_id)
+    if not hub.looks_like_repo_id(repo_id):
         if profile is not None:
             profile.notes.append("built-in profile")
             return profile
         raise LcrunError(text, "no such file, folder or built-in profile, and not a Hub repo id (see `lcrun models`)")
+    if quant and gguf_file:
+        raise LcrunError(text, f"both :{quant} and --file {gguf_file} say which GGUF to read; give one")
     try:
-        if gguf_file:
-            return _spec_from_remote_gguf(text, gguf_file, revision)
-        remote = hub.fetch_checkpoint_metadata(text, revision)
+        if gguf_file or quant:
+            filename = gguf_file or hub.choose_gguf(repo_id, hub.list_gguf_files(repo_id, revision), quant)
+            return _spec_from_remote_gguf(repo_id, filename, revision)
+        try:
+            remote = hub.fetch_checkpoint_metadata(repo_id, revision)
+        except HubError as no_checkpoint:
+            ggufs = hub.list_gguf_files(repo_id, revision) if "safetensors" in no_checkpoint.problem else []
+            if not ggufs:
+                raise
+            return _spec_from_remote_gguf(repo_id, hub.choose_gguf(repo_id, ggufs, None), revision)
     except HubUnreachable as exc:
         if profile is None:
             raise
         profile.notes.append(f"the Hub could not be reached ({exc.problem}); using lcrun's built-in profile")
         return profile
-    spec = spec_from_config(remote.config, f"{text}/config.json", text, "hub")
-    spec.notes.append(f"config and safetensors headers of {text}@{remote.commit[:12]} (no weights downloaded)")
+    spec = spec_from_config(remote.config, f"{repo_id}/config.json", repo_id, "hub")
+    spec.notes.append(f"config and safetensors headers of {repo_id}@{remote.commit[:12]} (no weights downloaded)")
     return spec
 
 

@@ -3,6 +3,7 @@ unless a test starts the local fake Hub (tests/fixtures/hub_server.py)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +22,39 @@ def _hermetic_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
     monkeypatch.delenv("LCRUN_DEBUG", raising=False)
     monkeypatch.setenv("NO_COLOR", "1")
+
+
+_EQUIVALENCE: dict[str, int] = {"compared": 0, "left_to_dedicated_tests": 0}
+
+
+@pytest.fixture(autouse=True)
+def _gguf_files_read_like_gguf_py(tmp_path: Path) -> Any:
+    """Every GGUF a test leaves behind is read by lcrun's header reader and by gguf-py's GGUFReader: the same keys,
+    values and tensor infos. Files either reader refuses (damaged on purpose) are the damage tests' business."""
+    yield
+    from lcrun.errors import GGUFFileError
+    from lcrun.gguf_header import read_gguf_header
+    from tests.fixtures.gguf_equivalence import TEARDOWN_ELEMENT_LIMIT, array_elements, assert_same_as_gguf_reader
+
+    for path in sorted(tmp_path.rglob("*.gguf")):
+        if not path.is_file():
+            continue
+        try:
+            ours = read_gguf_header(path)
+        except GGUFFileError:
+            continue
+        if array_elements(ours) > TEARDOWN_ELEMENT_LIMIT:
+            _EQUIVALENCE["left_to_dedicated_tests"] += 1
+            continue
+        assert_same_as_gguf_reader(path, ours)
+        _EQUIVALENCE["compared"] += 1
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _EQUIVALENCE["compared"] or _EQUIVALENCE["left_to_dedicated_tests"]:
+        terminalreporter.write_line(
+            f"GGUF header reader vs gguf-py GGUFReader: {_EQUIVALENCE['compared']} files the tests built compared, "
+            f"{_EQUIVALENCE['left_to_dedicated_tests']} with big vocabularies left to tests/test_gguf_header.py")
 
 
 from tests.fixtures.hub_server import fake_hub  # noqa: E402,F401  (the local stand-in for the Hub, as a fixture)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lcrun.errors import HubError
-from lcrun.hub import ArraySummary, fetch_checkpoint_metadata, fetch_gguf_header
+from lcrun.hub import fetch_checkpoint_metadata, fetch_gguf_header
 from tests.fixtures.hub_server import VALID_TOKEN, FakeHub, fake_hub  # noqa: F401 - fixture
 from tests.fixtures.safetensors_writer import save_safetensors, write_raw_safetensors
 
@@ -195,15 +195,18 @@ def test_gguf_header_is_read_by_growing_ranges(fake_hub: FakeHub, tmp_path: Path
 
     # (gguf.GGUFReader would be the reference here, but it takes 20 s over a 70k-token vocabulary)
     tensor_count, kv_count = struct.unpack("<QQ", data[8:24])
-    assert len(header.metadata) == kv_count and len(header.tensors) == tensor_count
-    assert header.metadata["llama.context_length"] == 131072
-    assert header.metadata["general.architecture"] == "llama"
-    assert header.metadata["llama.rope.dimension_sections"] == [16, 24, 24, 0]
-    assert header.metadata["tokenizer.ggml.tokens"] == ArraySummary(gguf.GGUFValueType.STRING, VOCAB)
-    assert len(header.metadata["tokenizer.ggml.token_type"]) == VOCAB
-    assert header.tensors == [("token_embd.weight", gguf.GGMLQuantizationType.F16, (1024, 1024)),
-                              ("blk.0.attn_q.weight", gguf.GGMLQuantizationType.F16, (1024, 1024)),
-                              ("output_norm.weight", gguf.GGMLQuantizationType.F32, (1024,))]
+    assert len(header.fields) == kv_count and len(header.tensors) == tensor_count
+    assert header.fields["llama.context_length"] == 131072
+    assert header.fields["general.architecture"] == "llama"
+    assert header.fields["llama.rope.dimension_sections"] == [16, 24, 24, 0]
+    tokens = header.fields["tokenizer.ggml.tokens"]
+    assert tokens.element_type == gguf.GGUFValueType.STRING and len(tokens) == VOCAB
+    assert header.token_text(VOCAB - 1) == f"token{VOCAB - 1}" and header.token_id("token12345") == 12345
+    assert len(header.fields["tokenizer.ggml.token_type"]) == VOCAB
+    assert [(t.name, t.ggml_type, t.ne) for t in header.tensors] == [
+        ("token_embd.weight", gguf.GGMLQuantizationType.F16, (1024, 1024)),
+        ("blk.0.attn_q.weight", gguf.GGMLQuantizationType.F16, (1024, 1024)),
+        ("output_norm.weight", gguf.GGMLQuantizationType.F32, (1024,))]
     # the tensor infos end where the alignment padding starts, and the data (all ones) after it
     assert data[header.header_size:header.data_offset] == bytes(header.data_offset - header.header_size)
     assert data[header.data_offset:header.data_offset + 2] == np.float16(1).tobytes()
@@ -231,7 +234,7 @@ def test_gguf_header_from_small_first_reads(fake_hub: FakeHub, tmp_path: Path) -
 
 @pytest.mark.parametrize(("cut", "problem"), [
     (lambda data: data[:MiB + 1000], "is truncated"),
-    (lambda data: b"GGML" + data[4:], "is not a valid GGUF file: no GGUF magic"),
+    (lambda data: b"GGML" + data[4:], "is not a GGUF file (starts with b'GGML'"),
 ])
 def test_broken_gguf_header_names_the_file(fake_hub: FakeHub, tmp_path: Path, cut, problem: str) -> None:
     fake_hub.add_repo(GGUF_REPO, {GGUF_FILE: cut(gguf_file(tmp_path))})

@@ -14,7 +14,7 @@ import gguf
 import numpy as np
 import pytest
 
-from lcrun.engine.allocations import allocations_from_log, measure_allocations
+from lcrun.engine.allocations import allocations_from_log, breakdown_supported, measure_allocations
 from lcrun.memory_model import (
     ModelShape,
     compute_buffer_bytes,
@@ -133,8 +133,11 @@ def test_estimate_matches_llama_cpp(
     measured = measure_allocations(
         path, n_ctx=n_ctx, n_ubatch=n_ubatch, n_batch=512, type_k=type_k, type_v=type_v, flash_attn=flash_attn
     )
-    assert measured.exact
-    assert kv_cache_bytes(shape, n_ctx=n_ctx, type_k=type_k, type_v=type_v, flash_attn=flash_attn) == measured.kv_bytes
+    kv = kv_cache_bytes(shape, n_ctx=n_ctx, type_k=type_k, type_v=type_v, flash_attn=flash_attn)
+    if breakdown_supported():
+        assert measured.exact and kv == measured.kv_bytes
+    else:  # elsewhere llama.cpp's log is all there is: 0.01 MiB
+        assert abs(kv - measured.kv_bytes) <= 0.005 * MiB
 
     estimate = compute_buffer_bytes(
         shape, n_ctx=n_ctx, n_ubatch=n_ubatch, flash_attn=flash_attn, type_k=type_k, type_v=type_v
@@ -166,13 +169,28 @@ def test_weights_match_llama_cpp(models: dict[str, tuple[ModelShape, Path]]) -> 
 
 
 def test_logged_sizes_agree_with_the_breakdown(models: dict[str, tuple[ModelShape, Path]]) -> None:
-    # the fallback where llama_get_memory_breakdown is not exported
-    _, path = models["d64-gqa4-4layers"]
-    exact = measure_allocations(path, n_ctx=33000, n_ubatch=512, n_batch=512, flash_attn=False, simulate=False)
-    logged = allocations_from_log(exact.log)
+    # the log path, which every platform but x86-64 Linux with libstdc++ takes, against the exact breakdown
+    shape, path = models["d64-gqa4-4layers"]
+    settings = dict(n_ctx=33000, n_ubatch=512, n_batch=512, flash_attn=False)
+    logged = measure_allocations(path, use_breakdown=False, **settings)
+    assert not logged.exact
+    assert abs(logged.kv_bytes - kv_cache_bytes(shape, n_ctx=33000, flash_attn=False)) <= 0.005 * MiB
+    assert logged.weights_bytes > 0 and logged.compute_bytes > 0 and logged.output_bytes > 0
+    if not breakdown_supported():
+        return
+    exact = measure_allocations(path, **settings)
+    assert exact.exact
     for kind in ("weights", "kv", "compute"):
         assert getattr(exact, kind).keys() == getattr(logged, kind).keys() == {"CPU"}
         assert abs(getattr(exact, f"{kind}_bytes") - getattr(logged, f"{kind}_bytes")) <= 0.005 * MiB
+
+
+def test_breakdown_is_read_only_where_its_calling_convention_holds() -> None:
+    import platform
+    import sys
+
+    expected = sys.platform.startswith("linux") and platform.machine() == "x86_64"
+    assert breakdown_supported() == (expected and "libstdc++" in Path("/proc/self/maps").read_text())
 
 
 def test_several_sequences_get_one_padded_stream_each(models: dict[str, tuple[ModelShape, Path]]) -> None:

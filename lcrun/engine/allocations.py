@@ -4,9 +4,12 @@ The model is loaded with `no_alloc` ("only load metadata and simulate memory all
 buffer's layout and the worst-case compute graph, but allocates nothing, so a 33K context costs milliseconds.
 
 Exact bytes come from llama.cpp's own `llama_get_memory_breakdown` (per buffer type: model, context = KV cache,
-compute). It is a C++ function returning a `std::map`, not part of the C API, so it is called through ctypes and the
-map is read with libstdc++'s red-black-tree layout (x86-64/aarch64 Linux). Where that symbol is missing the figures fall
-back to llama.cpp's log lines of a real allocation, which round to 0.01 MiB; `Allocations.exact` says which.
+compute). It is a C++ function returning a `std::map`, not part of the C API: it is called through ctypes with the
+x86-64 System V convention for a returned class (the caller's storage as a hidden first argument; aarch64 passes it in
+x8 instead) and the map is read with libstdc++'s red-black-tree layout (libc++ lays maps out differently). So it is
+used only on x86-64 Linux with libstdc++ (`breakdown_supported()`). Everywhere else, or where the symbol is missing,
+the figures come from llama.cpp's log lines of a real allocation, which round to 0.01 MiB; `Allocations.exact` says
+which.
 
 The output (logits) buffer is not in the breakdown; its size comes from the log line, so it is exact only to 0.01 MiB.
 """
@@ -85,6 +88,20 @@ def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
     return bindings._lib, ctypes.CDLL(str(lib_dir / "libggml-base.so"))
 
 
+def breakdown_supported() -> bool:
+    """Whether llama_get_memory_breakdown can be read here: x86-64 Linux, llama.cpp built against libstdc++."""
+    import platform
+    import sys
+
+    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    _libs()  # llama.cpp's libraries, and the C++ runtime they link, are loaded now
+    try:
+        return "libstdc++" in Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+
+
 def _breakdown(ctx: int) -> dict[str, tuple[int, int, int]] | None:
     """{buffer type name: (model, context, compute)} from llama.cpp, or None when the symbol is not exported."""
     llama_lib, ggml_lib = _libs()
@@ -159,10 +176,15 @@ def measure_allocations(
     n_seq: int = 1,
     n_gpu_layers: int = 0,
     simulate: bool = True,
+    use_breakdown: bool | None = None,
 ) -> Allocations:
     """Load `gguf_path` and create a context as llama.cpp would, and report what it allocates.
 
-    With `simulate` (the default) nothing is allocated: llama.cpp's `no_alloc` mode computes the same sizes."""
+    With `simulate` (the default) nothing is allocated: llama.cpp's `no_alloc` mode computes the same sizes, which
+    only the breakdown reports. `use_breakdown` None reads it where `breakdown_supported()`; False takes the log path
+    (a real allocation, 0.01 MiB resolution) as on every other platform."""
+    if use_breakdown is None:
+        use_breakdown = breakdown_supported()
     import llama_cpp
 
     lines: list[str] = []
@@ -195,13 +217,14 @@ def measure_allocations(
         if not ctx:
             raise RuntimeError(f"llama.cpp could not create a context: {''.join(lines[-3:]).strip()}")
         text = "".join(lines).splitlines()
-        breakdown = _breakdown(ctypes.cast(ctx, ctypes.c_void_p).value or 0)
+        breakdown = _breakdown(ctypes.cast(ctx, ctypes.c_void_p).value or 0) if use_breakdown else None
         output = _from_log(text, "output")
         if breakdown is None:
             if simulate:  # simulated buffers are logged as 0 MiB
                 return measure_allocations(
                     gguf_path, n_ctx=n_ctx, n_ubatch=n_ubatch, n_batch=n_batch, type_k=type_k, type_v=type_v,
                     flash_attn=flash_attn, n_seq=n_seq, n_gpu_layers=n_gpu_layers, simulate=False,
+                    use_breakdown=False,
                 )
             return allocations_from_log(text)
         return Allocations(
