@@ -512,7 +512,8 @@ def list_gguf_files(repo_id: str, revision: str | None = None) -> list[str]:
 def choose_gguf(repo_id: str, files: list[str], quant: str | None) -> str:
     """The GGUF (the first file of a split set) that `org/repo[:QUANT]` means among `files`, or a one-line HubError
     listing what the repo has."""
-    models = [f for f in files if _first_of_split_set(f) and "mmproj" not in f.lower()]  # vision projectors are not models to chat with
+    # the first file of each split set; vision projectors (mmproj) are not models to chat with
+    models = [f for f in files if f.lower().endswith(".gguf") and _first_of_split_set(f) and "mmproj" not in f.lower()]
     if not models:
         raise HubError(repo_id, "has no .gguf files (for a safetensors repo, run `lcrun convert` first)")
     quants = sorted({q for q in (_quant_of(f) for f in models) if q})

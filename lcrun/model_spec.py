@@ -138,8 +138,10 @@ def resolve_model(text: str, *, revision: str | None = None, gguf_file: str | No
             return _spec_from_remote_gguf(repo_id, filename, revision)
         try:
             remote = hub.fetch_checkpoint_metadata(repo_id, revision)
-        except HubError as no_checkpoint:
-            ggufs = hub.list_gguf_files(repo_id, revision) if "safetensors" in no_checkpoint.problem else []
+        except HubUnreachable:
+            raise
+        except HubError:  # no config.json or no safetensors: a GGUF repo, if it holds GGUFs
+            ggufs = hub.list_gguf_files(repo_id, revision)
             if not ggufs:
                 raise
             return _spec_from_remote_gguf(repo_id, hub.choose_gguf(repo_id, ggufs, None), revision)
