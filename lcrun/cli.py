@@ -219,7 +219,8 @@ Examples:
 @click.option("--file", "gguf_file", metavar="NAME.gguf", help="For a Hub GGUF repo: the file to estimate.")
 @click.option("--revision", help="Hub revision.")
 @click.option("--allow-ctx-extension", is_flag=True, help="Allow contexts above the model's maximum.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per plan.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document: the model, devices, every plan and "
+              "the largest context that fits per quant and KV type.")
 def estimate(model: str, quants: tuple[str, ...], ctxs: tuple[str, ...], kv_types: tuple[str, ...], flash_attn: str,
              ubatch: int, parallel: int, gpu_layers: int | None, gpu_mem: tuple[str, ...], ram: str | None,
              gguf_file: str | None, revision: str | None, allow_ctx_extension: bool, as_json: bool) -> None:
@@ -254,8 +255,14 @@ def estimate(model: str, quants: tuple[str, ...], ctxs: tuple[str, ...], kv_type
     except ValueError as exc:
         raise LcrunError(model, str(exc)) from exc
     if as_json:
-        for plan in plans:
-            click.echo(json.dumps(plan.to_dict()))
+        from dataclasses import asdict
+
+        click.echo(json.dumps({
+            "model": spec.name, "source": spec.source, "notes": spec.notes,
+            "devices": [asdict(d) for d in devices],
+            "plans": [plan.to_dict() for plan in plans],
+            "largest_fitting_context": [{"quant": q, "kv_type": kv, "ctx": n} for (q, kv), n in largest.items()],
+        }, indent=2))
         return
     from .ui.console import make_console
     from .ui.estimate_view import render_estimate

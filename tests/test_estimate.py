@@ -28,7 +28,7 @@ def lcrun(*args: str, env: dict[str, str] | None = None) -> subprocess.Completed
 
 def plans(run: subprocess.CompletedProcess[str]) -> list[dict]:
     assert run.returncode == 0, run.stderr
-    return [json.loads(line) for line in run.stdout.splitlines()]
+    return json.loads(run.stdout)["plans"]  # --json prints one document
 
 
 @pytest.mark.parametrize(("profile", "type_kv", "gib"), [

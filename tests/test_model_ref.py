@@ -72,7 +72,7 @@ def test_estimate_and_plan_take_org_repo_quant(fake_hub: FakeHub, ggufs: dict[st
     fake_hub.add_repo(REPO, repo_files(ggufs))
     result = invoke("estimate", f"{REPO}:Q8_0", "--ctx", "1k", "--ram", "8G", "--json")
     assert result.exit_code == 0, result.output
-    [plan] = [json.loads(line) for line in result.stdout.splitlines()]
+    [plan] = json.loads(result.stdout)["plans"]
     assert plan["quant"] == "Q8_0"
     served = {r.filename for r in fake_hub.requests if r.filename}
     assert "Tiny-Llama-Q8_0.gguf" in served and "Tiny-Llama-F16.gguf" not in served
@@ -80,7 +80,7 @@ def test_estimate_and_plan_take_org_repo_quant(fake_hub: FakeHub, ggufs: dict[st
     split = invoke("estimate", f"{REPO}:q4_0", "--ctx", "1k", "--ram", "8G", "--json")
     assert split.exit_code == 0, split.output
     # the split set's tensors add up to the same model as the single q8_0 file: every split's header was read
-    assert json.loads(split.stdout.splitlines()[0])["weights_bytes"] == plan["weights_bytes"]
+    assert json.loads(split.stdout)["plans"][0]["weights_bytes"] == plan["weights_bytes"]
 
     planned = invoke("plan", f"{REPO}:F16", "--ctx", "1k", "--ram", "8G", "--json")
     assert planned.exit_code == 0, planned.output
@@ -97,4 +97,4 @@ def test_a_repo_with_one_gguf_needs_no_quant(fake_hub: FakeHub, ggufs: dict[str,
     fake_hub.add_repo("someorg/One-GGUF", {"One-Q8_0.gguf": ggufs["q8_0"].read_bytes()})
     result = invoke("estimate", "someorg/One-GGUF", "--ctx", "1k", "--ram", "8G", "--json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout.splitlines()[0])["quant"] == "Q8_0"
+    assert json.loads(result.stdout)["plans"][0]["quant"] == "Q8_0"
