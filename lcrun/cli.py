@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -11,35 +10,7 @@ from typing import Any, NoReturn
 import click
 
 from . import __version__
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}  # decimal, as llama.cpp's gguf-split
-
-
-def parse_size(text: str) -> int:
-    match = _SIZE.match(text)
-    if not match:
-        raise click.BadParameter(f"{text!r} is not a size like 500M or 4G")
-    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
-
-
-_MEMORY_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}  # memory sizes are binary (24G = 24 GiB)
-
-
-def parse_memory(text: str) -> int:
-    match = _SIZE.match(text)
-    if not match:
-        raise click.BadParameter(f"{text!r} is not a memory size like 24G or 512M")
-    return int(float(match.group(1)) * _MEMORY_UNITS[match.group(2).upper()])
-
-
-def parse_ctx(text: str) -> int:
-    """Token counts with binary suffixes, as model cards use them: 32k = 32768, 1M = 1048576."""
-    match = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*$", text)
-    if not match:
-        raise click.BadParameter(f"{text!r} is not a context length like 32768, 32k or 1M")
-    return int(float(match.group(1)) * {"": 1, "K": 1024, "M": 1 << 20}[match.group(2).upper()])
-
+from .param_types import CONTEXT, MEMORY, SIZE, kv_type_from, parse_ctx
 
 def _fail(message: str, code: int = 1) -> NoReturn:
     click.echo(f"error: {message}", err=True)
@@ -93,20 +64,24 @@ Examples:
   lcrun convert ./ckpt --outtype bf16 --split-max-size 4G -o model.gguf
 """)
 @click.argument("src")
-@click.option("-o", "--out", "out", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("-o", "--output", "--out", "out", type=click.Path(dir_okay=False, path_type=Path),
               help="Output .gguf (default: the GGUF naming convention, in the current directory).")
 @click.option("--outtype", default="auto", show_default=True, metavar="TYPE",
               help="auto (keep the source precision), f32, f16, bf16, q8_0, q4_0 — computed here — or any "
                    "llama.cpp quant type (Q4_K_M, Q5_K_M, Q6_K, IQ4_XS, …) through llama.cpp's quantizer.")
 @click.option("--revision", help="Hub revision (branch, tag or commit) when SRC is a repo id.")
-@click.option("--rope-theta", type=float, help="Override the RoPE base (recorded in the file's metadata).")
-@click.option("--ctx", type=int, help="Override the context length the file declares (recorded in metadata).")
-@click.option("--split-max-size", metavar="SIZE", help="Write standard -0000N-of-0000M.gguf splits of at most SIZE (e.g. 4G).")
-@click.option("--threads", type=int, help="Worker threads (default: up to 2 for conversion, all cores for llama.cpp quants).")
+@click.option("--rope-theta", "--rope-freq-base", "rope_theta", type=float,
+              help="Override the RoPE base (recorded in the file's metadata).")
+@click.option("-c", "--ctx", "--ctx-size", "ctx", type=CONTEXT, metavar="N",
+              help="Override the context length the file declares, e.g. 1M (recorded in metadata).")
+@click.option("--split-max-size", type=SIZE, metavar="SIZE",
+              help="Write standard -0000N-of-0000M.gguf splits of at most SIZE (e.g. 4G).")
+@click.option("-t", "--threads", type=int,
+              help="Worker threads (default: up to 2 for conversion, all cores for llama.cpp quants).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar; print only the output path(s).")
 def convert(src: str, out: Path | None, outtype: str, revision: str | None, rope_theta: float | None,
-            ctx: int | None, split_max_size: str | None, threads: int | None, force: bool, quiet: bool) -> None:
+            ctx: int | None, split_max_size: int | None, threads: int | None, force: bool, quiet: bool) -> None:
     """Convert a Hugging Face checkpoint (a local folder, a Hub repo id, or `demo`) to GGUF.
 
     Reads safetensors in BF16/F16/F32 or FP8 (fbgemm, AutoFP8, compressed-tensors, block-scaled), keeps RoPE
@@ -117,10 +92,9 @@ def convert(src: str, out: Path | None, outtype: str, revision: str | None, rope
     from .ui.progress import phase_progress
 
     console = make_console(stderr=True)
-    size = parse_size(split_max_size) if split_max_size else 0
     with phase_progress(console, quiet=quiet) as progress:
         result = export_model(src, out, outtype, revision=revision, rope_theta=rope_theta, ctx=ctx,
-                              split_max_size=size, force=force, threads=threads, progress=progress)
+                              split_max_size=split_max_size or 0, force=force, threads=threads, progress=progress)
     for warning in result.convert.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
     if not quiet:
@@ -139,7 +113,7 @@ Examples:
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("qtype", metavar="TYPE")
-@click.option("--threads", type=int, help="Threads for llama.cpp's quantizer (default: all cores).")
+@click.option("-t", "--threads", type=int, help="Threads for llama.cpp's quantizer (default: all cores).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def quantize(src: Path, dst: Path, qtype: str, threads: int | None, force: bool, quiet: bool) -> None:
@@ -165,6 +139,10 @@ def inspect(path: Path, as_json: bool) -> None:
     """Show what a GGUF file holds: architecture, RoPE, tokenizer, tensor types — and what looks wrong."""
     from .gguf_info import inspect_gguf
 
+    if str(path) == "demo" and not path.exists():
+        from .launch import demo_gguf
+
+        path = demo_gguf()
     report = inspect_gguf(path)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2, default=_json_default))
@@ -208,22 +186,29 @@ Examples:
 @click.argument("model")
 @click.option("--quant", "quants", multiple=True, metavar="TYPE",
               help="Quant type(s) to plan for (repeatable; default Q8_0 and Q4_K_M; a GGUF file has its own).")
-@click.option("--ctx", "ctxs", multiple=True, metavar="N", help="Context length(s), e.g. 32k, 128k, 1M (default: a ladder up to the model's maximum).")
+@click.option("-c", "--ctx", "--ctx-size", "ctxs", type=CONTEXT, multiple=True, metavar="N",
+              help="Context length(s), e.g. 32k, 128k, 1M (default: a ladder up to the model's maximum).")
 @click.option("--kv-type", "kv_types", multiple=True, metavar="K[/V]", help="KV cache type(s): f16, q8_0, q4_0, … or K/V separately, e.g. q8_0/q4_0 (repeatable; default f16).")
-@click.option("--flash-attn", type=click.Choice(["on", "off", "auto"]), default="auto", show_default=True)
-@click.option("--ubatch", type=int, default=512, show_default=True, help="Physical batch size (n_ubatch).")
-@click.option("--parallel", type=int, default=1, show_default=True, help="Parallel sequences (n_seq).")
-@click.option("--gpu-layers", type=int, help="Layers to offload (default: all that the plan puts on a GPU).")
-@click.option("--gpu-mem", "gpu_mem", multiple=True, metavar="SIZE", help="Plan for GPU(s) of this free memory instead of detecting (e.g. 24G; repeatable).")
-@click.option("--ram", metavar="SIZE", help="Plan for this much free RAM instead of detecting.")
+@click.option("-ctk", "--cache-type-k", metavar="TYPE", help="llama.cpp's way: the K cache type (V stays f16 unless -ctv).")
+@click.option("-ctv", "--cache-type-v", metavar="TYPE", help="llama.cpp's way: the V cache type.")
+@click.option("-fa", "--flash-attn", type=click.Choice(["on", "off", "auto"]), default="auto", show_default=True)
+@click.option("-ub", "--ubatch", "--ubatch-size", "ubatch", type=int, default=512, show_default=True,
+              help="Physical batch size (n_ubatch).")
+@click.option("-np", "--parallel", type=int, default=1, show_default=True, help="Parallel sequences (n_seq).")
+@click.option("-ngl", "--gpu-layers", "--n-gpu-layers", "gpu_layers", type=int,
+              help="Layers to offload (default: all that the plan puts on a GPU).")
+@click.option("--gpu-mem", "gpu_mem", type=MEMORY, multiple=True, metavar="SIZE",
+              help="Plan for GPU(s) of this free memory instead of detecting (e.g. 24G; repeatable).")
+@click.option("--ram", type=MEMORY, metavar="SIZE", help="Plan for this much free RAM instead of detecting.")
 @click.option("--file", "gguf_file", metavar="NAME.gguf", help="For a Hub GGUF repo: the file to estimate.")
 @click.option("--revision", help="Hub revision.")
 @click.option("--allow-ctx-extension", is_flag=True, help="Allow contexts above the model's maximum.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document: the model, devices, every plan and "
               "the largest context that fits per quant and KV type.")
-def estimate(model: str, quants: tuple[str, ...], ctxs: tuple[str, ...], kv_types: tuple[str, ...], flash_attn: str,
-             ubatch: int, parallel: int, gpu_layers: int | None, gpu_mem: tuple[str, ...], ram: str | None,
-             gguf_file: str | None, revision: str | None, allow_ctx_extension: bool, as_json: bool) -> None:
+def estimate(model: str, quants: tuple[str, ...], ctxs: tuple[int, ...], kv_types: tuple[str, ...],
+             cache_type_k: str | None, cache_type_v: str | None, flash_attn: str, ubatch: int, parallel: int,
+             gpu_layers: int | None, gpu_mem: tuple[int, ...], ram: int | None, gguf_file: str | None,
+             revision: str | None, allow_ctx_extension: bool, as_json: bool) -> None:
     """How much memory MODEL needs at each quant, context and KV type — and what fits here — before download.
 
     MODEL is a Hub repo id (only config.json and safetensors headers are read), a local checkpoint folder, a local
@@ -235,7 +220,7 @@ def estimate(model: str, quants: tuple[str, ...], ctxs: tuple[str, ...], kv_type
     from .model_spec import resolve_model
 
     spec = resolve_model(model, revision=revision, gguf_file=gguf_file)
-    contexts = [parse_ctx(c) for c in ctxs] or context_ladder(spec.n_ctx_train)
+    contexts = list(ctxs) or context_ladder(spec.n_ctx_train)
     too_long = [c for c in contexts if c > spec.n_ctx_train]
     if too_long and not allow_ctx_extension:
         raise LcrunError(model, f"context {too_long[0]:,} is above the model's maximum of {spec.n_ctx_train:,} "
@@ -245,9 +230,12 @@ def estimate(model: str, quants: tuple[str, ...], ctxs: tuple[str, ...], kv_type
             raise LcrunError(model, f"a GGUF file has its own quantization ({spec.file_type}); drop --quant")
         quants = (spec.file_type or "file",)
     quants = quants or ("Q8_0", "Q4_K_M")
-    kv_pairs = [(k.partition("/")[0].lower(), (k.partition("/")[2] or k).lower()) for k in (kv_types or ("f16",))]
-    devices = machine_devices([parse_memory(g) for g in gpu_mem] if gpu_mem else None,
-                              parse_memory(ram) if ram else None)
+    ll_kv = kv_type_from(None, cache_type_k, cache_type_v)
+    if ll_kv and kv_types:
+        raise click.UsageError("give the KV cache types once: --kv-type K[/V], or -ctk/-ctv")
+    kv_pairs = [(k.partition("/")[0].lower(), (k.partition("/")[2] or k).lower())
+                for k in ((ll_kv,) if ll_kv else kv_types or ("f16",))]
+    devices = machine_devices(list(gpu_mem) or None, ram)
     try:
         plans, largest = estimate_grid(spec, quants, contexts, kv_pairs, devices, flash_attn=flash_attn != "off",
                                        n_ubatch=ubatch, n_seq=parallel, n_gpu_layers=gpu_layers,
@@ -279,30 +267,38 @@ Examples:
 """)
 @click.argument("model")
 @click.option("--quant", default="Q4_K_M", show_default=True, help="Quant type, when MODEL is not a GGUF file.")
-@click.option("--ctx", default="auto", show_default=True, help="Context length (32k, 128k, …) or auto: the largest that fits.")
-@click.option("--kv-type", default="auto", show_default=True, help="KV cache type (f16, q8_0, q4_0, K/V) or auto: the least lossy that reaches the context.")
-@click.option("--flash-attn", type=click.Choice(["on", "off", "auto"]), default="auto", show_default=True)
-@click.option("--gpu-layers", type=int, help="Layers to offload (default: as many as fit).")
-@click.option("--ubatch", type=int, default=512, show_default=True)
-@click.option("--parallel", type=int, default=1, show_default=True)
-@click.option("--gpu-mem", "gpu_mem", multiple=True, metavar="SIZE", help="Plan for GPU(s) of this free memory.")
-@click.option("--ram", metavar="SIZE", help="Plan for this much free RAM.")
+@click.option("-c", "--ctx", "--ctx-size", "ctx", default="auto", show_default=True, metavar="N",
+              help="Context length (32k, 128k, …) or auto: the largest that fits.")
+@click.option("--kv-type", help="KV cache type (f16, q8_0, q4_0, K/V); default: the least lossy that reaches the "
+              "context.")
+@click.option("-ctk", "--cache-type-k", metavar="TYPE", help="llama.cpp's way: the K cache type (V stays f16 unless -ctv).")
+@click.option("-ctv", "--cache-type-v", metavar="TYPE", help="llama.cpp's way: the V cache type.")
+@click.option("-fa", "--flash-attn", type=click.Choice(["on", "off", "auto"]), default="auto", show_default=True)
+@click.option("-ngl", "--gpu-layers", "--n-gpu-layers", "gpu_layers", type=int,
+              help="Layers to offload (default: as many as fit).")
+@click.option("-ub", "--ubatch", "--ubatch-size", "ubatch", type=int, default=512, show_default=True)
+@click.option("-np", "--parallel", type=int, default=1, show_default=True)
+@click.option("--gpu-mem", "gpu_mem", type=MEMORY, multiple=True, metavar="SIZE",
+              help="Plan for GPU(s) of this free memory.")
+@click.option("--ram", type=MEMORY, metavar="SIZE", help="Plan for this much free RAM.")
+@click.option("--file", "gguf_file", metavar="NAME.gguf", help="For a Hub GGUF repo: the file to plan for.")
+@click.option("--revision", help="Hub revision.")
 @click.option("--verify", is_flag=True, help="Run llama.cpp's allocation dry run (no_alloc) on the GGUF and compare.")
 @click.option("--json", "as_json", is_flag=True)
-def plan(model: str, quant: str, ctx: str, kv_type: str, flash_attn: str, gpu_layers: int | None, ubatch: int,
-         parallel: int, gpu_mem: tuple[str, ...], ram: str | None, verify: bool, as_json: bool) -> None:
+def plan(model: str, quant: str, ctx: str, kv_type: str | None, cache_type_k: str | None, cache_type_v: str | None,
+         flash_attn: str, gpu_layers: int | None, ubatch: int, parallel: int, gpu_mem: tuple[int, ...],
+         ram: int | None, gguf_file: str | None, revision: str | None, verify: bool, as_json: bool) -> None:
     """Choose context, KV type, flash attention and GPU layers for MODEL on this machine, and explain the choice."""
     from .devices import machine_devices
     from .errors import LcrunError
     from .model_spec import resolve_model
     from .planner import choose
 
-    spec = resolve_model(model)
-    devices = machine_devices([parse_memory(g) for g in gpu_mem] if gpu_mem else None,
-                              parse_memory(ram) if ram else None)
+    spec = resolve_model(model, revision=revision, gguf_file=gguf_file)
+    devices = machine_devices(list(gpu_mem) or None, ram)
     quant_name = (spec.file_type or quant) if spec.file_tensor_bytes is not None else quant
-    choice = choose(spec, quant_name, devices, ctx=None if ctx == "auto" else parse_ctx(ctx),
-                    kv_type=None if kv_type == "auto" else kv_type, flash_attn=flash_attn, n_gpu_layers=gpu_layers,
+    kv = kv_type_from(None if kv_type in (None, "auto") else kv_type.lower(), cache_type_k, cache_type_v)
+    choice = choose(spec, quant_name, devices, ctx=None if ctx == "auto" else parse_ctx(ctx), kv_type=kv, flash_attn=flash_attn, n_gpu_layers=gpu_layers,
                     n_ubatch=ubatch, n_seq=parallel)
     result = {**choice.plan.to_dict(), "why": choice.why}
     if verify:

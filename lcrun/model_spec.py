@@ -121,6 +121,12 @@ def resolve_model(text: str, *, revision: str | None = None, gguf_file: str | No
         return spec_from_gguf(path)
     if path.is_dir():
         return spec_from_checkpoint_dir(path)
+    if text == "demo":
+        from lcrun.models import demo_checkpoint
+
+        spec = spec_from_checkpoint_dir(demo_checkpoint())
+        spec.name = "demo"
+        return spec
     from . import hub
 
     repo_id, quant = hub.split_model_ref(text)

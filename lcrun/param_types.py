@@ -1,0 +1,66 @@
+"""How the command line spells numbers: sizes, memory, context lengths — as click parameter types, in one module that
+imports only click, so every command module can use them without importing `lcrun.cli` (which imports the commands)."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import click
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.IGNORECASE)
+_FILE_UNITS = {"": 1, "K": 1000, "M": 1000**2, "G": 1000**3, "T": 1000**4}  # decimal, as llama.cpp's gguf-split
+_MEMORY_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}  # memory sizes are binary (24G = 24 GiB)
+_CTX = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*$")
+
+
+def parse_size(text: str) -> int:
+    """File sizes, decimal as llama.cpp's gguf-split takes them: 500M, 4G."""
+    match = _SIZE.match(text)
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a size like 500M or 4G")
+    return int(float(match.group(1)) * _FILE_UNITS[match.group(2).upper()])
+
+
+def parse_memory(text: str) -> int:
+    """Memory sizes, binary: 24G = 24 GiB."""
+    match = _SIZE.match(text)
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a memory size like 24G or 512M")
+    return int(float(match.group(1)) * _MEMORY_UNITS[match.group(2).upper()])
+
+
+def parse_ctx(text: str) -> int:
+    """Token counts with binary suffixes, as model cards use them: 32k = 32768, 1M = 1048576."""
+    match = _CTX.match(text)
+    if not match:
+        raise click.BadParameter(f"{text!r} is not a context length like 32768, 32k or 1M")
+    return int(float(match.group(1)) * {"": 1, "K": 1024, "M": 1 << 20}[match.group(2).upper()])
+
+
+class _Parsed(click.ParamType):
+    def __init__(self, name: str, parse: Any) -> None:
+        self.name, self._parse = name, parse
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, int):
+            return value
+        try:
+            return self._parse(str(value))
+        except click.BadParameter as bad:
+            self.fail(bad.message, param, ctx)
+
+
+SIZE = _Parsed("size", parse_size)
+MEMORY = _Parsed("memory", parse_memory)
+CONTEXT = _Parsed("context", parse_ctx)
+
+
+def kv_type_from(kv_type: str | None, cache_type_k: str | None, cache_type_v: str | None) -> str | None:
+    """lcrun's `--kv-type K[/V]`, from itself or from llama.cpp's `-ctk`/`-ctv`, which set K and V apart (the one not
+    given stays f16, as in llama.cpp)."""
+    if cache_type_k is None and cache_type_v is None:
+        return kv_type
+    if kv_type:
+        raise click.UsageError("give the KV cache type once: --kv-type K[/V], or -ctk/-ctv")
+    k, v = (cache_type_k or "f16").lower(), (cache_type_v or "f16").lower()
+    return k if k == v else f"{k}/{v}"

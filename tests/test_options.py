@@ -1,0 +1,73 @@
+"""llama.cpp's option names are aliases of lcrun's: the same command with either spelling gives the same output. A
+different value through the alias changes the output (so the alias is not silently ignored)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lcrun.convert.convert import convert_checkpoint
+from tests.fixtures.checkpoint_factory import make_llama_checkpoint
+from tests.fixtures.cli import invoke
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("opt")  # head_dim 32: quantized KV types are possible
+    ckpt = make_llama_checkpoint(root / "ckpt", hidden=128, layers=2, heads=4, kv_heads=2, ffn=256)
+    return convert_checkpoint(ckpt.path, root / "m.gguf", outtype="f16").paths[0]
+
+
+def output(*args: str) -> dict:
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+PLAN_ALIASES = [
+    (["--ctx", "2k"], ["-c", "2k"], ["-c", "1k"]),
+    (["--ctx", "2k"], ["--ctx-size", "2048"], ["--ctx-size", "1024"]),
+    (["--gpu-layers", "0"], ["-ngl", "0"], None),
+    (["--gpu-layers", "0"], ["--n-gpu-layers", "0"], None),
+    (["--flash-attn", "off"], ["-fa", "off"], ["-fa", "on"]),
+    (["--kv-type", "q8_0/q4_0", "--flash-attn", "on"], ["-ctk", "q8_0", "-ctv", "q4_0", "-fa", "on"],
+     ["-ctk", "q8_0", "-fa", "on"]),
+    (["--kv-type", "q8_0/f16"], ["--cache-type-k", "q8_0"], ["--cache-type-v", "q8_0"]),
+    (["--ubatch", "256"], ["-ub", "256"], ["-ub", "128"]),
+    (["--ubatch", "256"], ["--ubatch-size", "256"], None),
+    (["--parallel", "2"], ["-np", "2"], ["-np", "3"]),
+]
+
+
+@pytest.mark.parametrize(("ours", "theirs", "different"), PLAN_ALIASES)
+@pytest.mark.parametrize("command", ["plan", "estimate"])
+def test_llama_cpp_names_plan_the_same(model: Path, command: str, ours: list[str], theirs: list[str],
+                                       different: list[str] | None) -> None:
+    base = [command, str(model), "--ram", "8G", "--json"] + (["--ctx", "1k"] if command == "estimate" and
+                                                           not any(a.startswith(("-c", "--ctx")) for a in ours)
+                                                           else [])
+    if command == "plan" and not any(a.startswith(("-c", "--ctx")) for a in ours):
+        base += ["--ctx", "1k"]
+    assert output(*base, *ours) == output(*base, *theirs)
+    if different is not None:
+        assert output(*base, *different) != output(*base, *theirs)
+
+
+def test_kv_type_given_twice_is_refused(model: Path) -> None:
+    result = invoke("plan", str(model), "--kv-type", "q8_0", "-ctk", "q4_0")
+    assert result.exit_code == 2 and "give the KV cache type once" in result.stderr
+
+
+def test_convert_aliases(tmp_path: Path) -> None:
+    ours = invoke("convert", "demo", "--output", str(tmp_path / "a.gguf"), "--ctx", "32k", "--rope-theta", "1e6",
+                  "--threads", "1", "-q")
+    theirs = invoke("convert", "demo", "-o", str(tmp_path / "b.gguf"), "-c", "32768", "--rope-freq-base", "1000000",
+                    "-t", "1", "-q")
+    assert ours.exit_code == theirs.exit_code == 0, ours.output + theirs.output
+    a, b = (tmp_path / "a.gguf").read_bytes(), (tmp_path / "b.gguf").read_bytes()
+    assert a == b
+    old = invoke("convert", "demo", "--out", str(tmp_path / "c.gguf"), "--ctx", "32768", "--rope-theta", "1000000", "-q")
+    assert old.exit_code == 0 and (tmp_path / "c.gguf").read_bytes() == a
+    other = invoke("convert", "demo", "-o", str(tmp_path / "d.gguf"), "-c", "16k", "-q")
+    assert other.exit_code == 0 and (tmp_path / "d.gguf").read_bytes() != a
