@@ -181,7 +181,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    from lcrun.cli import parse_ctx
+    from lcrun.param_types import parse_ctx
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a GGUF file or `demo`")

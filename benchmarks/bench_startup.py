@@ -11,7 +11,10 @@ Then, interleaved round by round, each a fresh process (start-up and imports inc
 - chat to its first prompt: `lcrun chat F --no-history` with `/quit` on stdin (planning, loading the model and the
   KV cache, the plan panel, then the prompt read), against `Llama(model_path=F)` loading the same file fully.
 
-Targets (issue 9): each command ≤ 1.5× the vocab_only reference and ≤ 1 s; chat to its prompt ≤ the full load + 1 s.
+- `lcrun --help` against `python -c pass` (the interpreter's own start).
+
+Targets (issue 9): each command ≤ 1.5× the vocab_only reference and ≤ 1 s; chat to its prompt ≤ the full load + 1 s;
+(issue 12) `lcrun --help` ≤ 0.3 s beyond the interpreter's start.
 Medians of --repeat runs; every run is in the JSON.
 """
 from __future__ import annotations
@@ -43,6 +46,8 @@ def commands(path: Path) -> dict[str, tuple[list[str], str | None]]:
         "lcrun estimate --json": ([*LCRUN, "estimate", str(path), "--json"], None),
         "lcrun plan": ([*LCRUN, "plan", str(path)], None),
         "lcrun chat --dry-run": ([*LCRUN, "chat", str(path), "--dry-run"], None),
+        "reference: python -c pass": ([sys.executable, "-c", "pass"], None),
+        "lcrun --help": ([*LCRUN, "--help"], None),
         "reference: Llama() full load": ([sys.executable, "-c", FULL_LOAD.format(path=str(path))], None),
         "lcrun chat to its prompt": ([*LCRUN, "chat", str(path), "--no-history"], "/quit\n"),
     }
@@ -95,11 +100,15 @@ def main() -> None:
     for family, runs in results.items():
         vocab_only = statistics.median(runs["reference: Llama(vocab_only=True)"])
         full = statistics.median(runs["reference: Llama() full load"])
+        bare = statistics.median(runs["reference: python -c pass"])
         summary[family] = {}
         for name, times in runs.items():
             median = statistics.median(times)
             if name.startswith("reference"):
                 ratio, target = "", ""
+            elif name == "lcrun --help":
+                ratio = f"+{median - bare:.2f}s"
+                target = "≤ 0.3 s of its own: " + ("met" if median - bare <= 0.3 else "NOT met")
             elif name == "lcrun chat to its prompt":
                 ratio = f"+{median - full:.2f}s"
                 target = "≤ full load + 1 s: " + ("met" if median <= full + 1 else "NOT met")

@@ -10,7 +10,7 @@ from .cli_options import overrides_from, run_options
 
 
 def _parse_depth(text: str) -> int:
-    from .cli import parse_ctx
+    from .param_types import parse_ctx
 
     try:
         return parse_ctx(text)

@@ -50,7 +50,23 @@ def main(argv: list[str] | None = None) -> None:
         _fail(f"internal error: {type(exc).__name__}: {exc} (run with LCRUN_DEBUG=1 for the traceback)", 2)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Commands(click.Group):
+    """The commands defined here, and those in modules of their own (found by name: no module imports this one)."""
+
+    elsewhere = {"chat": "lcrun.chat_cli", "niah": "lcrun.niah_cli", "bench": "lcrun.bench_cli"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.elsewhere])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.elsewhere:
+            import importlib
+
+            return getattr(importlib.import_module(self.elsewhere[name]), name)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="lcrun")
 def cli() -> None:
     """Run long-context Llama models (Llama 3.1, Gradient 1048K, …) on your own machine."""
@@ -320,15 +336,6 @@ def plan(model: str, quant: str, ctx: str, kv_type: str | None, cache_type_k: st
     from .ui.plan_view import render_plan
 
     render_plan(spec.name, result, make_console())
-
-
-from .chat_cli import chat  # noqa: E402  (each command module imports only click at the top)
-from .niah_cli import niah  # noqa: E402
-from .bench_cli import bench  # noqa: E402
-
-cli.add_command(chat)
-cli.add_command(niah)
-cli.add_command(bench)
 
 
 def _json_default(value: Any) -> Any:
