@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from lcrun.chat.formats import (FORMAT_RULES, RAW, TEKKEN_VARIANTS, BuiltinFormat, RawFormat, Vocabulary,
-                                choose_format, requested_format)
+                                choose_format, engine_vocabulary, requested_format)
 from lcrun.chat.session import ChatSession
 from lcrun.chat.template import ChatTemplate, TemplateError
 from lcrun.cli import cli, main
@@ -222,6 +222,9 @@ def test_what_chat_template_asks_for(tmp_path: Path) -> None:
     good.write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}")
     mine = requested_format(str(good))
     assert (mine.kind, mine.name, mine.source) == ("jinja", "mine.jinja", good.read_text())
+    key = mine.key
+    good.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")  # same name, other prompts: another key
+    assert key.startswith("jinja:mine.jinja@") and requested_format(str(good)).key != key
     inline = requested_format("{{ messages[0].content }}")
     assert inline.kind == "jinja" and inline.source == "{{ messages[0].content }}"
     # a file named like a built-in format is still the format (and --chat-template-file takes the file)
@@ -327,6 +330,8 @@ def test_chat_p_on_each_file(name: str, realistic: Callable[[str], Path], engine
     assert engine.cached_tokens[:prompt_tokens] == engine.tokenize(variant.prompt.format(q=Q)) and generated >= 1
     family = FAMILIES[variant.family]
     assert (engine.cached_tokens[0] == family.bos) == family.add_bos  # BOS first exactly where the vocabulary asks
+    # the loaded vocabulary leads to the choice the header did
+    assert choose_format(engine_vocabulary(engine)).key == variant.key
 
 
 @pytest.mark.slow

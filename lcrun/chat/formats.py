@@ -13,6 +13,7 @@ needs only lookups in the vocabulary, so it is made from the GGUF header before 
 from __future__ import annotations
 
 import difflib
+import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +31,13 @@ class FormatChoice:
 
     @property
     def key(self) -> str:
-        """What identifies the prompts this format makes (niah results compare only under the same key)."""
-        return self.kind if self.kind == "raw" else f"{self.kind}:{self.name}"
+        """What identifies the prompts this format makes (niah results compare only under the same key): a template
+        of the user's by its content, the file's own by the name (the model file identifies it)."""
+        if self.kind == "raw":
+            return self.kind
+        if self.kind == "jinja" and self.name != FILE_TEMPLATE and self.source is not None:
+            return f"jinja:{self.name}@{hashlib.sha256(self.source.encode('utf-8')).hexdigest()[:12]}"
+        return f"{self.kind}:{self.name}"
 
     @property
     def what(self) -> str:
