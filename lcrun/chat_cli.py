@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from .cli_options import run_options_without_file
+from .cli_options import chat_format_options, run_options_without_file
 
 
 @click.command(epilog="""\b
@@ -18,12 +18,17 @@ Examples:
   git diff | lcrun chat model.gguf -p - --system "Review this diff"
   lcrun chat bartowski/Meta-Llama-3.1-8B-Instruct-GGUF --file Meta-Llama-3.1-8B-Instruct-Q4_K_M.gguf
   lcrun chat model.gguf --file book.txt --session book.session   # reopen later without the prefill
+  lcrun chat model.gguf --chat-template chatml                   # a llama.cpp format instead of the file's
+  lcrun chat model.gguf --chat-template my-template.jinja        # a Jinja template of yours (sandboxed)
+  lcrun chat --chat-template list                                # llama.cpp's built-in format names
+  lcrun chat base-model.gguf --raw -p "Once upon a time"         # a base model: continue plain text
 """)
 @click.argument("model")
 @click.option("--file", "files", multiple=True, metavar="PATH",
               help="A text document to add to the conversation (repeatable). When MODEL is a Hub repo id, "
                    "--file NAME.gguf names the GGUF to download and run.")
 @run_options_without_file
+@chat_format_options
 @click.option("-p", "--prompt", help="Answer this one prompt and exit: the answer alone on stdout, stats on "
                                      "stderr. `-p -` reads it from stdin.")
 @click.option("--system", help="System prompt.")
@@ -49,16 +54,22 @@ def chat(model: str, files: tuple[str, ...], prompt: str | None, system: str | N
     """Chat with MODEL (a GGUF file, `demo`, or a Hub GGUF repo with --file), sized to this machine.
 
     The planner picks context, KV cache type, flash attention and GPU layers from the memory that is free; every
-    choice can be forced. Documents stay pinned in the context and their prefill is reused across turns.
+    choice can be forced. Documents stay pinned in the context and their prefill is reused across turns. The chat
+    format is the file's own template, else the one its special tokens belong to, else ChatML (as llama.cpp);
+    the plan says which, and why.
     """
     from .ui.chat_app import ChatOptions, run_chat
-    from .cli_options import overrides_from
+    from .cli_options import chat_format_from, overrides_from
 
+    chat_format = chat_format_from(run)
+    if run.get("raw") and prompt is None and not dry_run:
+        raise click.UsageError("--raw continues one prompt as plain text: give the prompt with -p (the interactive "
+                               "chat needs a chat format)")
     hub_file, documents = _split_files(model, files)
     options = ChatOptions(
         prompt=prompt, system=system, documents=documents, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
         repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens, session_file=session_file,
-        history_file=history_file, no_history=no_history, dry_run=dry_run,
+        history_file=history_file, no_history=no_history, dry_run=dry_run, chat_format=chat_format,
     )
     code = run_chat(model, hub_file, run.get("revision"), overrides_from(run), options)
     if code:

@@ -1,5 +1,6 @@
 """Options shared by the commands that load a model (`chat`, `niah`, `bench`): the planner's choices, each of which
-the user can force. Only click is imported here, so `lcrun --help` stays instant."""
+the user can force, and the chat format (`chat`, `niah`). Only click is imported here, so `lcrun --help` stays
+instant."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -61,3 +62,74 @@ def run_options_without_file(func: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed(_RUN_OPTIONS[1:]):
         func = option(func)
     return func
+
+
+class ChatTemplateType(click.ParamType):
+    """`--chat-template NAME|FILE`: one of llama.cpp's built-in formats, a Jinja template file, or a Jinja template
+    inline (as llama.cpp takes it) — a lcrun.chat.formats.FormatChoice. `list` passes through (see _list_formats)."""
+    name = "NAME|FILE"
+
+    def __init__(self, *, file_only: bool = False) -> None:
+        self.file_only = file_only
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str) or (value == "list" and not self.file_only):
+            return value
+        from .chat.formats import requested_format
+        from .chat.template import TemplateError
+
+        try:
+            return requested_format(value, file_only=self.file_only)
+        except TemplateError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def _list_formats(ctx: click.Context, _param: click.Parameter, value: Any) -> Any:
+    if value == "list":
+        from .engine.chat_format import builtin_formats
+
+        click.echo("\n".join(builtin_formats()))
+        ctx.exit(0)
+    return value
+
+
+CHAT_TEMPLATE_OPTIONS = [
+    click.option("--chat-template", "chat_template", type=ChatTemplateType(), is_eager=True, callback=_list_formats,
+                 help="The chat format: one of llama.cpp's built-in names (chatml, llama3, gemma, mistral-v7, "
+                      "phi3, …; `--chat-template list` prints them all) or a Jinja template FILE. Default: the "
+                      "file's own template; without one, the format its special tokens belong to, else ChatML."),
+    click.option("--chat-template-file", "chat_template_file", type=ChatTemplateType(file_only=True),
+                 metavar="FILE", help="A Jinja chat template file (llama.cpp's spelling; as --chat-template FILE)."),
+]
+RAW_OPTION = click.option("--raw", is_flag=True, help="No chat format: the prompt is continued as plain text "
+                                                      "(for base models).")
+
+
+def chat_template_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--chat-template and --chat-template-file (for a command that always chats, such as a server)."""
+    for option in reversed(CHAT_TEMPLATE_OPTIONS):
+        func = option(func)
+    return func
+
+
+def chat_format_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """--chat-template, --chat-template-file and --raw; the command receives them as keyword arguments (see
+    `chat_format_from`)."""
+    return chat_template_options(RAW_OPTION(func))
+
+
+CHAT_FORMAT_OPTION_NAMES = ("chat_template", "chat_template_file", "raw")
+
+
+def chat_format_from(options: dict[str, Any]) -> Any:
+    """The FormatChoice the user asked for (None: the model's own), from the parsed options."""
+    from .chat.formats import RAW
+
+    given = [(flag, options.get(key)) for flag, key in (("--chat-template", "chat_template"),
+                                                        ("--chat-template-file", "chat_template_file"))]
+    chosen = [(flag, value) for flag, value in given if value is not None]
+    if options.get("raw"):
+        chosen.append(("--raw", RAW))
+    if len(chosen) > 1:
+        raise click.UsageError(f"{chosen[0][0]} and {chosen[1][0]} exclude each other: give one chat format")
+    return chosen[0][1] if chosen else None
