@@ -20,7 +20,7 @@ _PLAN_ROOM = 256  # tokens planned beyond --max-ctx for the template, question a
 
 
 def _ctx_value(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
-    from .cli import parse_ctx
+    from .param_types import parse_ctx
 
     return parse_ctx(value) if value is not None else None
 
@@ -50,7 +50,7 @@ Examples:
               help="Needle depths 0.0, step, … 1.0 (0.0 = the document's start, 1.0 = its end).")
 @click.option("--samples", type=int, default=1, show_default=True, help="Needles per (context, depth).")
 @click.option("--digits", type=int, default=8, show_default=True, help="Digits of the number to find.")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("-s", "--seed", type=int, default=0, show_default=True,
               help="Seed of the hidden numbers: the same seed hides the same needles.")
 @click.option("--haystack", "haystack_file", type=click.Path(path_type=Path), metavar="FILE",
               help="UTF-8 text to hide the needle in (default: the essays lcrun ships; repeated when too short).")
@@ -66,7 +66,7 @@ def niah(model: str, min_ctx: int, max_ctx: int | None, ctx_interval: int | None
          depth_interval: float, samples: int, digits: int, seed: int, haystack_file: Path | None,
          output: Path | None, resume: bool, force: bool, as_json: bool, svg: Path | None, html: Path | None,
          **run: Any) -> None:
-    """Needle in a haystack on MODEL (a GGUF file, `demo`, or a Hub GGUF repo with --file): can it find a number
+    """Needle in a haystack on MODEL (a GGUF file, `demo`, or a Hub GGUF repo as org/repo[:QUANT]): can it find a number
     hidden at each depth of each context length?
 
     Each cell cuts the haystack to the context length in the model's own tokens, puts a sentence with a random

@@ -8,8 +8,6 @@ from typing import Any
 
 from .template import ChatRenderer
 
-DOCUMENT_ROLE = "user"
-
 
 @dataclass
 class Message:
