@@ -11,7 +11,7 @@ from pathlib import Path
 import gguf
 import pytest
 
-from lcrun.engine.allocations import allocations_from_log, breakdown_supported, measure_allocations
+from lcrun.engine.allocations import breakdown_supported, measure_allocations
 from lcrun.memory_model import (
     ModelShape,
     compute_buffer_bytes,
