@@ -13,7 +13,10 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,17 @@ class Feed:
 
 
 @dataclass(frozen=True)
+class PromptPlan:
+    """What `plan_prompt` kept of a sequence's cache for a prompt, and the rest of the prompt in decode chunks."""
+    reused: int
+    chunks: list[list[int]]
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(map(len, self.chunks))
+
+
+@dataclass(frozen=True)
 class SequenceState:
     """One sequence's KV cache in memory (llama_state_seq_get_data) and the tokens it holds."""
     tokens: tuple[int, ...]
@@ -135,8 +149,11 @@ class SequenceEngineProtocol(EngineProtocol, Protocol):
     `decode` + `sample` are the step API of continuous batching:
 
         engine.set_sampler(s, sampling)                       # when a request starts on sequence s
-        engine.decode([Feed(a, [last_a]), Feed(b, [last_b]), Feed(s, prompt_chunk, logits=is_last_chunk)])
+        plan = engine.plan_prompt(s, prompt)                  # reuse what s holds; the rest in chunks
+        engine.decode([Feed(a, [last_a]), Feed(b, [last_b]), Feed(s, plan.chunks[i], logits=i == last)])
         next_a, next_b = engine.sample(a), engine.sample(b)   # each from its own logits, with its own sampler
+
+    A decode replaces the logits of the one before: sample (and read `logits`) in between.
     """
 
     n_seq: int
@@ -154,6 +171,8 @@ class SequenceEngineProtocol(EngineProtocol, Protocol):
     def token_bytes(self, token: int) -> bytes: ...
     def is_eog(self, token: int) -> bool: ...
 
+    def plan_prompt(self, seq: int, prompt_tokens: list[int], *, chunk: int = 512, sample: bool = True,
+                    pad_short_batches: bool = True) -> PromptPlan: ...
     def seq_tokens(self, seq: int) -> list[int]: ...
     def seq_len(self, seq: int) -> int: ...
     def common_prefix(self, seq: int, tokens: Sequence[int]) -> int: ...
@@ -167,3 +186,4 @@ class SequenceEngineProtocol(EngineProtocol, Protocol):
     def set_sampler(self, seq: int, sampling: Sampling) -> None: ...
     def decode(self, feeds: Sequence[Feed]) -> None: ...
     def sample(self, seq: int) -> int: ...
+    def logits(self, seq: int) -> np.ndarray: ...

@@ -35,6 +35,7 @@ from .protocol import (
     Finished,
     GenerateEvent,
     PrefillProgress,
+    PromptPlan,
     Sampling,
     SequenceState,
     TextChunk,
@@ -42,7 +43,8 @@ from .protocol import (
 
 __all__ = [
     "CPU_FA_TILE", "LLAMA_CPP_PYTHON_VERSION", "BackendDevice", "Engine", "EngineConfig", "Feed", "Finished",
-    "GenerateEvent", "PrefillProgress", "Sampling", "SequenceState", "TextChunk", "list_devices",
+    "GenerateEvent", "PrefillProgress", "PromptPlan", "Sampling", "SequenceState", "TextChunk", "context_params", "list_devices",
+    "model_params",
 ]
 
 # The release whose structs and defaults the engine mirrors (llama_model_params/llama_context_params layouts through
@@ -179,26 +181,31 @@ def _device_list(lc: Any, names: tuple[str, ...]) -> ctypes.Array:
 
 
 # -- parameters -------------------------------------------------------------------------------------------------
-def _model_params(lc: Any, config: EngineConfig) -> tuple[Any, list[Any]]:
-    """llama_model_params as llama-cpp-python's Llama builds them, plus the device list; the second item holds what
-    the params point to (keep it alive as long as the params)."""
+def model_params(config: EngineConfig) -> Any:
+    """The llama_model_params the engine loads its model with: what llama-cpp-python's Llama passes, plus the
+    device list (kept alive as the struct's `keep` attribute)."""
+    import llama_cpp as lc
+
     params = lc.llama_model_default_params()
     params.n_gpu_layers = 0x7FFFFFFF if config.n_gpu_layers == -1 else config.n_gpu_layers
     params.split_mode = lc.LLAMA_SPLIT_MODE_LAYER
     params.main_gpu = 0
     params.load_mode = lc.LLAMA_LOAD_MODE_MMAP
     params.vocab_only = False
-    keep: list[Any] = []
+    params.keep = []
     if config.devices is not None:
         devices = _device_list(lc, config.devices)
-        keep.append(devices)
+        params.keep.append(devices)
         params.devices = ctypes.addressof(devices)
-    return params, keep
+    return params
 
 
-def _context_params(lc: Any, config: EngineConfig) -> Any:
-    """llama_context_params as llama-cpp-python's Llama builds them (same thread and batch defaults), with YaRN
-    factors -1 (Llama passes 1/32/1, which override the GGUF's) and n_seq sequences."""
+def context_params(config: EngineConfig) -> Any:
+    """The llama_context_params the engine creates its context with: what llama-cpp-python's Llama passes (same
+    thread and batch defaults) except the YaRN factors, -1 (Llama passes 1/32/1, which would override the GGUF's), and
+    n_seq sequences."""
+    import llama_cpp as lc
+
     params = lc.llama_context_default_params()
     n_batch = min(config.n_ctx, config.n_batch)
     params.n_ctx = config.n_ctx
@@ -220,7 +227,8 @@ def _context_params(lc: Any, config: EngineConfig) -> Any:
     params.yarn_orig_ctx = 0
     params.embeddings = False
     params.offload_kqv = True
-    params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if config.flash_attn else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    params.flash_attn_type = (lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if config.flash_attn
+                              else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED)
     params.type_k = _ggml_type(config.type_k)
     params.type_v = _ggml_type(config.type_v)
     params.no_perf = False
@@ -335,13 +343,12 @@ class Engine:
         max_seq = lc.llama_max_parallel_sequences()
         if not 1 <= config.n_seq <= max_seq:
             raise EngineError(f"{config.n_seq} sequences", f"llama.cpp holds 1 to {max_seq} in one context")
-        context_params = _context_params(lc, config)
-        model_params, self._params_keep = _model_params(lc, config)
+        cparams, mparams = context_params(config), model_params(config)
         _log.errors.clear()
-        self._model = lc.llama_model_load_from_file(os.fsencode(path), model_params)
+        self._model = lc.llama_model_load_from_file(os.fsencode(path), mparams)
         if not self._model:
             raise EngineError(str(path), f"llama.cpp could not load the model ({_log.detail('no reason given')})")
-        self._ctx = lc.llama_init_from_model(self._model, context_params)
+        self._ctx = lc.llama_init_from_model(self._model, cparams)
         if not self._ctx:
             detail = _log.detail("no reason given")
             self.close()
@@ -540,6 +547,13 @@ class Engine:
             raise ValueError(f"sequence {seq} has no logits to sample: decode its last token with logits first")
         return int(self._lc.llama_sampler_sample(chain, self._ctx, index))
 
+    def logits(self, seq: int) -> np.ndarray:
+        """The logits `sample(seq)` would sample from (a copy, n_vocab floats); before sampling."""
+        index = self._outputs.get(seq)
+        if index is None:
+            raise ValueError(f"sequence {seq} has no logits: decode its last token with logits first")
+        return np.ctypeslib.as_array(self._lc.llama_get_logits_ith(self._ctx, index), shape=(self.n_vocab,)).copy()
+
     def _submit(self, n_tokens: int, parts: list[tuple[int, int, int, bool]]) -> None:
         """Decode the batch's first `n_tokens`; `parts` are (sequence, batch offset, count, logits)."""
         b = self._batch
@@ -592,21 +606,33 @@ class Engine:
         self._pending_copies.clear()
 
     # -- prompts and replies ------------------------------------------------------------------------------------
-    def _start(self, seq: int, prompt_tokens: list[int], *, redo_last: bool = True,
-               pad: bool = True) -> tuple[int, list[int]]:
-        """Keep the longest cached prefix (for sampling, never the last prompt token: it needs its logits from a
-        live decode); return how many tokens were reused and the rest to evaluate."""
+    def plan_prompt(self, seq: int, prompt_tokens: list[int], *, chunk: int = 512, sample: bool = True,
+                    pad_short_batches: bool = True) -> PromptPlan:
+        """Keep the longest prefix of `prompt_tokens` that sequence `seq` holds (dropping the rest of what it holds)
+        and split what is left into the chunks to decode, in order. With `sample`, the last prompt token is always
+        decoded again (sampling needs its logits from a live decode): feed the last chunk with logits. On a CPU with
+        flash attention no chunk has 2 to 63 tokens (see `_small_batches_are_slow`) unless `pad_short_batches` is
+        off: cached tokens are evaluated again, or the last chunk borrows from the one before."""
         self._seq(seq)
         if not prompt_tokens:
             raise ValueError("needs at least one prompt token")
         if len(prompt_tokens) >= self.n_ctx_seq:
             raise EngineError("prompt", f"{len(prompt_tokens)} tokens do not fit the {self.n_ctx_seq}-token context")
-        keep = min(self.common_prefix(seq, prompt_tokens), len(prompt_tokens) - redo_last)
+        slow = pad_short_batches and self._small_batches_are_slow
+        keep = min(self.common_prefix(seq, prompt_tokens), len(prompt_tokens) - sample)
         short = len(prompt_tokens) - keep
-        if pad and self._small_batches_are_slow and 1 < short < CPU_FA_TILE:
+        if slow and 1 < short < CPU_FA_TILE:
             keep = max(0, keep - (CPU_FA_TILE - short))  # evaluate cached tokens again: one tile is cheaper
         reused = self.seq_truncate(seq, keep)
-        return reused, prompt_tokens[reused:]
+        pending = prompt_tokens[reused:]
+        step = max(1, min(chunk, self.n_batch))
+        if slow:
+            step = min(step, self.config.n_ubatch)  # each decode one ubatch, so that only the last can be short
+        bounds = list(range(0, len(pending), step)) + [len(pending)]
+        tail = bounds[-1] - bounds[-2] if len(bounds) > 2 else 0
+        if slow and 1 < tail < CPU_FA_TILE and step >= 2 * CPU_FA_TILE:
+            bounds[-2] = bounds[-1] - CPU_FA_TILE  # no slow short batch at the end: borrow from the one before
+        return PromptPlan(reused, [pending[a:b] for a, b in zip(bounds, bounds[1:])])
 
     @property
     def _small_batches_are_slow(self) -> bool:
@@ -626,27 +652,21 @@ class Engine:
         b.logits[n - 1] = logits
         self._submit(n, [(seq, 0, n, logits)])
 
-    def _prefill_steps(self, seq: int, pending: list[int], cancel: threading.Event | None, chunk: int, *,
-                       pad: bool = True, logits: bool = False) -> Iterator[PrefillProgress]:
-        step = max(1, min(chunk, self.n_batch))
-        if pad and self._small_batches_are_slow:
-            step = min(step, self.config.n_ubatch)  # each call one ubatch, so that only the last can be short
-        bounds = list(range(0, len(pending), step)) + [len(pending)]
-        tail = bounds[-1] - bounds[-2] if len(bounds) > 2 else 0
-        if pad and self._small_batches_are_slow and 1 < tail < CPU_FA_TILE and step >= 2 * CPU_FA_TILE:
-            bounds[-2] = bounds[-1] - CPU_FA_TILE  # no slow short batch at the end: borrow from the one before
-        for start, stop in zip(bounds, bounds[1:]):
+    def _prefill_steps(self, seq: int, plan: PromptPlan, cancel: threading.Event | None, *,
+                       logits: bool = False) -> Iterator[PrefillProgress]:
+        done, total = 0, plan.n_tokens
+        for i, chunk in enumerate(plan.chunks):
             if cancel is not None and cancel.is_set():
                 return
-            self._eval(seq, pending[start:stop], logits and stop == len(pending))
-            yield PrefillProgress(done=stop, total=len(pending))
+            self._eval(seq, chunk, logits and i == len(plan.chunks) - 1)
+            done += len(chunk)
+            yield PrefillProgress(done=done, total=total)
 
     def prefill(self, tokens: list[int], *, seq: int = 0, cancel: threading.Event | None = None,
                 chunk: int = 512) -> Iterator[PrefillProgress]:
         """Bring a sequence's cache to `tokens` without sampling —
         e.g. a document as soon as it is added. Cancelling leaves the part already evaluated cached."""
-        _reused, pending = self._start(seq, tokens, redo_last=False)
-        yield from self._prefill_steps(seq, pending, cancel, chunk)
+        yield from self._prefill_steps(seq, self.plan_prompt(seq, tokens, chunk=chunk, sample=False), cancel)
 
     def generate(
         self,
@@ -665,7 +685,8 @@ class Engine:
         between two records: each token is sampled right after the decode that made its logits."""
         stop_tokens = stop_tokens or set()
         start = time.perf_counter()
-        reused, pending = self._start(seq, prompt_tokens, pad=pad_short_batches)
+        plan = self.plan_prompt(seq, prompt_tokens, chunk=prefill_chunk, pad_short_batches=pad_short_batches)
+        reused = plan.reused
 
         def finished(reason: str, completion: int, first_token_at: float | None, prefill_s: float) -> Finished:
             now = time.perf_counter()
@@ -673,12 +694,11 @@ class Engine:
             return Finished(
                 reason=reason, prompt_tokens=len(prompt_tokens), reused_tokens=reused, completion_tokens=completion,
                 time_to_first_token_s=(first_token_at if first_token_at is not None else now) - start,
-                prefill_tokens_per_s=_rate(len(pending), prefill_s), gen_tokens_per_s=_rate(completion - 1, gen_s),
+                prefill_tokens_per_s=_rate(plan.n_tokens, prefill_s), gen_tokens_per_s=_rate(completion - 1, gen_s),
             )
 
         s = self._seqs[seq]
-        for progress in self._prefill_steps(seq, pending, cancel, prefill_chunk, pad=pad_short_batches, logits=True):
-            yield progress
+        yield from self._prefill_steps(seq, plan, cancel, logits=True)
         if s.n < len(prompt_tokens):  # cancelled between chunks
             yield finished("cancelled", 0, None, time.perf_counter() - start)
             return
