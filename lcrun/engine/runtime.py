@@ -710,8 +710,11 @@ class Engine:
         prefill_s = time.perf_counter() - start
 
         self.set_sampler(seq, sampling)
-        lc, ctx, chain, b = self._lc, self._ctx, self._samplers[seq], self._batch
+        # the loop below runs once per token: names bound locally, the batch's arrays written in place
+        lc, ctx, chain, b, outputs, pieces = self._lc, self._ctx, self._samplers[seq], self._batch, self._outputs, \
+            self._pieces
         decode, sample, is_eog, token_bytes = lc.llama_decode, lc.llama_sampler_sample, self.is_eog, self.token_bytes
+        batch, token_ids, positions, seq_ids, wants_logits = b.struct, b.token, b.pos, b.seq, b.logits
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         completion = 0
         unsent = 0  # tokens whose bytes wait in the decoder for the rest of a UTF-8 sequence
@@ -721,31 +724,36 @@ class Engine:
         if cancel is not None and cancel.is_set():
             reason = "cancelled"
         elif room > 0:
-            token = int(sample(chain, ctx, self._outputs.pop(seq)))
+            token = sample(chain, ctx, outputs.pop(seq))
             first_token_at = time.perf_counter()
             while True:
                 completion += 1
                 # Every sampled token enters the cache, stop tokens included, so the next turn reuses all of it.
-                b.token[0], b.pos[0], b.seq[0], b.logits[0] = token, s.n, seq, 1
-                b.struct.n_tokens = 1
-                self._outputs.clear()
-                rc = decode(ctx, b.struct)
+                n = s.n
+                token_ids[0], positions[0], seq_ids[0], wants_logits[0] = token, n, seq, 1
+                batch.n_tokens = 1
+                outputs.clear()
+                rc = decode(ctx, batch)
                 if rc != 0:
                     self._decode_failed(rc, [(seq, 0, 1, True)])
-                s.tokens[s.n] = token
-                s.appended(1, self._blocks)
+                s.tokens[n] = token
+                if s.extendable and s.runs[-1][2] == n:
+                    s.runs[-1][2] += 1
+                    s.n = n + 1
+                else:
+                    s.appended(1, self._blocks)
                 if token in stop_tokens or (not ignore_eog and is_eog(token)):
                     reason = "stop"
                     break
                 unsent += 1
-                text = decoder.decode(token_bytes(token))
+                text = decoder.decode(pieces.get(token) or token_bytes(token))
                 if completion >= room:
                     if text:
                         yield TextChunk(text=text, n_tokens=unsent)
                         unsent = 0
                     break
                 # sampled before anything is yielded: a caller may decode other sequences in between
-                token = int(sample(chain, ctx, 0))
+                token = sample(chain, ctx, 0)
                 if text:
                     yield TextChunk(text=text, n_tokens=unsent)
                     unsent = 0
