@@ -257,6 +257,21 @@ def test_a_copy_is_complete_before_it_is_saved(gguf_path: Path, tmp_path: Path) 
         assert other.cached_tokens[len(a) + len(other.tokenize(" Go on.")):] == expected
 
 
+def test_a_queued_copy_does_not_overwrite_a_restored_sequence(gguf_path: Path, tmp_path: Path) -> None:
+    """The buffer copy llama.cpp queues for the next decode must not land on top of a state loaded before it."""
+    with Engine(config(gguf_path)) as eng:
+        a, b = eng.tokenize(TEXT_A, add_bos=True), eng.tokenize(TEXT_B, add_bos=True)
+        list(eng.prefill(b, seq=1))
+        snap = eng.snapshot(1)
+        eng.save_state(tmp_path / "b.state", seq=1)
+        expected = reply(eng, b + eng.tokenize(" Go on."), 1)
+        list(eng.prefill(a, seq=0))
+        for load in (lambda: eng.restore(snap, 1), lambda: eng.load_state(tmp_path / "b.state", seq=1)):
+            eng.seq_copy(0, 1)
+            assert load() == len(b)
+            assert reply(eng, b + eng.tokenize(" Go on."), 1) == expected
+
+
 def test_step_api_refuses_what_llama_cpp_cannot_do(gguf_path: Path) -> None:
     with Engine(config(gguf_path)) as eng:
         a = eng.tokenize(TEXT_A, add_bos=True)

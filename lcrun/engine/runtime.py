@@ -452,8 +452,6 @@ class Engine:
                 keep = 0
             s.cut(keep)
             self._outputs.pop(seq, None)
-            if keep == 0:
-                self._pending_copies.discard(seq)
         return s.n
 
     def seq_clear(self, seq: int) -> None:
@@ -595,8 +593,7 @@ class Engine:
             raise EngineError("KV cache", "every sequence is full; cannot complete a copy between sequences")
         s = self._seqs[room]
         b = self._batch
-        b.token[0] = self._seqs[seq].tokens[self._seqs[seq].n - 1]
-        b.pos[0], b.seq[0], b.logits[0] = s.n, room, 0
+        b.token[0], b.pos[0], b.seq[0], b.logits[0] = 0, s.n, room, 0
         b.struct.n_tokens = 1
         self._outputs.clear()
         rc = self._lc.llama_decode(self._ctx, b.struct)
@@ -787,6 +784,7 @@ class Engine:
         s = self._seq(seq)
         if not path.is_file():
             raise EngineError(str(path), "no such session state file")
+        self._flush_copies(seq)  # a queued copy into this sequence would overwrite what is loaded
         self.seq_clear(seq)
         lc = self._lc
         count = ctypes.c_size_t(0)
@@ -821,6 +819,7 @@ class Engine:
         n = len(state.tokens)
         if n > self.n_ctx_seq:
             raise EngineError(f"sequence {seq}", f"a {n:,}-token snapshot does not fit its {self.n_ctx_seq:,} tokens")
+        self._flush_copies(seq)  # a queued copy into this sequence would overwrite what is restored
         self.seq_clear(seq)
         lc = self._lc
         data = (ctypes.c_uint8 * len(state.data)).from_buffer_copy(state.data)
