@@ -20,6 +20,10 @@ import numpy as np
 
 from .errors import OutputError
 
+# written data is handed to the disk every this many bytes instead of all at once by commit's fsync, so the disk writes
+# while the converter computes; posix_fadvise(DONTNEED) starts writeback of dirty pages without waiting for it
+WRITEBACK_BYTES = 32 << 20
+
 
 def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
@@ -148,6 +152,7 @@ class GGUFOutput:
         self._current = 0
         self._written_in_current = 0
         self._opened = False
+        self._handed_to_disk: list[int] = []  # per file: the offset up to which writeback has been started
 
     # ---- planning ------------------------------------------------------------------------------------------------
     def add_tensor(self, name: str, shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType, nbytes: int) -> None:
@@ -182,6 +187,7 @@ class GGUFOutput:
         except OSError as exc:
             self.abort()
             raise _output_error(self.path, exc) from exc
+        self._handed_to_disk = [0] * len(self._files)
         self._opened = True
 
     @property
@@ -200,14 +206,27 @@ class GGUFOutput:
         tensor = self._pending[self._current]
         if self._written_in_current + len(data) > tensor.nbytes:
             raise ValueError(f"{tensor.name}: {self._written_in_current + len(data)} bytes exceed {tensor.nbytes}")
+        fout = self._files[tensor.file_index]
         try:
-            self._files[tensor.file_index].write(data)
+            fout.write(data)
+            self._hand_to_disk(tensor.file_index, fout)
         except OSError as exc:
             self.abort()
             raise _output_error(self.final_paths[tensor.file_index], exc) from exc
         self._written_in_current += len(data)
         if self._written_in_current == tensor.nbytes:
             self._finish_tensor()
+
+    def _hand_to_disk(self, index: int, fout: BinaryIO) -> None:
+        start, end = self._handed_to_disk[index], fout.tell()
+        if end - start < WRITEBACK_BYTES or not hasattr(os, "posix_fadvise"):
+            return
+        fout.flush()
+        try:
+            os.posix_fadvise(fout.fileno(), start, end - start, os.POSIX_FADV_DONTNEED)
+        except OSError:
+            pass  # an optimisation only: commit's fsync writes whatever is still dirty
+        self._handed_to_disk[index] = end
 
     def commit(self) -> list[Path]:
         if self._current != len(self._pending):
