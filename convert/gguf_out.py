@@ -1,18 +1,21 @@
 """An atomic, streaming GGUF writer: metadata through gguf's GGUFWriter, tensor data appended chunk by chunk.
 
-Large metadata arrays (a 128K-token vocabulary and its merges) are `PackedArray`s: GGUFWriter packs an array one
-`struct.pack` per item, half a million calls for Llama 3's tokenizer; `BulkArrayWriter` serializes them with numpy
-in one go, to the same bytes. Every output file is written as `<name>.partial`, fsynced and renamed only when all of them are complete, so a
+Every output file is written as `<name>.partial`, fsynced and renamed only when all of them are complete, so a
 crash, Ctrl-C or full disk never leaves a half-written file at the output path. Splits follow llama.cpp's
 `<stem>-00001-of-0000N.gguf` naming (gguf's SHARD_NAME_FORMAT) and metadata (`split.*`).
+
+Large metadata arrays (a 128K-token vocabulary and its merges) are `PackedArray`s: GGUFWriter packs an array one
+`struct.pack` per item, half a million calls for Llama 3's tokenizer; `BulkArrayWriter` serializes them with numpy
+in one go, to the same bytes.
 """
 from __future__ import annotations
 
 import errno
 import os
+import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any, BinaryIO, overload
 
 import gguf
@@ -67,7 +70,7 @@ class PackedArray(Sequence[Any]):
                  else _pack_numbers(self.values, item_type, order))
         if items is None:
             return None
-        return np.array([item_type], f"{order}u4").tobytes() + np.array([len(self)], f"{order}u8").tobytes() + items
+        return struct.pack(f"{order}IQ", item_type, len(self)) + items
 
 
 def _pack_strings(values: Sequence[str], order: str) -> bytes:
