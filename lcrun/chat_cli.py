@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from .cli_options import run_options_without_file
+from .cli_options import chat_format_options, run_options_without_file
 
 
 @click.command(epilog="""\b
@@ -16,25 +16,29 @@ Examples:
   lcrun chat Llama-3.1-8B-Instruct-Q4_K_M.gguf --ctx 64k --file contract.txt
   lcrun chat model.gguf -p "Summarise this" --file report.txt > summary.md
   git diff | lcrun chat model.gguf -p - --system "Review this diff"
-  lcrun chat bartowski/Meta-Llama-3.1-8B-Instruct-GGUF --file Meta-Llama-3.1-8B-Instruct-Q4_K_M.gguf
+  lcrun chat bartowski/Meta-Llama-3.1-8B-Instruct-GGUF:Q4_K_M       # a Hub GGUF repo, as llama.cpp's -hf
   lcrun chat model.gguf --file book.txt --session book.session   # reopen later without the prefill
+  lcrun chat model.gguf --chat-template chatml                   # a llama.cpp format instead of the file's
+  lcrun chat model.gguf --chat-template my-template.jinja        # a Jinja template of yours (sandboxed)
+  lcrun chat --chat-template list                                # llama.cpp's built-in format names
+  lcrun chat base-model.gguf --raw -p "Once upon a time"         # a base model: continue plain text
 """)
 @click.argument("model")
 @click.option("--file", "files", multiple=True, metavar="PATH",
-              help="A text document to add to the conversation (repeatable). When MODEL is a Hub repo id, "
-                   "--file NAME.gguf names the GGUF to download and run.")
+              help="A text document to add to the conversation (repeatable).")
 @run_options_without_file
+@chat_format_options
 @click.option("-p", "--prompt", help="Answer this one prompt and exit: the answer alone on stdout, stats on "
                                      "stderr. `-p -` reads it from stdin.")
-@click.option("--system", help="System prompt.")
+@click.option("-sys", "--system", "--system-prompt", "system", help="System prompt.")
 @click.option("--temp", type=float, default=0.7, show_default=True, help="Temperature (0 = greedy).")
 @click.option("--top-p", type=float, default=0.95, show_default=True)
 @click.option("--top-k", type=int, default=40, show_default=True)
 @click.option("--min-p", type=float, default=0.05, show_default=True)
 @click.option("--repeat-penalty", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--max-tokens", type=int, help="Longest reply in tokens (default: until the model stops or the "
-                                             "context is full).")
+@click.option("-s", "--seed", type=int, default=0, show_default=True)
+@click.option("-n", "--max-tokens", "--n-predict", "max_tokens", type=int,
+              help="Longest reply in tokens (default: until the model stops or the context is full).")
 @click.option("--session", "session_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Save the conversation and its KV cache here on exit (llama.cpp state file beside it, .kv) and "
                    "restore them when it exists: a long document is not prefilled twice.")
@@ -46,37 +50,26 @@ def chat(model: str, files: tuple[str, ...], prompt: str | None, system: str | N
          top_k: int, min_p: float, repeat_penalty: float, seed: int, max_tokens: int | None,
          session_file: Path | None, history_file: Path | None, no_history: bool, dry_run: bool,
          **run: Any) -> None:
-    """Chat with MODEL (a GGUF file, `demo`, or a Hub GGUF repo with --file), sized to this machine.
+    """Chat with MODEL (a GGUF file, `demo`, or a Hub GGUF repo as org/repo[:QUANT]), sized to this machine.
 
     The planner picks context, KV cache type, flash attention and GPU layers from the memory that is free; every
-    choice can be forced. Documents stay pinned in the context and their prefill is reused across turns.
+    choice can be forced. Documents stay pinned in the context and their prefill is reused across turns. The chat
+    format is the file's own template, else the one its special tokens belong to, else ChatML (as llama.cpp);
+    the plan says which, and why.
     """
     from .ui.chat_app import ChatOptions, run_chat
-    from .cli_options import overrides_from
+    from .cli_options import chat_format_from, overrides_from
 
-    hub_file, documents = _split_files(model, files)
+    chat_format = chat_format_from(run)
+    if run.get("raw") and prompt is None and not dry_run:
+        raise click.UsageError("--raw continues one prompt as plain text: give the prompt with -p (the interactive "
+                               "chat needs a chat format)")
+    documents = [Path(f).expanduser() for f in files]
     options = ChatOptions(
         prompt=prompt, system=system, documents=documents, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
         repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens, session_file=session_file,
-        history_file=history_file, no_history=no_history, dry_run=dry_run,
+        history_file=history_file, no_history=no_history, dry_run=dry_run, chat_format=chat_format,
     )
-    code = run_chat(model, hub_file, run.get("revision"), overrides_from(run), options)
+    code = run_chat(model, run.get("hub_file"), run.get("revision"), overrides_from(run), options)
     if code:
         sys.exit(code)
-
-
-def _split_files(model: str, files: tuple[str, ...]) -> tuple[str | None, list[Path]]:
-    """For a Hub repo id, a --file NAME.gguf that is not a local file is the GGUF to download; the rest are
-    documents."""
-    from .hub import looks_like_repo_id
-
-    hub_file = None
-    documents = []
-    for value in files:
-        if value.lower().endswith(".gguf") and not Path(value).exists() and looks_like_repo_id(model):
-            if hub_file is not None:
-                raise click.UsageError(f"--file {value}: only one GGUF per chat (already {hub_file})")
-            hub_file = value
-        else:
-            documents.append(Path(value).expanduser())
-    return hub_file, documents

@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .cli_options import run_options
+from .cli_options import chat_format_options, run_options
 
 if TYPE_CHECKING:
+    from .chat.formats import FormatChoice
     from .launch import Launch, RunOverrides
     from .niah.run import NiahParams
 
@@ -19,7 +20,7 @@ _PLAN_ROOM = 256  # tokens planned beyond --max-ctx for the template, question a
 
 
 def _ctx_value(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
-    from .cli import parse_ctx
+    from .param_types import parse_ctx
 
     return parse_ctx(value) if value is not None else None
 
@@ -31,9 +32,12 @@ Examples:
   lcrun niah model.gguf --max-ctx 64k --kv-type f16  -o f16.jsonl
   lcrun niah model.gguf --max-ctx 64k --kv-type q4_0 -o q4_0.jsonl   # same needles: compare the two
   lcrun niah model.gguf --max-ctx 64k -o run.jsonl --resume          # after an interruption
+  lcrun niah model.gguf --max-ctx 32k --chat-template chatml         # a llama.cpp format instead of the file's
+  lcrun niah base-model.gguf --max-ctx 16k --raw                     # a base model: a sentence to complete
 """)
 @click.argument("model")
 @run_options
+@chat_format_options
 @click.option("--min-ctx", default="100", show_default=True, metavar="N", callback=_ctx_value,
               help="Shortest context (haystack with needle) in tokens.")
 @click.option("--max-ctx", metavar="N", callback=_ctx_value,
@@ -46,7 +50,7 @@ Examples:
               help="Needle depths 0.0, step, … 1.0 (0.0 = the document's start, 1.0 = its end).")
 @click.option("--samples", type=int, default=1, show_default=True, help="Needles per (context, depth).")
 @click.option("--digits", type=int, default=8, show_default=True, help="Digits of the number to find.")
-@click.option("--seed", type=int, default=0, show_default=True,
+@click.option("-s", "--seed", type=int, default=0, show_default=True,
               help="Seed of the hidden numbers: the same seed hides the same needles.")
 @click.option("--haystack", "haystack_file", type=click.Path(path_type=Path), metavar="FILE",
               help="UTF-8 text to hide the needle in (default: the essays lcrun ships; repeated when too short).")
@@ -62,14 +66,15 @@ def niah(model: str, min_ctx: int, max_ctx: int | None, ctx_interval: int | None
          depth_interval: float, samples: int, digits: int, seed: int, haystack_file: Path | None,
          output: Path | None, resume: bool, force: bool, as_json: bool, svg: Path | None, html: Path | None,
          **run: Any) -> None:
-    """Needle in a haystack on MODEL (a GGUF file, `demo`, or a Hub GGUF repo with --file): can it find a number
+    """Needle in a haystack on MODEL (a GGUF file, `demo`, or a Hub GGUF repo as org/repo[:QUANT]): can it find a number
     hidden at each depth of each context length?
 
     Each cell cuts the haystack to the context length in the model's own tokens, puts a sentence with a random
-    number at a sentence boundary near the depth, asks for the number through the chat template and scores the
-    greedy answer 1 if it holds the number. The planner sizes the engine; --kv-type and the other options force it.
+    number at a sentence boundary near the depth, asks for the number in the model's chat format (--raw: ends the
+    prompt with a sentence to complete) and scores the greedy answer 1 if it holds the number. The planner sizes
+    the engine; --kv-type and the other options force it.
     """
-    from .cli_options import overrides_from
+    from .cli_options import chat_format_from, overrides_from
     from .niah.grid import GRADIENT_MAX_CTX
     from .niah.run import NiahParams
 
@@ -79,7 +84,8 @@ def niah(model: str, min_ctx: int, max_ctx: int | None, ctx_interval: int | None
                         ctx_steps=ctx_steps, depth_interval=depth_interval, samples=samples, digits=digits,
                         seed=seed)
     code = _run(model, params, overrides_from(run), run.get("hub_file"), run.get("revision"), haystack_file,
-                output, resume=resume, force=force, as_json=as_json, svg=svg, html=html)
+                output, resume=resume, force=force, as_json=as_json, svg=svg, html=html,
+                chat_format=chat_format_from(run))
     if code:
         sys.exit(code)
 
@@ -99,7 +105,8 @@ def _plan(path: Path, overrides: RunOverrides, max_ctx: int) -> Launch:
 
 def _run(model: str, params: NiahParams, overrides: RunOverrides, hub_file: str | None, revision: str | None,
          haystack_file: Path | None, output: Path | None, *, resume: bool, force: bool, as_json: bool,
-         svg: Path | None, html: Path | None) -> int:
+         svg: Path | None, html: Path | None, chat_format: FormatChoice | None = None) -> int:
+    from .chat.formats import choose_format, header_vocabulary
     from .niah.haystack import read_haystack
     from .niah.results import ResultsLog
     from .niah.run import prepare_run, run_cells, run_identity
@@ -114,17 +121,20 @@ def _run(model: str, params: NiahParams, overrides: RunOverrides, hub_file: str 
     haystack = read_haystack(haystack_file)
     path = locate_model(err, model, hub_file, revision)
     launch = _plan(path, overrides, params.max_ctx)
+    if launch.gguf is not None:  # decided from the header, before loading; else by prepare_run from the engine
+        chat_format = choose_format(header_vocabulary(launch.gguf.meta), chat_format)
     plan = launch.choice.plan
     settings = {"type_k": plan.type_k, "type_v": plan.type_v, "flash_attn": plan.flash_attn,
-                "rope_theta": overrides.rope_theta, "rope_scale": overrides.rope_scale}
+                "rope_theta": overrides.rope_theta, "rope_scale": overrides.rope_scale,
+                "chat_format": chat_format.key if chat_format is not None else None}
     kv = plan.type_k if plan.type_k == plan.type_v else f"{plan.type_k}-{plan.type_v}"
     output = output or Path(f"niah-{path.stem}-{kv}.jsonl")
     log = ResultsLog(output, run_identity(path, haystack, params, settings), resume=resume, force=force)
-    render_plan_panel(launch, err)
+    render_plan_panel(launch, err, chat_format=chat_format)
 
     engine = load_engine(err, launch.config)
     try:
-        niah_run = prepare_run(engine, params, haystack)
+        niah_run = prepare_run(engine, params, haystack, chat_format)
         for note in niah_run.notes:
             err.print(f"note: {note}", highlight=False, markup=False)
         with log, NiahProgress(err) as bar:

@@ -197,14 +197,19 @@ def test_hub_gguf_repo_is_downloaded_into_the_cache_then_chatted_with(model: Pat
     doc = tmp_path / "q.txt"
     doc.write_text("a document")
     fake_hub.add_repo("someorg/tiny-GGUF", {"tiny-F16.gguf": model.read_bytes(), "README.md": b"# tiny"})
-    result = run(["someorg/tiny-GGUF", "--file", "tiny-F16.gguf", "--file", str(doc), "-p", "hi", "--no-history"])
+    result = run(["someorg/tiny-GGUF:F16", "--file", str(doc), "-p", "hi", "--no-history"])
     assert result.exit_code == 0, result.output
     assert result.stdout == "You said: hi\n"
     assert fake_hub.bytes_served("tiny-F16.gguf") == model.stat().st_size
     cached = list((tmp_path / "hf-home" / "hub").rglob("tiny-F16.gguf"))
     assert len(cached) == 1 and cached[0].read_bytes() == model.read_bytes()
-    missing = run(["someorg/tiny-GGUF", "--file", "other.gguf", "-p", "hi"])
+    only_one = run(["someorg/tiny-GGUF", "-p", "hi", "--no-history"])  # the repo's only GGUF needs no quant
+    assert only_one.exit_code == 0, only_one.output
+    named = run(["someorg/tiny-GGUF", "--hf-file", "tiny-F16.gguf", "-p", "hi", "--no-history"])
+    assert named.exit_code == 0, named.output
+    missing = run(["someorg/tiny-GGUF:Q4_K_M", "-p", "hi"])
     assert missing.exit_code == 1
-    assert missing.stderr.strip() == "error: someorg/tiny-GGUF: no file other.gguf in the repo; it has tiny-F16.gguf"
-    no_file = run(["someorg/tiny-GGUF", "-p", "hi"])
-    assert no_file.exit_code == 1 and "needs --file NAME.gguf" in no_file.stderr
+    assert missing.stderr.strip() == "error: someorg/tiny-GGUF: has no Q4_K_M GGUF; it has F16"
+    no_file = run(["someorg/tiny-GGUF", "--hf-file", "other.gguf", "-p", "hi"])
+    assert no_file.exit_code == 1
+    assert no_file.stderr.strip() == "error: someorg/tiny-GGUF: no file other.gguf in the repo; it has tiny-F16.gguf"

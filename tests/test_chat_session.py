@@ -74,8 +74,9 @@ def test_document_check_counts_tokens_and_refuses_what_cannot_fit(tmp_path: Path
     big.write_text("z" * 1000)
     binary.write_bytes(b"\x7fELF\x00\x01\x02")
     check = session.check_document(small)
-    # what it adds to the prompt (the first message: with the BOS): its header, the text in its <document> wrapper, the end of the message
-    message = '<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<document name="small.txt">\n' + \
+    # what it adds to the prompt: its header, the text in its <document> wrapper, the end of the message (the BOS
+    # is there before any message: the vocabulary adds it to every prompt, as llama-server does)
+    message = '<|start_header_id|>user<|end_header_id|>\n\n<document name="small.txt">\n' + \
         ("abc " * 20).strip() + "\n</document><|eot_id|>"
     assert check.tokens == len(session.engine.tokenize(message))
     assert check.drops_turns == 0 and not session.conversation.messages  # checking adds nothing

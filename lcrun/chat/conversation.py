@@ -1,14 +1,12 @@
 """The conversation as the model sees it: a system prompt, pinned documents, and turns — rendered through the model's
-chat template into one prompt, and trimmed (oldest unpinned turns first) when it would not fit the context."""
+chat format into one prompt, and trimmed (oldest unpinned turns first) when it would not fit the context."""
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .template import ChatTemplate
-
-DOCUMENT_ROLE = "user"
+from .template import ChatRenderer
 
 
 @dataclass
@@ -36,7 +34,7 @@ class Conversation:
         out = [{"role": "system", "content": self.system}] if self.system else []
         return out + [{"role": m.role, "content": m.content} for m in (self.messages if messages is None else messages)]
 
-    def render(self, template: ChatTemplate, *, add_generation_prompt: bool = True,
+    def render(self, template: ChatRenderer, *, add_generation_prompt: bool = True,
                messages: list[Message] | None = None) -> str:
         return template.render(self.template_messages(messages), add_generation_prompt=add_generation_prompt)
 
@@ -80,7 +78,7 @@ class Fitted:
     dropped_tokens: int
 
 
-def fit_to_context(conversation: Conversation, template: ChatTemplate, tokenize: Callable[[str], list[int]],
+def fit_to_context(conversation: Conversation, template: ChatRenderer, tokenize: Callable[[str], list[int]],
                    budget: int) -> Fitted | None:
     """Drop the oldest unpinned turns until the prompt is at most `budget` tokens; None if even the system prompt,
     the pinned documents and the question alone are too long (then nothing is dropped)."""

@@ -6,7 +6,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 
-_CANDIDATES = re.compile(r"<\|[^|<>\s]{1,48}\|>|\[/?INST\]|</?s>|<start_of_turn>|<end_of_turn>")
+_CANDIDATES = re.compile(r"<\|[^|<>\s]{1,48}\|>|<｜[^｜<>\s]{1,48}｜>|\[/?[A-Z_]{3,24}\]|</?s>|<[be]os>|"
+                         r"<start_of_turn>|<end_of_turn>")
 _MEMO_CHARS = 64 << 20
 
 
@@ -26,7 +27,10 @@ class PromptTokenizer:
     @classmethod
     def for_template(cls, tokenize: Callable[[str], list[int]], token_text: Callable[[int], str],
                      template_source: str, extra: Iterable[str], probe: str) -> PromptTokenizer:
-        return cls(tokenize, token_text, [*_CANDIDATES.findall(template_source), *extra], probe=probe)
+        """Special tokens are looked for in the template and in a conversation it rendered (`probe`): a built-in
+        format's source is only its name."""
+        candidates = [*_CANDIDATES.findall(template_source), *_CANDIDATES.findall(probe), *extra]
+        return cls(tokenize, token_text, candidates, probe=probe)
 
     def remember(self, text: str, tokens: list[int]) -> None:
         """`text` is what these tokens stand for — e.g. a prompt and the reply the model generated to it, whose

@@ -20,12 +20,15 @@ from .conversation import Conversation, Fitted, Message, document_text, fit_to_c
 from .documents import DocumentError, read_document
 from .history import History
 from .prompt_tokens import PromptTokenizer
-from .template import ChatTemplate, TemplateError, engine_template
+from .formats import FormatChoice, choose_format, engine_renderer, engine_vocabulary
+from .template import ChatRenderer, TemplateError
 
 
 class EngineLike(Protocol):
     n_ctx: int
     chat_template: str | None
+    add_bos: bool
+    metadata: dict[str, str]
 
     def tokenize(self, text: str, *, special: bool = True, add_bos: bool = False) -> list[int]: ...
     def token_text(self, token: int) -> str: ...
@@ -96,11 +99,18 @@ class SessionStats:
 
 
 class ChatSession:
-    def __init__(self, engine: EngineLike, *, template: ChatTemplate | None = None, system: str | None = None,
-                 sampling: Sampling = Sampling(), max_tokens: int | None = None, history: History | None = None,
-                 model_name: str = "", session_path: Path | None = None) -> None:
+    def __init__(self, engine: EngineLike, *, chat_format: FormatChoice | None = None,
+                 template: ChatRenderer | None = None, system: str | None = None, sampling: Sampling = Sampling(),
+                 max_tokens: int | None = None, history: History | None = None, model_name: str = "",
+                 session_path: Path | None = None) -> None:
+        """`chat_format`: as chosen from the file's header (default: chosen from the engine's vocabulary);
+        `template`: a renderer to use instead (tests)."""
         self.engine = engine
-        self.template = template or engine_template(engine)
+        if template is None:
+            chat_format = chat_format or choose_format(engine_vocabulary(engine))
+            template = engine_renderer(engine, chat_format)
+        self.chat_format = chat_format
+        self.template = template
         self.conversation = Conversation(system or None)
         self.sampling = sampling
         self.max_tokens = max_tokens

@@ -1,28 +1,33 @@
-"""The model's own chat template (tokenizer.chat_template in the GGUF), rendered in a sandboxed Jinja environment
-as transformers does: a template comes with a downloaded file and must not reach the filesystem or Python objects."""
+"""Rendering a conversation in a Jinja chat template (the GGUF's tokenizer.chat_template, or a file the user names)
+in a sandboxed environment as transformers does: a template comes with a downloaded file and must not reach the
+filesystem or Python objects. Which format a model gets is decided in `formats.py`."""
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from lcrun.errors import LcrunError
-
-# Used when a GGUF carries no template and its vocabulary has Llama 3's header tokens.
-LLAMA3_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
-    "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
-)
-CHATML_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 class TemplateError(LcrunError):
     """The chat template is broken or refuses the conversation."""
+
+
+class ChatRenderer(Protocol):
+    """A conversation to prompt text: a Jinja template, a llama.cpp built-in format, or none (raw)."""
+    @property
+    def source(self) -> str:
+        """What the prompt tokenizer scans for special tokens (a template's source; a name)."""
+
+    def render(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str: ...
+
+
+def with_bos(text: str, bos_token: str, add_bos: bool) -> str:
+    """The prompt as llama-server tokenizes it (add_special): one BOS first when the vocabulary says add_bos —
+    never two, whether or not the format writes one itself."""
+    return bos_token + text if add_bos and bos_token and not text.startswith(bos_token) else text
 
 
 @dataclass(frozen=True)
@@ -30,12 +35,15 @@ class ChatTemplate:
     source: str
     bos_token: str = ""
     eos_token: str = ""
-    origin: str = "file"   # "file" or the name of the fallback used
+    add_bos: bool = False
 
     def render(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
         """The prompt text. A template that refuses the conversation gets consecutive same-role messages joined (for
         templates that insist on alternating roles), then also the system prompt folded into the first user message
         (for templates without a system role)."""
+        return with_bos(self._render_any(messages, add_generation_prompt), self.bos_token, self.add_bos)
+
+    def _render_any(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
         try:
             return self._render(messages, add_generation_prompt)
         except TemplateError as refused:
@@ -51,7 +59,7 @@ class ChatTemplate:
         import jinja2
 
         try:
-            return _compiled(self.source).render(
+            return compile_template(self.source).render(
                 messages=list(messages), add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token, eos_token=self.eos_token,
             )
@@ -76,7 +84,8 @@ def _strftime_now(fmt: str) -> str:
 _CACHE: dict[str, Any] = {}
 
 
-def _compiled(source: str) -> Any:
+def compile_template(source: str) -> Any:
+    """The compiled template; a syntax error is a TemplateError saying where."""
     if source not in _CACHE:
         import json
 
@@ -112,24 +121,3 @@ def fold_system(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
     if rest and rest[0]["role"] == "user":
         return [{**rest[0], "content": system + "\n\n" + rest[0]["content"]}, *rest[1:]]
     return [{"role": "user", "content": system}, *rest]
-
-
-def template_for(source: str | None, bos_token: str, eos_token: str, has_token: Any) -> ChatTemplate:
-    """The file's template, or a fallback chosen by the special tokens the vocabulary has (`has_token(text)`)."""
-    if source:
-        _compiled(source)  # a syntax error is reported when the model is opened, not at the first question
-        return ChatTemplate(source, bos_token, eos_token)
-    if has_token("<|start_header_id|>") and has_token("<|eot_id|>"):
-        return ChatTemplate(LLAMA3_TEMPLATE, bos_token, eos_token, origin="llama3 (the file has none)")
-    if has_token("<|im_start|>"):
-        return ChatTemplate(CHATML_TEMPLATE, bos_token, eos_token, origin="chatml (the file has none)")
-    raise TemplateError("chat template", "the model file has none and its vocabulary matches no known format "
-                                         "(add one when converting: tokenizer_config.json chat_template)")
-
-
-def engine_template(engine: Any) -> ChatTemplate:
-    """The template of the model an engine has loaded (its GGUF's, or the fallback its vocabulary suggests)."""
-    special = engine.special_tokens()
-    bos = engine.token_text(special["bos"]) if "bos" in special else ""
-    eos = engine.token_text(special["eos"]) if "eos" in special else ""
-    return template_for(engine.chat_template, bos, eos, lambda text: len(engine.tokenize(text)) == 1)

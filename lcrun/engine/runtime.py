@@ -388,6 +388,11 @@ class Engine:
     def token_text(self, token: int) -> str:
         return self._lc.llama_vocab_get_text(self._vocab, token).decode("utf-8", errors="replace")
 
+    @property
+    def add_bos(self) -> bool:
+        """Whether prompts start with BOS (llama.cpp adds it when tokenizing with add_special)."""
+        return bool(self._llama_cpp.llama_vocab_get_add_bos(self._llm._model.vocab))
+
     def special_tokens(self) -> dict[str, int]:
         """bos, eos and eot ids the vocabulary defines (absent ones left out)."""
         lc, vocab = self._lc, self._vocab

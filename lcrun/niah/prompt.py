@@ -1,5 +1,6 @@
 """One cell's prompt: the haystack cut to the context length, the needle at a sentence boundary near the depth, the
-question after it, all inside the model's chat template. Built from token slices of one stream, so every prompt of a
+question after it, all inside the model's chat format (or, with --raw, as plain text ending in a sentence for the
+model to complete). Built from token slices of one stream, so every prompt of a
 context length shares, token for token, the haystack before its needle with the others."""
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from lcrun.chat.template import ChatTemplate
+from lcrun.chat.template import ChatRenderer
 
 from . import NiahError
 from .grid import Cell
@@ -15,6 +16,9 @@ from .haystack import HaystackStream
 
 NEEDLE = "The special magic {city} number is: {number}."
 QUESTION = "What is the special magic {city} number mentioned in the text above? Answer with the number only."
+# --raw: a base model is not asked, it completes; the answer is scored the same way (the number in it)
+COMPLETION = "Question: What is the special magic {city} number mentioned in the text above?\nAnswer: The special " \
+             "magic {city} number is"
 CITIES = ["Lisbon", "Nairobi", "Oslo", "Quito", "Hanoi", "Lima", "Tbilisi", "Dakar", "Auckland", "Montreal",
           "Seville", "Kyoto", "Tallinn", "Havana", "Cusco", "Bergen", "Marrakesh", "Valparaiso", "Krakow", "Manila"]
 PROMPT_FORMAT = 1  # bump when NEEDLE, QUESTION, CITIES or the layout change: old results no longer compare
@@ -33,6 +37,10 @@ class Needle:
     @property
     def question(self) -> str:
         return QUESTION.format(city=self.city)
+
+    @property
+    def completion(self) -> str:
+        return COMPLETION.format(city=self.city)
 
 
 def needle_for(cell: Cell, seed: int, digits: int) -> Needle:
@@ -54,17 +62,20 @@ class NiahPrompt:
 
 
 class PromptBuilder:
-    def __init__(self, engine: Any, template: ChatTemplate) -> None:
+    def __init__(self, engine: Any, template: ChatRenderer, *, completion: bool = False) -> None:
+        """`completion`: the prompt ends in COMPLETION rather than asking QUESTION (for --raw)."""
         self.engine = engine
         self.template = template
+        self.question = COMPLETION if completion else QUESTION
         self.head_tokens, _ = self._frame(CITIES[0])
         self._tails: dict[str, list[int]] = {}
 
     def _frame(self, city: str) -> tuple[list[int], list[int]]:
         """Tokens of the rendered template before and after the document, for the question about `city`."""
-        text = self.template.render([{"role": "user", "content": f"{_DOCUMENT}\n\n{QUESTION.format(city=city)}"}])
+        question = self.question.format(city=city)
+        text = self.template.render([{"role": "user", "content": f"{_DOCUMENT}\n\n{question}"}])
         if text.count(_DOCUMENT) != 1:
-            raise NiahError("chat template", "does not keep the user's message verbatim; cannot place the document")
+            raise NiahError("chat format", "does not keep the user's message verbatim; cannot place the document")
         head, tail = text.split(_DOCUMENT)
         return self.engine.tokenize(head, special=True), self.engine.tokenize(tail, special=True)
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lcrun.chat.template import engine_template
+from lcrun.chat.formats import RAW, FormatChoice, engine_renderer
 from lcrun.engine.runtime import Finished, PrefillProgress, Sampling, TextChunk
 
 from . import NiahError
@@ -69,9 +69,13 @@ class NiahRun:
     notes: list[str] = field(default_factory=list)
 
 
-def prepare_run(engine: Any, params: NiahParams, haystack: Haystack) -> NiahRun:
+def prepare_run(engine: Any, params: NiahParams, haystack: Haystack,
+                chat_format: FormatChoice | None = None) -> NiahRun:
+    """`chat_format`: as chosen from the file's header (default: from the engine's vocabulary); RAW asks nothing,
+    the prompt ends in a sentence for the model to complete."""
     params.check()
-    builder = PromptBuilder(engine, engine_template(engine))
+    raw = chat_format is not None and chat_format.kind == RAW.kind
+    builder = PromptBuilder(engine, engine_renderer(engine, chat_format), completion=raw)
     room = builder.overhead(params.answer_tokens)
     max_ctx, notes = params.max_ctx, []
     if max_ctx > engine.n_ctx - room:
@@ -161,8 +165,9 @@ def run_cells(engine: Any, run: NiahRun, log: ResultsLog, *,
         text = "".join(answer).strip()
         record = {
             "ctx": cell.ctx, "depth": cell.key[1], "sample": cell.sample, "score": score(text, needle),
-            "number": needle.number, "city": needle.city, "answer": text[:200], "doc_tokens": prompt.doc_tokens,
-            "prompt_tokens": len(prompt.tokens), "needle_at": prompt.needle_at, "depth_actual": prompt.depth_actual,
+            "number": needle.number, "city": needle.city, "answer": text[:200], "answer_tokens": end.completion_tokens,
+            "doc_tokens": prompt.doc_tokens, "prompt_tokens": len(prompt.tokens), "needle_at": prompt.needle_at,
+            "depth_actual": prompt.depth_actual,
             "reused_tokens": end.reused_tokens, "seconds": round(clock() - started, 3),
             "prefill_tokens_per_s": round(end.prefill_tokens_per_s, 1),
         }

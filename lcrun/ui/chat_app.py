@@ -1,5 +1,6 @@
-"""`lcrun chat` from plan to exit: show the plan (or only it, --dry-run), load the engine, restore a --session, add
---file documents, then answer one -p prompt or run the interactive loop; save the session on the way out."""
+"""`lcrun chat` from plan to exit: choose the chat format and show it with the plan (or only them, --dry-run), load
+the engine, restore a --session, add --file documents, then answer one -p prompt or run the interactive loop; save
+the session on the way out."""
 from __future__ import annotations
 
 import sys
@@ -8,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lcrun.chat.documents import read_document
+from lcrun.chat.formats import FormatChoice, choose_format, header_vocabulary
 from lcrun.chat.history import History, default_history_path
 from lcrun.chat.session import ChatSession, Notice, kv_state_path
 from lcrun.engine.runtime import Finished, PrefillProgress, Sampling, TextChunk
@@ -36,6 +38,7 @@ class ChatOptions:
     history_file: Path | None = None
     no_history: bool = False
     dry_run: bool = False
+    chat_format: FormatChoice | None = None   # what the user asked for (--chat-template, --raw); None: the model's
 
 
 def run_chat(model: str, hub_file: str | None, revision: str | None, overrides: RunOverrides,
@@ -47,21 +50,27 @@ def run_chat(model: str, hub_file: str | None, revision: str | None, overrides: 
         read_document(document)  # a bad --file fails now, before the model loads
     path = locate_model(err, model, hub_file, revision)
     launch = plan_launch(path, overrides)
+    chat_format = options.chat_format
+    if launch.gguf is not None:  # decided from the header, before loading; else by the session from the engine
+        chat_format = choose_format(header_vocabulary(launch.gguf.meta), chat_format)
     if options.dry_run:
-        render_plan_panel(launch, out)
+        render_plan_panel(launch, out, chat_format=chat_format)
         return 0
     if one_shot:
         for warning in launch.warnings:
             err.print(f"warning: {warning}", highlight=False)
+        if chat_format is not None:
+            err.print(f"chat format: {chat_format.describe()}", style="dim", highlight=False, markup=False)
     else:
-        render_plan_panel(launch, out)
+        render_plan_panel(launch, out, chat_format=chat_format)
 
     engine = load_engine(err, launch.config)
     session: ChatSession | None = None
     try:
         history = None if options.no_history else History(options.history_file or default_history_path())
         session = ChatSession(
-            engine, system=options.system, max_tokens=options.max_tokens, history=history, model_name=path.name,
+            engine, chat_format=chat_format, system=options.system, max_tokens=options.max_tokens, history=history,
+            model_name=path.name,
             sampling=Sampling(temperature=options.temp, top_p=options.top_p, top_k=options.top_k,
                               min_p=options.min_p, repeat_penalty=options.repeat_penalty, seed=options.seed),
             session_path=options.session_file,

@@ -12,6 +12,7 @@ from typing import Any
 from rich.console import Console, Group
 from rich.live import Live
 from rich.markdown import Markdown
+from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -62,7 +63,8 @@ def _status(used: int, n_ctx: int, tokens_per_s: float | None, ttft_s: float | N
 
 
 # -- the plan ---------------------------------------------------------------------------------------------------
-def render_plan_panel(launch: Any, console: Console) -> None:
+def render_plan_panel(launch: Any, console: Console, *, chat_format: Any = None) -> None:
+    """The plan; `chat_format` (a lcrun.chat.formats.FormatChoice) adds the format the model will be prompted in."""
     plan, spec, cfg = launch.choice.plan, launch.spec, launch.config
     kv = plan.type_k if plan.type_k == plan.type_v else f"{plan.type_k}/{plan.type_v}"
     where = ", ".join(f"{d.name} {_size(d.bytes)} of {_size(d.free_bytes)} free" for d in plan.devices if d.bytes)
@@ -74,10 +76,12 @@ def render_plan_panel(launch: Any, console: Console) -> None:
         f"memory {_size(plan.total_bytes)}: {where}",
         f"[dim]{launch.choice.why}[/]",
     ]
+    if chat_format is not None:
+        lines.append(f"chat format [bold]{escape(chat_format.what)}[/] · {escape(chat_format.why)}")
     lines += [f"[yellow]warning:[/] {w}" for w in launch.warnings]
     if is_plain(console):
         for line in lines:
-            console.print(Text.from_markup(line).plain)
+            console.print(Text.from_markup(line).plain, markup=False, highlight=False)
         return
     console.print(Panel("\n".join(lines), title="plan", title_align="left", expand=False, border_style="blue"))
 
