@@ -47,7 +47,7 @@ def worker(host: str | None, port: int, devices: tuple[str, ...], threads: int |
     endpoint = f"{address}:{port}"
     _check_free(address, port)
     names = [n for value in devices for n in value.replace("/", ",").split(",") if n]
-    offered = rpc.offered_devices(names or None)
+    offered = _offered_devices(names or None)
     if cache_dir is not None:
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
@@ -79,6 +79,24 @@ def worker(host: str | None, port: int, devices: tuple[str, ...], threads: int |
         sys.stdout.flush()
         os._exit(0)  # ggml's server thread is blocked in accept(): nothing to wait for
     raise LcrunError(endpoint, "ggml's RPC server stopped (see its message above)")
+
+
+def _offered_devices(names: list[str] | None) -> list:
+    """The local devices a worker offers, as lcrun.engine.runtime.BackendDevice: the named ones, else (as llama.cpp's
+    rpc-server) every GPU, else the CPU."""
+    from .engine.runtime import list_devices
+    from .errors import LcrunError
+
+    found = list_devices()
+    if names:
+        by_name = {d.name.lower(): d for d in found}
+        missing = [n for n in names if n.lower() not in by_name]
+        if missing:
+            raise LcrunError(f"--device {missing[0]}", "no such device here (this machine has: "
+                                                       f"{', '.join(d.name for d in found)})")
+        return [by_name[n.lower()] for n in names]
+    accelerators = [d for d in found if d.kind not in ("cpu", "accel")]
+    return accelerators or [d for d in found if d.kind == "cpu"][:1]
 
 
 def _relay(line: str) -> None:

@@ -276,23 +276,6 @@ def _on_abort(message: bytes | None) -> None:
 
 
 # -- the worker side -------------------------------------------------------------------------------------------------
-def offered_devices(names: list[str] | None) -> list[Any]:
-    """The local devices a worker offers, as lcrun.engine.runtime.BackendDevice: the named ones, else (as llama.cpp's
-    rpc-server) every GPU, else the CPU."""
-    from .runtime import list_devices
-
-    found = list_devices()
-    if names:
-        by_name = {d.name.lower(): d for d in found}
-        missing = [n for n in names if n.lower() not in by_name]
-        if missing:
-            raise LcrunError(f"--device {missing[0]}", "no such device here (this machine has: "
-                                                       f"{', '.join(d.name for d in found)})")
-        return [by_name[n.lower()] for n in names]
-    accelerators = [d for d in found if d.kind not in ("cpu", "accel")]
-    return accelerators or [d for d in found if d.kind == "cpu"][:1]
-
-
 def serve(endpoint: str, device_names: list[str], *, n_threads: int, cache_dir: str | None,
           on_output: Callable[[str], None]) -> threading.Thread:
     """Start ggml's RPC server for these local devices on a daemon thread (it accepts one client at a time, forever)
