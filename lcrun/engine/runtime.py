@@ -391,7 +391,7 @@ class Engine:
     @property
     def add_bos(self) -> bool:
         """Whether prompts start with BOS (llama.cpp adds it when tokenizing with add_special)."""
-        return bool(self._llama_cpp.llama_vocab_get_add_bos(self._llm._model.vocab))
+        return bool(self._lc.llama_vocab_get_add_bos(self._vocab))
 
     def special_tokens(self) -> dict[str, int]:
         """bos, eos and eot ids the vocabulary defines (absent ones left out)."""
