@@ -18,6 +18,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -216,7 +217,7 @@ def device_handle(name: str) -> int | None:
 
 # -- a worker lost mid-run -----------------------------------------------------------------------------------------
 _watched: list[str] = []
-_loss_note = ["work finished before it is kept"]
+_loss_note = ["the turn in progress is lost; finished chat turns (the transcript) and niah cells (the results file) are kept"]
 _callback_keepalive: list[Any] = []
 
 
@@ -239,15 +240,20 @@ def watch_workers(endpoints: list[str]) -> None:
     lib.ggml_set_abort_callback(callback)
 
 
-def gone_workers(endpoints: list[str], *, timeout: float = 1.0) -> list[str]:
-    """The endpoints that no longer accept a connection."""
-    gone = []
-    for endpoint in endpoints:
-        try:
-            socket.create_connection(split_endpoint(endpoint), timeout=timeout).close()
-        except OSError:
-            gone.append(endpoint)
-    return gone
+def gone_workers(endpoints: list[str], *, timeout: float = 1.0, attempts: int = 20) -> list[str]:
+    """The endpoints that no longer accept a connection. A worker's process closes its sockets one by one as it
+    dies, so the one this client used can be gone a moment before the one it listens on: look again for a while."""
+    for attempt in range(attempts):
+        gone = []
+        for endpoint in endpoints:
+            try:
+                socket.create_connection(split_endpoint(endpoint), timeout=timeout).close()
+            except OSError:
+                gone.append(endpoint)
+        if gone:
+            return gone
+        time.sleep(0.05)
+    return []
 
 
 def _on_abort(message: bytes | None) -> None:
