@@ -98,3 +98,27 @@ def test_a_repo_with_one_gguf_needs_no_quant(fake_hub: FakeHub, ggufs: dict[str,
     result = invoke("estimate", "someorg/One-GGUF", "--ctx", "1k", "--ram", "8G", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["plans"][0]["quant"] == "Q8_0"
+
+
+@pytest.mark.slow
+def test_chat_bench_and_niah_take_org_repo_quant(fake_hub: FakeHub, ggufs: dict[str, Path], tmp_path: Path) -> None:
+    fake_hub.add_repo(REPO, repo_files(ggufs))
+    chat = invoke("chat", f"{REPO}:Q4_0", "-p", "hello", "-n", "4", "--no-history", "--temp", "0", "-t", "1")
+    assert chat.exit_code == 0, chat.output
+    cached = sorted(p.name for p in (tmp_path / "hf-home" / "hub").rglob("*.gguf"))
+    assert cached == ["Tiny-Llama-Q4_0-00001-of-00002.gguf", "Tiny-Llama-Q4_0-00002-of-00002.gguf"]  # the split set
+
+    bench = invoke("bench", f"{REPO}:Q8_0", "--depth", "0", "--pp", "16", "--tg", "2", "-r", "1", "-t", "1", "--json")
+    assert bench.exit_code == 0, bench.output
+    assert json.loads(bench.stdout)["results"]
+
+    niah = invoke("niah", f"{REPO}:F16", "--min-ctx", "200", "--max-ctx", "300", "--ctx-steps", "1",
+                  "--depth-interval", "1.0", "-t", "1", "-o", str(tmp_path / "n.jsonl"), "--json")
+    assert niah.exit_code == 0, niah.output
+    lines = [json.loads(line) for line in (tmp_path / "n.jsonl").read_text().splitlines()]
+    assert lines[0]["kind"] == "lcrun-niah-run" and len(lines) == 3  # the run header, then 1 context x 2 depths
+
+    for command in ("chat", "bench", "niah"):
+        missing = invoke(command, f"{REPO}:IQ4_XS", *(["-p", "x"] if command == "chat" else []))
+        assert missing.exit_code == 1 and missing.stderr.strip() == (
+            f"error: {REPO}: has no IQ4_XS GGUF; it has F16, Q4_0, Q8_0"), (command, missing.stderr)

@@ -71,3 +71,54 @@ def test_convert_aliases(tmp_path: Path) -> None:
     assert old.exit_code == 0 and (tmp_path / "c.gguf").read_bytes() == a
     other = invoke("convert", "demo", "-o", str(tmp_path / "d.gguf"), "-c", "16k", "-q")
     assert other.exit_code == 0 and (tmp_path / "d.gguf").read_bytes() != a
+
+
+RUN_ALIASES = [
+    (["--ctx", "2k"], ["-c", "2048"], ["-c", "4k"]),
+    (["--ctx", "2k"], ["--ctx-size", "2k"], None),
+    (["--kv-type", "q8_0/f16"], ["-ctk", "q8_0"], ["-ctv", "q8_0"]),
+    (["--kv-type", "q4_0/q8_0"], ["--cache-type-k", "q4_0", "--cache-type-v", "q8_0"], None),
+    (["--flash-attn", "on"], ["-fa", "on"], ["-fa", "off"]),
+    (["--gpu-layers", "3"], ["-ngl", "3"], ["--n-gpu-layers", "2"]),
+    (["--threads", "1"], ["-t", "1"], ["-t", "2"]),
+    (["--ubatch", "128"], ["-ub", "128"], ["--ubatch-size", "256"]),
+    (["--rope-theta", "1e6"], ["--rope-freq-base", "1000000"], ["--rope-freq-base", "2e6"]),
+    (["--rope-scale", "4"], ["--rope-freq-scale", "0.25"], ["--rope-freq-scale", "0.5"]),
+]
+
+
+def _parsed(command: str, args: list[str]) -> dict:
+    import importlib
+
+    cmd = getattr(importlib.import_module(f"lcrun.{command}_cli"), command)
+    return cmd.make_context(command, ["model.gguf", *args]).params
+
+
+@pytest.mark.parametrize(("ours", "theirs", "different"), RUN_ALIASES)
+@pytest.mark.parametrize("command", ["chat", "niah", "bench"])
+def test_llama_cpp_names_give_the_same_run(command: str, ours: list[str], theirs: list[str],
+                                          different: list[str] | None) -> None:
+    from lcrun.cli_options import overrides_from
+
+    assert overrides_from(_parsed(command, ours)) == overrides_from(_parsed(command, theirs))
+    if different is not None:
+        assert overrides_from(_parsed(command, different)) != overrides_from(_parsed(command, theirs))
+
+
+@pytest.mark.parametrize(("ours", "theirs"), [
+    (["--ctx", "2k", "--kv-type", "q8_0/f16", "--flash-attn", "on"], ["-c", "2048", "-ctk", "q8_0", "-fa", "on"]),
+    (["--gpu-layers", "0", "--threads", "1", "--ubatch", "256"], ["-ngl", "0", "-t", "1", "-ub", "256"]),
+])
+def test_chat_dry_run_plans_the_same(model: Path, ours: list[str], theirs: list[str]) -> None:
+    a = invoke("chat", str(model), "--dry-run", "--ram", "8G", *ours)
+    b = invoke("chat", str(model), "--dry-run", "--ram", "8G", *theirs)
+    assert a.exit_code == b.exit_code == 0, a.output + b.output
+    assert a.stdout == b.stdout and "context 2,048" in invoke("chat", str(model), "--dry-run", "-c", "2k").stdout
+
+
+def test_chat_and_niah_sampling_names() -> None:
+    assert _parsed("chat", ["--seed", "3", "--max-tokens", "9", "--system", "x"]) == \
+        _parsed("chat", ["-s", "3", "-n", "9", "-sys", "x"]) == _parsed("chat", ["-s", "3", "--n-predict", "9",
+                                                                                  "--system-prompt", "x"])
+    assert _parsed("chat", ["-n", "8"])["max_tokens"] == 8
+    assert _parsed("niah", ["--seed", "5"]) == _parsed("niah", ["-s", "5"])
