@@ -83,7 +83,8 @@ def render_devices(plan: dict[str, Any], console: Console) -> None:
     for device in order:
         if not device["bytes"]:
             continue
-        cells = [host_label(device), device["name"], layer_range(device), _gib(device["weights_bytes"]),
+        name = device["name"].split("[", 1)[0] if device["host"] else device["name"]  # the host column says where
+        cells = [host_label(device), name, layer_range(device), _gib(device["weights_bytes"]),
                  _gib(device["kv_bytes"]), _gib(device["compute_bytes"]), _gib(device["bytes"]),
                  _gib(device["free_bytes"])]
         if measured is not None:
