@@ -344,7 +344,7 @@ def plan(model: str, quant: str, ctx: str, kv_type: str | None, cache_type_k: st
         from .engine.allocations import measure_allocations_isolated
 
         p = choice.plan
-        not_running = [d.host for d in devices if d.host and not d.detected]
+        not_running = [d.host for d in devices if d.host and d.host not in (rpc or [])]
         if not_running:
             raise LcrunError(not_running[0], "--verify loads the model on the workers: they must be running "
                                              "(give them with --rpc, not --rpc-mem)")

@@ -69,9 +69,9 @@ def worker_devices(endpoints: Sequence[str], memory: dict[str, int] | None = Non
     if endpoints:
         rpc.require_rpc("--rpc")
     for endpoint in endpoints:
+        rpc.probe(endpoint)  # given memory or not, a worker named with --rpc will be used: it must answer
         if endpoint in memory:
             continue
-        rpc.probe(endpoint)
         for dev in rpc.worker_memory(endpoint):
             found.append(Device(dev.name, dev.total_bytes, dev.free_bytes, is_gpu=False, host=endpoint))
     for endpoint in [*[e for e in endpoints if e in memory], *[e for e in memory if e not in endpoints]]:
