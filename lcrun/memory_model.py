@@ -190,7 +190,9 @@ def compute_buffer_bytes(
     device) ggml's scheduler keeps `pipeline_copies` (GGML_SCHED_MAX_COPIES, 4) copies of each part's inputs: each
     device gains (copies - 1) x (mask + E per token), the output device another mask + 5E per token. These split
     rules are measured on CPU devices over loopback RPC (hidden 1024, ffn 3584, vocab 128256, n_ctx 4096 and 16384,
-    flash attention on and off), where they are exact to within 16 KiB."""
+    flash attention on and off): the CPU's buffer, a device with the output layer alone and the pipeline extras
+    within 16 KiB; a worker holding only repeating layers comes out up to one mask + 2E per token (8 MiB there) too
+    high, as ggml's allocator packs a short run of layers tighter."""
     if device != "cpu":
         raise ValueError(f"the compute buffer is calibrated for the CPU backend only, not {device!r}")
     if not (layers and output_layer and input_layer):

@@ -284,6 +284,28 @@ def test_a_worker_of_another_protocol_version_is_refused_in_one_line(model: Path
                              "llama-cpp-python (0.3.36) on both machines\n")
 
 
+def test_something_else_on_the_port_is_not_taken_for_a_worker() -> None:
+    """A server that is not ggml's (it hangs up on the HELLO, as an rpc-server of another major version does)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+
+    def hang_up() -> None:
+        conn, _ = server.accept()
+        conn.recv(64)
+        conn.close()
+
+    threading.Thread(target=hang_up, daemon=True).start()
+    try:
+        result = invoke("plan", "llama-3.1-8b", "--rpc", f"127.0.0.1:{port}")
+    finally:
+        server.close()
+    assert result.exit_code == 1
+    assert result.stderr == (f"error: 127.0.0.1:{port}: closed the connection during the handshake: not a ggml RPC "
+                             "server of protocol 7.0.0 (run the same llama-cpp-python, 0.3.36, on both machines)\n")
+
+
 def test_a_worker_serving_another_client_is_busy_not_hung(workers: list[Worker]) -> None:
     endpoint = workers[0].endpoint
     assert rpc.probe(endpoint) == rpc.PROTOCOL
