@@ -1,7 +1,7 @@
 """Prints the estimator's accuracy figures recorded in docs/performance.md: lcrun's memory model against llama.cpp's
-own allocations (no_alloc dry run, exact bytes from llama.cpp's memory breakdown) over the matrix of
-tests/test_memory_model.py: 5 model shapes × n_ctx 512/4096/33000 × n_ubatch 512/128 × flash attention on/off ×
-KV f16/q8_0/q4_0 (quantized V only with flash attention).
+own allocations (no_alloc dry run, exact bytes from llama.cpp's memory breakdown) over the matrix that
+tests/test_memory_model.py asserts on (tests/fixtures/memory_cases.py): 3 model shapes × n_ctx 512/4096/33000 ×
+n_ubatch 512/128 × flash attention on/off × KV f16/q8_0/q4_0 (quantized V only with flash attention).
 
 Run: .venv/bin/python -m benchmarks.estimate_accuracy   (from the repository root; ~10 s)
 """
@@ -13,24 +13,23 @@ from pathlib import Path
 
 from lcrun.engine.allocations import measure_allocations
 from lcrun.memory_model import compute_buffer_bytes, kv_cache_bytes, output_buffer_bytes
-from tests import test_memory_model as tm
+from tests.fixtures.memory_cases import file_weights_bytes, memory_cases, write_memory_models
 
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        shapes = {name: tm._shape(*dims) for name, dims in tm.SHAPES.items()}
-        paths = {name: tm.write_llama_gguf(Path(tmp) / f"{name}.gguf", shape) for name, shape in shapes.items()}
+        models = write_memory_models(Path(tmp))
         kv_off, weights_off, n = 0, 0, 0
         compute_err: dict[str, list[float]] = defaultdict(list)
         total_err: list[float] = []
-        for name, n_ctx, n_ubatch, fa, type_k, type_v in tm._cases():
-            shape, path = shapes[name], paths[name]
+        for name, n_ctx, n_ubatch, fa, type_k, type_v in memory_cases():
+            shape, path = models[name]
             m = measure_allocations(path, n_ctx=n_ctx, n_ubatch=n_ubatch, n_batch=512, type_k=type_k, type_v=type_v,
                                     flash_attn=fa)
             kv = kv_cache_bytes(shape, n_ctx=n_ctx, type_k=type_k, type_v=type_v, flash_attn=fa)
             compute = compute_buffer_bytes(shape, n_ctx=n_ctx, n_ubatch=n_ubatch, flash_attn=fa, type_k=type_k,
                                            type_v=type_v)
-            weights = tm._file_weights(path)
+            weights = file_weights_bytes(path)
             output = output_buffer_bytes(shape, n_ctx=n_ctx, n_batch=512)
             kv_off += abs(kv - m.kv_bytes)
             weights_off += abs(weights - m.weights_bytes)

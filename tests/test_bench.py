@@ -7,15 +7,14 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from lcrun.bench import (BenchError, bench_tokens, context_for, default_depths, fill_cache, measure,
                          plan_bench, run_bench)
-from lcrun.bench_cli import bench
 from lcrun.convert.convert import convert_checkpoint
 from lcrun.engine.runtime import Engine, EngineConfig
 from lcrun.launch import RunOverrides
 from tests.fixtures.checkpoint_factory import make_llama_checkpoint
+from tests.fixtures.cli import invoke as cli_invoke
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +119,8 @@ def test_plan_sizes_the_context_to_the_deepest_measurement(gguf_path: Path) -> N
     assert forced.launch.config.n_ctx == 2048 and forced.launch.config.type_k == "q8_0"
 
 
-def invoke(args: list[str]):
-    return CliRunner().invoke(bench, args, catch_exceptions=False)
+def invoke(args: list[str]):  # type: ignore[no-untyped-def]
+    return cli_invoke("bench", *args)
 
 
 def test_cli_table(gguf_path: Path) -> None:
@@ -173,11 +172,10 @@ def no_engine(monkeypatch: pytest.MonkeyPatch) -> None:
 ])
 def test_bad_input_is_one_line_before_loading(gguf_path: Path, no_engine: None, args: list[str], subject: str,
                                               fix: str) -> None:
-    result = CliRunner().invoke(bench, [str(gguf_path), *args])
-    assert result.exit_code != 0
-    assert isinstance(result.exception, BenchError)
-    message = str(result.exception)
-    assert "\n" not in message and message.startswith(f"{subject}: ") and fix in message
+    result = cli_invoke("bench", str(gguf_path), *args)
+    assert result.exit_code == 1 and result.stdout == ""
+    message = result.stderr.strip()  # one line, through lcrun's real entry point
+    assert "\n" not in message and message.startswith(f"error: {subject}: ") and fix in message
 
 
 def test_depth_that_does_not_fit_in_memory_names_the_kv_type(gguf_path: Path) -> None:
@@ -186,12 +184,11 @@ def test_depth_that_does_not_fit_in_memory_names_the_kv_type(gguf_path: Path) ->
 
 
 def test_unparsable_depth_is_a_usage_error(gguf_path: Path, no_engine: None) -> None:
-    result = CliRunner().invoke(bench, [str(gguf_path), "--depth", "lots"])
+    result = cli_invoke("bench", str(gguf_path), "--depth", "lots")
     assert result.exit_code == 2
-    assert "'lots' is not a token count like 0, 4096 or 4k" in result.output
-
+    assert "'lots' is not a token count like 0, 4096 or 4k" in result.stderr
 
 
 def test_bad_counts_are_refused_before_a_download() -> None:
-    result = CliRunner().invoke(bench, ["someone/some-model-GGUF", "--file", "model.gguf", "--pp", "0"])
-    assert isinstance(result.exception, BenchError) and str(result.exception).startswith("--pp: ")
+    result = cli_invoke("bench", "someone/some-model-GGUF:Q4_K_M", "--pp", "0")
+    assert result.exit_code == 1 and result.stderr.startswith("error: --pp: ")

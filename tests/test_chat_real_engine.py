@@ -14,6 +14,7 @@ from lcrun.chat.session import ChatSession
 from lcrun.convert.convert import convert_checkpoint
 from lcrun.engine.runtime import Engine, EngineConfig, Sampling, TextChunk
 from tests.fixtures.checkpoint_factory import make_llama_checkpoint
+from tests.fixtures.cli import run_lcrun
 
 MAX = 24
 
@@ -48,8 +49,8 @@ def direct_greedy(llm, tokens: list[int], limit: int) -> list[int]:  # type: ign
 
 
 def lcrun(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lcrun.cli", "chat", *args], input=stdin, capture_output=True,
-                          text=True, timeout=120)
+    # a child process: llama.cpp's own output must not mix into the answer on stdout, end to end
+    return run_lcrun("chat", *args, input=stdin, timeout=120)
 
 
 def test_one_shot_answer_equals_llama_cpp_python_chat_completion(tiny: Path, tmp_path: Path) -> None:

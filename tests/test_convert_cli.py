@@ -1,10 +1,9 @@
-"""`lcrun convert` and `lcrun quantize` end to end through the real CLI process: outputs llama.cpp loads, metadata
-read back with gguf's reader, and every kind of bad input answered with one line, a non-zero exit, no traceback and
-nothing at the output path."""
+"""`lcrun convert` and `lcrun quantize` through the real entry point: outputs llama.cpp loads, metadata read back with
+gguf's reader, and every kind of bad input answered with one line, a non-zero exit, no traceback and nothing at the
+output path. In process (tests/fixtures/cli.py) unless a test says why it needs a child process."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -19,25 +18,12 @@ import numpy as np
 import pytest
 
 from tests.fixtures.checkpoint_factory import make_llama_checkpoint
-from tests.fixtures.hub_server import FakeHub, fake_hub  # noqa: F401 - fixture
+from tests.fixtures.cli import assert_one_line_error, invoke, run_lcrun
+from tests.fixtures.hub_server import FakeHub
 from tests.fixtures.safetensors_writer import save_safetensors
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 256}
-
-
-def lcrun(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "lcrun.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=300)
-
-
-def assert_one_line_error(run: subprocess.CompletedProcess[str], *needles: str) -> None:
-    assert run.returncode != 0, run.stdout
-    lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1, run.stderr
-    assert lines[0].startswith("error: ") and "Traceback" not in run.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 def leftovers(directory: Path) -> list[str]:
@@ -56,8 +42,8 @@ def ckpt(tmp_path: Path) -> Path:
 def test_convert_writes_a_gguf_llama_cpp_loads(ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "out" / "m.gguf"
     out.parent.mkdir()
-    run = lcrun("convert", str(ckpt), "-o", str(out), "--outtype", "q8_0")
-    assert run.returncode == 0, run.stderr
+    run = invoke("convert", str(ckpt), "-o", str(out), "--outtype", "q8_0")
+    assert run.exit_code == 0, run.stderr
     assert run.stdout.strip() == str(out) and leftovers(out.parent) == ["m.gguf"]
     reader = gguf.GGUFReader(out)
     types = {t.name: t.tensor_type for t in reader.tensors}
@@ -69,27 +55,30 @@ def test_convert_writes_a_gguf_llama_cpp_loads(ckpt: Path, tmp_path: Path) -> No
 
 
 def test_existing_output_is_refused_without_force(ckpt: Path, tmp_path: Path) -> None:
+    # end to end, in a child process: `python -m lcrun.cli` reaches main(), whose one-line error and exit status are
+    # what the shell sees, and a success exits 0
     out = tmp_path / "m.gguf"
     out.write_bytes(b"precious")
-    assert_one_line_error(lcrun("convert", str(ckpt), "-o", str(out)), str(out), "--force")
+    assert_one_line_error(run_lcrun("convert", str(ckpt), "-o", str(out), timeout=300), str(out), "--force")
     assert out.read_bytes() == b"precious"
-    assert lcrun("convert", str(ckpt), "-o", str(out), "--force").returncode == 0
+    assert run_lcrun("convert", str(ckpt), "-o", str(out), "--force", timeout=300).returncode == 0
     assert out.read_bytes()[:4] == b"GGUF"
 
 
-def test_default_name_follows_the_gguf_naming_convention(ckpt: Path, tmp_path: Path) -> None:
+def test_default_name_follows_the_gguf_naming_convention(ckpt: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     work = tmp_path / "cwd"
     work.mkdir()
-    run = subprocess.run([sys.executable, "-m", "lcrun.cli", "convert", str(ckpt), "--outtype", "f16", "-q"],
-                         cwd=work, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
+    monkeypatch.chdir(work)
+    run = invoke("convert", str(ckpt), "--outtype", "f16", "-q")
+    assert run.exit_code == 0, run.stderr
     written = Path(run.stdout.strip())
     assert written.parent == work and written.name.endswith("-F16.gguf")
 
 
 def test_overrides_are_applied_and_recorded(ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "m.gguf"
-    assert lcrun("convert", str(ckpt), "-o", str(out), "--rope-theta", "1000000", "--ctx", "8192").returncode == 0
+    assert invoke("convert", str(ckpt), "-o", str(out), "--rope-theta", "1000000", "--ctx", "8192").exit_code == 0
     fields = gguf.GGUFReader(out).fields
     value = lambda key: fields[key].contents()  # noqa: E731
     assert value("llama.rope.freq_base") == 1000000.0
@@ -101,9 +90,9 @@ def test_overrides_are_applied_and_recorded(ckpt: Path, tmp_path: Path) -> None:
 def test_split_output_loads_and_matches_the_single_file(ckpt: Path, tmp_path: Path) -> None:
     single, split = tmp_path / "single.gguf", tmp_path / "split" / "m.gguf"
     split.parent.mkdir()
-    assert lcrun("convert", str(ckpt), "-o", str(single), "--outtype", "f32").returncode == 0
-    run = lcrun("convert", str(ckpt), "-o", str(split), "--outtype", "f32", "--split-max-size", "60K")
-    assert run.returncode == 0, run.stderr
+    assert invoke("convert", str(ckpt), "-o", str(single), "--outtype", "f32").exit_code == 0
+    run = invoke("convert", str(ckpt), "-o", str(split), "--outtype", "f32", "--split-max-size", "60K")
+    assert run.exit_code == 0, run.stderr
     assert {t.tensor_type for t in gguf.GGUFReader(single).tensors} == {gguf.GGMLQuantizationType.F32}
     parts = sorted(split.parent.iterdir())
     assert len(parts) >= 3 and [p.name for p in parts] == [f"m-{i:05d}-of-{len(parts):05d}.gguf"
@@ -120,8 +109,8 @@ def test_split_output_loads_and_matches_the_single_file(ckpt: Path, tmp_path: Pa
 
 def test_llama_cpp_quant_type_in_the_same_command(ckpt: Path, tmp_path: Path) -> None:
     out = tmp_path / "m.gguf"
-    run = lcrun("convert", str(ckpt), "-o", str(out), "--outtype", "Q4_K_M")
-    assert run.returncode == 0, run.stderr
+    run = invoke("convert", str(ckpt), "-o", str(out), "--outtype", "Q4_K_M")
+    assert run.exit_code == 0, run.stderr
     assert leftovers(tmp_path) == ["m.gguf"]  # the intermediate file is gone
     fields = gguf.GGUFReader(out).fields
     assert fields["general.file_type"].contents() == llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
@@ -129,16 +118,19 @@ def test_llama_cpp_quant_type_in_the_same_command(ckpt: Path, tmp_path: Path) ->
 
 
 def test_quantize_command_is_atomic_and_validates_input(ckpt: Path, tmp_path: Path) -> None:
+    # quantize in a child process: llama.cpp and ggml may write to file descriptors 1 and 2 themselves, past the
+    # sys.stdout/sys.stderr that an in-process run captures; only a child's stderr shows everything the user sees
     src, dst = tmp_path / "m.gguf", tmp_path / "m-q6.gguf"
-    assert lcrun("convert", str(ckpt), "-o", str(src), "--outtype", "f16").returncode == 0
-    run = lcrun("quantize", str(src), str(dst), "Q6_K", "-q")
+    assert invoke("convert", str(ckpt), "-o", str(src), "--outtype", "f16").exit_code == 0
+    run = run_lcrun("quantize", str(src), str(dst), "Q6_K", "-q", timeout=300)
     assert run.returncode == 0, run.stderr
     assert gguf.GGUFReader(dst).fields["general.file_type"].contents() == llama_cpp.LLAMA_FTYPE_MOSTLY_Q6_K
-    assert_one_line_error(lcrun("quantize", str(src), str(dst), "Q6_K"), "already exists")
-    assert_one_line_error(lcrun("quantize", str(src), str(tmp_path / "x.gguf"), "Q9_Z"), "Q9_Z")
+    assert_one_line_error(run_lcrun("quantize", str(src), str(dst), "Q6_K", timeout=300), "already exists")
+    assert_one_line_error(run_lcrun("quantize", str(src), str(tmp_path / "x.gguf"), "Q9_Z", timeout=300), "Q9_Z")
     broken = tmp_path / "broken.gguf"
     broken.write_bytes(src.read_bytes()[:5000])
-    assert_one_line_error(lcrun("quantize", str(broken), str(tmp_path / "y.gguf"), "Q6_K"), str(broken))
+    assert_one_line_error(run_lcrun("quantize", str(broken), str(tmp_path / "y.gguf"), "Q6_K", timeout=300),
+                          str(broken))
     assert not (tmp_path / "y.gguf").exists() and not (tmp_path / "y.gguf.partial").exists()
 
 
@@ -146,16 +138,17 @@ def test_convert_from_the_hub_records_provenance(fake_hub: FakeHub, ckpt: Path, 
     files = {p.name: p.read_bytes() for p in ckpt.iterdir()}
     commit = fake_hub.add_repo("gradientai/Tiny-Gradient", files)
     out = tmp_path / "m.gguf"
-    run = lcrun("convert", "gradientai/Tiny-Gradient", "-o", str(out), "-q")
-    assert run.returncode == 0, run.stderr
+    run = invoke("convert", "gradientai/Tiny-Gradient", "-o", str(out), "-q")
+    assert run.exit_code == 0, run.stderr
     fields = gguf.GGUFReader(out).fields
     assert fields["lcrun.source.repo"].contents() == "gradientai/Tiny-Gradient"
     assert fields["lcrun.source.revision"].contents() == commit
     assert fields["general.source.repo_url"].contents() == "https://huggingface.co/gradientai/Tiny-Gradient"
-    assert_one_line_error(lcrun("convert", "gradientai/Missing", "-o", str(tmp_path / "n.gguf")), "gradientai/Missing")
+    assert_one_line_error(invoke("convert", "gradientai/Missing", "-o", str(tmp_path / "n.gguf")), "gradientai/Missing")
 
 
 def test_the_library_imports_no_application_dependencies() -> None:
+    # a fresh interpreter: this one has imported everything already
     probe = ("import sys, lcrun.convert.convert; "
              "print([m for m in ('click', 'rich', 'llama_cpp', 'huggingface_hub', 'lcrun.cli') if m in sys.modules])")
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
@@ -180,19 +173,19 @@ def _edit_config(ckpt: Path, **changes: object) -> None:
 
 def test_missing_config(ckpt: Path, tmp_path: Path) -> None:
     (ckpt / "config.json").unlink()
-    assert_one_line_error(lcrun("convert", str(ckpt), "-o", str(tmp_path / "m.gguf")), str(ckpt), "config.json")
+    assert_one_line_error(invoke("convert", str(ckpt), "-o", str(tmp_path / "m.gguf")), str(ckpt), "config.json")
     assert leftovers(tmp_path) == []
 
 
 def test_missing_tokenizer(ckpt: Path, tmp_path: Path) -> None:
     (ckpt / "tokenizer.json").unlink()
-    assert_one_line_error(lcrun("convert", str(ckpt), "-o", str(tmp_path / "m.gguf")), str(ckpt), "tokenizer")
+    assert_one_line_error(invoke("convert", str(ckpt), "-o", str(tmp_path / "m.gguf")), str(ckpt), "tokenizer")
     assert leftovers(tmp_path) == []
 
 
 def test_unsupported_architecture(ckpt: Path, tmp_path: Path) -> None:
     _edit_config(ckpt, architectures=["GPT2LMHeadModel"])
-    assert_one_line_error(lcrun("convert", str(ckpt), "-o", str(tmp_path / "m.gguf")),
+    assert_one_line_error(invoke("convert", str(ckpt), "-o", str(tmp_path / "m.gguf")),
                           "config.json", "GPT2LMHeadModel", "LlamaForCausalLM")
 
 
@@ -202,7 +195,7 @@ def test_unsupported_architecture(ckpt: Path, tmp_path: Path) -> None:
 def test_rope_scaling_llama_cpp_cannot_express_is_refused(ckpt: Path, tmp_path: Path, scaling: dict) -> None:
     _edit_config(ckpt, rope_scaling=scaling)
     kind = scaling.get("rope_type", scaling.get("type"))
-    assert_one_line_error(lcrun("convert", str(ckpt), "-o", str(tmp_path / "m.gguf")), "config.json", repr(kind))
+    assert_one_line_error(invoke("convert", str(ckpt), "-o", str(tmp_path / "m.gguf")), "config.json", repr(kind))
     assert leftovers(tmp_path) == []
 
 
@@ -212,35 +205,35 @@ def test_bad_rope_theta(ckpt: Path, tmp_path: Path, theta: str) -> None:
     config = json.loads(path.read_text())
     config["rope_theta"] = "__THETA__"
     path.write_text(json.dumps(config).replace('"__THETA__"', theta))
-    assert_one_line_error(lcrun("convert", str(ckpt), "-o", str(tmp_path / "m.gguf")), "config.json", "rope_theta")
+    assert_one_line_error(invoke("convert", str(ckpt), "-o", str(tmp_path / "m.gguf")), "config.json", "rope_theta")
 
 
 def test_bad_rope_theta_override(ckpt: Path, tmp_path: Path) -> None:
-    assert_one_line_error(lcrun("convert", str(ckpt), "-o", str(tmp_path / "m.gguf"), "--rope-theta", "nan"),
+    assert_one_line_error(invoke("convert", str(ckpt), "-o", str(tmp_path / "m.gguf"), "--rope-theta", "nan"),
                           "--rope-theta")
 
 
 def test_malformed_config(ckpt: Path, tmp_path: Path) -> None:
     (ckpt / "config.json").write_text("{not json")
-    assert_one_line_error(lcrun("convert", str(ckpt), "-o", str(tmp_path / "m.gguf")), "config.json", "JSON")
+    assert_one_line_error(invoke("convert", str(ckpt), "-o", str(tmp_path / "m.gguf")), "config.json", "JSON")
 
 
 def test_missing_shard_named_in_index(ckpt: Path, tmp_path: Path) -> None:
     (ckpt / "model-00002-of-00002.safetensors").unlink()
-    assert_one_line_error(lcrun("convert", str(ckpt), "-o", str(tmp_path / "m.gguf")),
+    assert_one_line_error(invoke("convert", str(ckpt), "-o", str(tmp_path / "m.gguf")),
                           "model.safetensors.index.json", "model-00002-of-00002.safetensors")
 
 
 def test_truncated_header_length_past_eof(ckpt: Path, tmp_path: Path) -> None:
     shard = ckpt / "model-00001-of-00002.safetensors"
     shard.write_bytes(shard.read_bytes()[:64])
-    assert_one_line_error(lcrun("convert", str(ckpt), "-o", str(tmp_path / "m.gguf")), str(shard), "header length")
+    assert_one_line_error(invoke("convert", str(ckpt), "-o", str(tmp_path / "m.gguf")), str(shard), "header length")
 
 
 def test_truncated_data_offsets_out_of_range(ckpt: Path, tmp_path: Path) -> None:
     shard = ckpt / "model-00002-of-00002.safetensors"
     shard.write_bytes(shard.read_bytes()[:-1000])
-    assert_one_line_error(lcrun("convert", str(ckpt), "-o", str(tmp_path / "m.gguf")), str(shard), "data offsets")
+    assert_one_line_error(invoke("convert", str(ckpt), "-o", str(tmp_path / "m.gguf")), str(shard), "data offsets")
     assert leftovers(tmp_path) == []
 
 
@@ -249,17 +242,17 @@ def test_unsupported_dtype(tmp_path: Path) -> None:
     stored = {n: w.astype(ml_dtypes.bfloat16) for n, w in ck.weights.items()}
     stored["model.layers.0.mlp.up_proj.weight"] = np.zeros((128, 64), np.int64)
     save_safetensors(ck.path / "model.safetensors", stored)
-    assert_one_line_error(lcrun("convert", str(ck.path), "-o", str(tmp_path / "m.gguf")),
+    assert_one_line_error(invoke("convert", str(ck.path), "-o", str(tmp_path / "m.gguf")),
                           "model.safetensors", "up_proj", "I64")
 
 
 def test_tensor_shape_disagreeing_with_config(ckpt: Path, tmp_path: Path) -> None:
     _edit_config(ckpt, intermediate_size=256)
-    assert_one_line_error(lcrun("convert", str(ckpt), "-o", str(tmp_path / "m.gguf")), ".safetensors", "shape")
+    assert_one_line_error(invoke("convert", str(ckpt), "-o", str(tmp_path / "m.gguf")), ".safetensors", "shape")
 
 
 def test_unknown_outtype(ckpt: Path, tmp_path: Path) -> None:
-    assert_one_line_error(lcrun("convert", str(ckpt), "-o", str(tmp_path / "m.gguf"), "--outtype", "q3_z"), "q3_z")
+    assert_one_line_error(invoke("convert", str(ckpt), "-o", str(tmp_path / "m.gguf"), "--outtype", "q3_z"), "q3_z")
 
 
 def _mount_tmpfs(where: Path, options: str) -> None:
@@ -273,7 +266,7 @@ def test_output_directory_not_writable(ckpt: Path, tmp_path: Path) -> None:
     target = tmp_path / "ro"
     _mount_tmpfs(target, "ro,size=1m")
     try:
-        assert_one_line_error(lcrun("convert", str(ckpt), "-o", str(target / "m.gguf")), str(target), "writable")
+        assert_one_line_error(invoke("convert", str(ckpt), "-o", str(target / "m.gguf")), str(target), "writable")
         assert leftovers(target) == []
     finally:
         subprocess.run(["umount", str(target)], check=True)
@@ -283,13 +276,14 @@ def test_disk_full(ckpt: Path, tmp_path: Path) -> None:
     target = tmp_path / "small"
     _mount_tmpfs(target, "size=120k")
     try:
-        run = lcrun("convert", str(ckpt), "-o", str(target / "m.gguf"), "--outtype", "f32")
+        run = invoke("convert", str(ckpt), "-o", str(target / "m.gguf"), "--outtype", "f32")
         assert_one_line_error(run, "disk full")
         assert leftovers(target) == []
     finally:
         subprocess.run(["umount", str(target)], check=True)
 
 
+# The signal tests run lcrun in a child process: the signal is sent to the whole process, and SIGKILL ends it.
 _INTERRUPT_AFTER_FIRST_CHUNK = textwrap.dedent("""
     import os, signal, sys
     import lcrun.convert.convert as convert
@@ -319,6 +313,6 @@ def test_kill_9_mid_write_leaves_no_output_and_a_rerun_succeeds(ckpt: Path, tmp_
                           "-o", str(out)], capture_output=True, text=True)
     assert run.returncode == -signal.SIGKILL
     assert not out.exists()                      # only the .partial file may remain, never a half-written OUT
-    assert lcrun("convert", str(ckpt), "-o", str(out)).returncode == 0
+    assert invoke("convert", str(ckpt), "-o", str(out)).exit_code == 0
     assert leftovers(tmp_path) == ["m.gguf"]     # the stale .partial was replaced
     shutil.rmtree(ckpt)

@@ -1,33 +1,28 @@
 """`lcrun estimate`: big-model sanity from MODEL_FACTS, every kind of MODEL (profile, Hub repo through the fake Hub,
-local checkpoint, local GGUF), the offline fallback to a profile, and bad input as one line."""
+local checkpoint, local GGUF), the offline fallback to a profile, and bad input as one line. The command runs in
+process (tests/fixtures/cli.py); one test runs it in a child process, end to end."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import gguf
 import pytest
+from click.testing import Result
 
 from lcrun.devices import Device
 from lcrun.estimate import plan_memory
 from lcrun.model_spec import spec_from_profile
 from tests.fixtures.checkpoint_factory import make_llama_checkpoint
-from tests.fixtures.hub_server import FakeHub, fake_hub  # noqa: F401 - fixture
+from tests.fixtures.cli import assert_one_line_error, invoke, run_lcrun
+from tests.fixtures.hub_server import FakeHub
 
 GIB = 1 << 30
 BIG_MACHINE = [Device("CPU", 4096 * GIB, 4096 * GIB, is_gpu=False, detected=False)]
 
 
-def lcrun(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "lcrun.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=120)
-
-
-def plans(run: subprocess.CompletedProcess[str]) -> list[dict]:
-    assert run.returncode == 0, run.stderr
+def plans(run: Result) -> list[dict]:
+    assert run.exit_code == 0, run.stderr
     return json.loads(run.stdout)["plans"]  # --json prints one document
 
 
@@ -46,8 +41,8 @@ def test_kv_per_token_of_405b() -> None:
 
 
 def test_profile_estimate_json_has_every_field() -> None:
-    run = lcrun("estimate", "llama-3.1-8b", "--quant", "Q4_K_M", "--ctx", "32k", "--kv-type", "q8_0",
-                "--gpu-mem", "24G", "--ram", "64G", "--json")
+    run = invoke("estimate", "llama-3.1-8b", "--quant", "Q4_K_M", "--ctx", "32k", "--kv-type", "q8_0",
+                 "--gpu-mem", "24G", "--ram", "64G", "--json")
     [plan] = plans(run)
     for key in ("model", "quant", "ctx", "type_k", "type_v", "flash_attn", "n_ubatch", "n_gpu_layers", "weights_bytes",
                 "kv_bytes", "compute_bytes", "output_bytes", "total_bytes", "devices", "fits"):
@@ -57,12 +52,11 @@ def test_profile_estimate_json_has_every_field() -> None:
     assert 4.5 * GIB < plan["weights_bytes"] < 5.0 * GIB  # Llama-3-8B Q4_K_M is 4.58 GiB (llama.cpp's scoreboard)
 
 
-def test_table_says_what_fits() -> None:
-    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
-    run = subprocess.run([sys.executable, "-m", "lcrun.cli", "estimate", "gradientai/Llama-3-70B-Instruct-Gradient-1048k",
-                          "--quant", "Q4_K_M", "--kv-type", "q4_0", "--gpu-mem", "8G", "--ram", "16G"],
-                         capture_output=True, text=True, env=env)
-    assert run.returncode == 0, run.stderr
+def test_table_says_what_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("COLUMNS", raising=False)
+    run = invoke("estimate", "gradientai/Llama-3-70B-Instruct-Gradient-1048k", "--quant", "Q4_K_M", "--kv-type", "q4_0",
+                 "--gpu-mem", "8G", "--ram", "16G")
+    assert run.exit_code == 0, run.stderr
     assert "using lcrun's built-in profile" in run.stdout  # the Hub is offline in the tests
     assert "largest context that fits: Q4_K_M with KV q4_0: does not fit at any context" in run.stdout
     assert "1,048,576" in run.stdout
@@ -85,7 +79,9 @@ def test_largest_context_is_the_edge_of_fitting() -> None:
 
 
 def test_offline_without_profile_is_one_line() -> None:
-    run = lcrun("estimate", "someone/Unknown-Model")
+    # the end-to-end run of estimate: `python -m lcrun.cli` in a child process, whose exit status and stderr are what
+    # a shell sees; the Hub is offline through the inherited HF_HUB_OFFLINE
+    run = run_lcrun("estimate", "someone/Unknown-Model", timeout=120)
     assert run.returncode == 1 and run.stderr.count("\n") == 1 and "cannot be reached" in run.stderr
 
 
@@ -93,7 +89,7 @@ def test_hub_repo_reads_only_headers(fake_hub: FakeHub, tmp_path: Path) -> None:
     ck = make_llama_checkpoint(tmp_path / "ck", hidden=256, layers=2, heads=4, kv_heads=2, ffn=512, shards=2)
     files = {p.name: p.read_bytes() for p in ck.path.iterdir()}
     fake_hub.add_repo("org/Tiny-Llama", files)
-    run = lcrun("estimate", "org/Tiny-Llama", "--quant", "Q8_0", "--ctx", "1024", "--ram", "8G", "--json")
+    run = invoke("estimate", "org/Tiny-Llama", "--quant", "Q8_0", "--ctx", "1024", "--ram", "8G", "--json")
     [plan] = plans(run)
     assert plan["ctx"] == 1024 and plan["fits"]
     weights = sum(len(b) for n, b in files.items() if n.endswith(".safetensors"))
@@ -103,8 +99,8 @@ def test_hub_repo_reads_only_headers(fake_hub: FakeHub, tmp_path: Path) -> None:
 def test_local_gguf_uses_the_file_sizes(tmp_path: Path) -> None:
     make_llama_checkpoint(tmp_path / "ck", hidden=128, layers=2, heads=4, kv_heads=2, ffn=256)
     out = tmp_path / "m.gguf"
-    assert lcrun("convert", str(tmp_path / "ck"), "-o", str(out), "--outtype", "q8_0", "-q").returncode == 0
-    [plan] = plans(lcrun("estimate", str(out), "--ctx", "512", "--ram", "8G", "--json"))
+    assert invoke("convert", str(tmp_path / "ck"), "-o", str(out), "--outtype", "q8_0", "-q").exit_code == 0
+    [plan] = plans(invoke("estimate", str(out), "--ctx", "512", "--ram", "8G", "--json"))
     assert plan["weights_bytes"] == sum(int(t.n_bytes) for t in gguf.GGUFReader(out).tensors)
     assert plan["quant"] == "Q8_0"
 
@@ -117,39 +113,36 @@ def test_local_gguf_uses_the_file_sizes(tmp_path: Path) -> None:
     (["llama-3.1-8b", "--ctx", "12q"], "context length"),
 ])
 def test_bad_input_is_one_line(args: list[str], needle: str) -> None:
-    run = lcrun("estimate", *args)
-    assert run.returncode != 0
-    lines = run.stderr.strip().splitlines()
-    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in run.stderr
+    assert_one_line_error(invoke("estimate", *args), needle)
 
 
 def test_quantized_kv_with_small_head_dim_is_refused(tmp_path: Path) -> None:
     make_llama_checkpoint(tmp_path / "ck", hidden=64, layers=1, heads=4, kv_heads=2, ffn=128)  # head_dim 16
-    run = lcrun("estimate", str(tmp_path / "ck"), "--kv-type", "q8_0", "--ctx", "512")
-    assert run.returncode == 1 and "head" in run.stderr and run.stderr.count("\n") == 1
+    run = invoke("estimate", str(tmp_path / "ck"), "--kv-type", "q8_0", "--ctx", "512")
+    assert run.exit_code == 1 and "head" in run.stderr and run.stderr.count("\n") == 1
 
 
 def test_malformed_config(tmp_path: Path) -> None:
     (tmp_path / "ck").mkdir()
     (tmp_path / "ck" / "config.json").write_text("{oops")
-    run = lcrun("estimate", str(tmp_path / "ck"))
-    assert run.returncode == 1 and "config.json" in run.stderr and run.stderr.count("\n") == 1
+    run = invoke("estimate", str(tmp_path / "ck"))
+    assert run.exit_code == 1 and "config.json" in run.stderr and run.stderr.count("\n") == 1
 
 
 def test_corrupt_gguf(tmp_path: Path) -> None:
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\x00" * 10)
-    run = lcrun("estimate", str(bad))
-    assert run.returncode == 1 and str(bad) in run.stderr and run.stderr.count("\n") == 1
+    run = invoke("estimate", str(bad))
+    assert run.exit_code == 1 and str(bad) in run.stderr and run.stderr.count("\n") == 1
 
 
 def test_hub_gguf_repo_reads_only_the_header(fake_hub: FakeHub, tmp_path: Path) -> None:
     make_llama_checkpoint(tmp_path / "ck", hidden=512, layers=4, heads=8, kv_heads=2, ffn=1536)
     model = tmp_path / "m.gguf"
-    assert lcrun("convert", str(tmp_path / "ck"), "-o", str(model), "--outtype", "q8_0", "-q").returncode == 0
+    assert invoke("convert", str(tmp_path / "ck"), "-o", str(model), "--outtype", "q8_0", "-q").exit_code == 0
     assert model.stat().st_size > 8 << 20  # far more than one header read
     fake_hub.add_repo("org/Tiny-GGUF", {"m-Q8_0.gguf": model.read_bytes()})
-    [plan] = plans(lcrun("estimate", "org/Tiny-GGUF", "--file", "m-Q8_0.gguf", "--ctx", "1k", "--ram", "8G", "--json"))
+    [plan] = plans(invoke("estimate", "org/Tiny-GGUF", "--file", "m-Q8_0.gguf", "--ctx", "1k", "--ram", "8G", "--json"))
     assert plan["weights_bytes"] == sum(int(t.n_bytes) for t in gguf.GGUFReader(model).tensors)
     assert plan["quant"] == "Q8_0"
     assert 0 < fake_hub.bytes_served() <= 1 << 20  # one 1 MiB range read holds this header; no tensor data beyond

@@ -19,6 +19,7 @@ import pytest
 from lcrun.errors import GGUFFileError
 from lcrun.gguf_header import (STRING, GGUFArray, HeaderError, NeedMoreBytes, _Cursor, _string_starts_fast,
                                parse_gguf_header, read_gguf_header, read_gguf_set)
+from tests.fixtures.cli import run_lcrun
 from tests.fixtures.gguf_equivalence import assert_same_as_gguf_reader
 from tests.fixtures.realistic_gguf import FAMILIES, write_realistic_gguf
 
@@ -182,7 +183,7 @@ def test_a_thousand_damaged_headers_give_one_line_errors(realistic: dict[str, Pa
     with pytest.raises(GGUFFileError) as caught:
         read_gguf_header(path)
     assert str(caught.value).startswith(f"{path}: ") and "\n" not in str(caught.value)
-    done = subprocess.run([sys.executable, "-m", "lcrun.cli", "inspect", str(path)], capture_output=True, text=True)
+    done = run_lcrun("inspect", str(path))  # end to end: the exit status and the one line the shell sees
     assert done.returncode != 0 and done.stdout == "" and done.stderr.startswith(f"error: {path}: ")
     assert len(done.stderr.splitlines()) == 1 and "Traceback" not in done.stderr
 

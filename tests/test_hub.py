@@ -9,8 +9,8 @@ import pytest
 
 from lcrun.errors import HubError
 from lcrun.hub import download_checkpoint, looks_like_repo_id
-from tests.fixtures.hub_server import (VALID_TOKEN, FakeHub, closed_port_url, fake_hub,  # noqa: F401 - fixture
-                                       safetensors_bytes)
+from tests.fixtures.hub_server import VALID_TOKEN, FakeHub, closed_port_url, safetensors_bytes
+from tests.fixtures.one_line_errors import assert_one_line_message
 
 REPO = "meta-llama/Tiny-Llama"
 CHECKPOINT = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -40,12 +40,6 @@ def llama_repo(config: dict | None = None) -> dict[str, bytes]:
         "original/params.json": b'{"dim": 16}',
         "original/tokenizer.model": b"tiktoken" * 100,
     }
-
-
-def assert_one_line(error: HubError) -> str:
-    text = str(error)
-    assert "\n" not in text and text.startswith(error.subject + ": ")
-    return text
 
 
 def test_download_fetches_the_checkpoint_files_and_nothing_else(fake_hub: FakeHub) -> None:
@@ -97,14 +91,14 @@ def test_missing_revision(fake_hub: FakeHub) -> None:
     fake_hub.add_repo(REPO, llama_repo())
     with pytest.raises(HubError) as caught:
         download_checkpoint(REPO, "no-such-branch")
-    assert "no revision 'no-such-branch'" in assert_one_line(caught.value)
+    assert "no revision 'no-such-branch'" in assert_one_line_message(caught.value)
 
 
 def test_gated_repo_without_token_says_to_set_hf_token(fake_hub: FakeHub) -> None:
     fake_hub.add_repo(REPO, llama_repo(), gated=True)
     with pytest.raises(HubError) as caught:
         download_checkpoint(REPO)
-    text = assert_one_line(caught.value)
+    text = assert_one_line_message(caught.value)
     assert "gated" in text and "HF_TOKEN" in text and "huggingface-cli login" in text
     assert fake_hub.bytes_served() == 0
 
@@ -114,7 +108,7 @@ def test_gated_repo_with_a_token_without_access(fake_hub: FakeHub, monkeypatch: 
     monkeypatch.setenv("HF_TOKEN", VALID_TOKEN)
     with pytest.raises(HubError) as caught:
         download_checkpoint(REPO)
-    assert "accept its license" in assert_one_line(caught.value)
+    assert "accept its license" in assert_one_line_message(caught.value)
     assert any(r.status == 403 for r in fake_hub.requests)
 
 
@@ -135,7 +129,7 @@ def test_gated_repo_with_hf_token(fake_hub: FakeHub, monkeypatch: pytest.MonkeyP
 def test_missing_repo(fake_hub: FakeHub) -> None:
     with pytest.raises(HubError) as caught:
         download_checkpoint("meta-llama/Llama-9-Typo")
-    text = assert_one_line(caught.value)
+    text = assert_one_line_message(caught.value)
     assert text.startswith("meta-llama/Llama-9-Typo: no such model repo on the Hub (check the spelling")
 
 
@@ -145,7 +139,7 @@ def test_unreachable_hub(fake_hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("HF_HUB_DOWNLOAD_TIMEOUT", "2")
     with pytest.raises(HubError) as caught:
         download_checkpoint(REPO)
-    text = assert_one_line(caught.value)
+    text = assert_one_line_message(caught.value)
     assert "cannot be reached" in text and "local checkpoint directory" in text
 
 
@@ -154,7 +148,7 @@ def test_offline_mode_uses_the_cache_or_says_why_not(fake_hub: FakeHub, monkeypa
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(HubError) as caught:
         download_checkpoint(REPO)
-    assert "HF_HUB_OFFLINE" in assert_one_line(caught.value)
+    assert "HF_HUB_OFFLINE" in assert_one_line_message(caught.value)
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
     online, _ = download_checkpoint(REPO)
@@ -169,7 +163,7 @@ def test_repo_with_only_bin_weights_is_refused_before_downloading(fake_hub: Fake
     fake_hub.add_repo(REPO, files)
     with pytest.raises(HubError) as caught:
         download_checkpoint(REPO)
-    assert "only safetensors checkpoints are supported" in assert_one_line(caught.value)
+    assert "only safetensors checkpoints are supported" in assert_one_line_message(caught.value)
     assert fake_hub.bytes_served() == 0
 
 

@@ -12,7 +12,8 @@ import pytest
 
 from lcrun.errors import HubError
 from lcrun.hub import fetch_checkpoint_metadata, fetch_gguf_header
-from tests.fixtures.hub_server import VALID_TOKEN, FakeHub, fake_hub  # noqa: F401 - fixture
+from tests.fixtures.hub_server import VALID_TOKEN, FakeHub
+from tests.fixtures.one_line_errors import assert_one_line_message
 from tests.fixtures.safetensors_writer import save_safetensors, write_raw_safetensors
 
 REPO = "meta-llama/Tiny-Llama"
@@ -66,12 +67,6 @@ def served_ranges(hub: FakeHub, filename: str) -> list[tuple[int, int]]:
     return ranges
 
 
-def assert_one_line(error: HubError) -> str:
-    text = str(error)
-    assert "\n" not in text and text.startswith(error.subject + ": ")
-    return text
-
-
 def test_checkpoint_metadata_reads_only_config_and_headers(fake_hub: FakeHub, tmp_path: Path) -> None:
     files, expected = three_shard_repo(tmp_path)
     commit = fake_hub.add_repo(REPO, files)
@@ -109,7 +104,7 @@ def test_gated_repo_needs_hf_token(fake_hub: FakeHub, tmp_path: Path, monkeypatc
     fake_hub.add_repo(REPO, files, gated=True)
     with pytest.raises(HubError) as caught:
         fetch_checkpoint_metadata(REPO)
-    text = assert_one_line(caught.value)
+    text = assert_one_line_message(caught.value)
     assert "gated" in text and "HF_TOKEN" in text
     assert fake_hub.bytes_served() == 0
 
@@ -126,14 +121,14 @@ def test_gated_repo_needs_hf_token(fake_hub: FakeHub, tmp_path: Path, monkeypatc
 def test_missing_repo(fake_hub: FakeHub) -> None:
     with pytest.raises(HubError) as caught:
         fetch_checkpoint_metadata("meta-llama/Llama-9-Typo")
-    assert assert_one_line(caught.value).startswith("meta-llama/Llama-9-Typo: no such model repo on the Hub")
+    assert assert_one_line_message(caught.value).startswith("meta-llama/Llama-9-Typo: no such model repo on the Hub")
 
 
 def test_repo_without_safetensors(fake_hub: FakeHub) -> None:
     fake_hub.add_repo(REPO, {"config.json": b"{}", "pytorch_model.bin": b"\x80\x02" * 100})
     with pytest.raises(HubError) as caught:
         fetch_checkpoint_metadata(REPO)
-    assert "has no safetensors weights" in assert_one_line(caught.value)
+    assert "has no safetensors weights" in assert_one_line_message(caught.value)
     assert fake_hub.bytes_served("pytorch_model.bin") == 0
 
 
@@ -152,7 +147,7 @@ def test_broken_safetensors_header_names_the_file(fake_hub: FakeHub, tmp_path: P
     fake_hub.add_repo(REPO, files)
     with pytest.raises(HubError) as caught:
         fetch_checkpoint_metadata(REPO)
-    text = assert_one_line(caught.value)
+    text = assert_one_line_message(caught.value)
     assert text.startswith(f"{REPO}: {SHARDS[1]} ") and problem in text
 
 
@@ -162,7 +157,7 @@ def test_absurd_safetensors_header_length_is_not_requested(fake_hub: FakeHub, tm
     fake_hub.add_repo(REPO, files)
     with pytest.raises(HubError) as caught:
         fetch_checkpoint_metadata(REPO)
-    assert f"{SHARDS[0]} is not a valid safetensors file" in assert_one_line(caught.value)
+    assert f"{SHARDS[0]} is not a valid safetensors file" in assert_one_line_message(caught.value)
     assert fake_hub.bytes_served(SHARDS[0]) == 8
 
 
@@ -229,7 +224,7 @@ def test_gguf_header_from_small_first_reads(fake_hub: FakeHub, tmp_path: Path) -
 
     with pytest.raises(HubError) as caught:
         fetch_gguf_header(GGUF_REPO, GGUF_FILE, first_read=4096, max_header=MiB)
-    assert "GGUF header is larger than 1 MiB" in assert_one_line(caught.value)
+    assert "GGUF header is larger than 1 MiB" in assert_one_line_message(caught.value)
 
 
 @pytest.mark.parametrize(("cut", "problem"), [
@@ -240,7 +235,7 @@ def test_broken_gguf_header_names_the_file(fake_hub: FakeHub, tmp_path: Path, cu
     fake_hub.add_repo(GGUF_REPO, {GGUF_FILE: cut(gguf_file(tmp_path))})
     with pytest.raises(HubError) as caught:
         fetch_gguf_header(GGUF_REPO, GGUF_FILE)
-    text = assert_one_line(caught.value)
+    text = assert_one_line_message(caught.value)
     assert text.startswith(f"{GGUF_REPO}: {GGUF_FILE} ") and problem in text
 
 
@@ -248,21 +243,21 @@ def test_gguf_errors(fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.Monk
     fake_hub.add_repo(GGUF_REPO, {GGUF_FILE: gguf_file(tmp_path)}, gated=True)
     with pytest.raises(HubError) as caught:
         fetch_gguf_header(GGUF_REPO, GGUF_FILE)
-    assert "HF_TOKEN" in assert_one_line(caught.value)
+    assert "HF_TOKEN" in assert_one_line_message(caught.value)
 
     monkeypatch.setenv("HF_TOKEN", VALID_TOKEN)
     assert len(fetch_gguf_header(GGUF_REPO, GGUF_FILE).tensors) == 3
     with pytest.raises(HubError) as caught:
         fetch_gguf_header(GGUF_REPO, "Tiny-Llama-Q4_K_M.gguf")
-    assert "no file 'Tiny-Llama-Q4_K_M.gguf'" in assert_one_line(caught.value)
+    assert "no file 'Tiny-Llama-Q4_K_M.gguf'" in assert_one_line_message(caught.value)
     with pytest.raises(HubError) as caught:
         fetch_gguf_header("bartowski/No-Such-GGUF", GGUF_FILE)
-    assert "no such model repo" in assert_one_line(caught.value)
+    assert "no such model repo" in assert_one_line_message(caught.value)
 
 
 def test_offline_mode_says_why(fake_hub: FakeHub, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(HubError) as caught:
         fetch_checkpoint_metadata(REPO)
-    assert "HF_HUB_OFFLINE" in assert_one_line(caught.value)
+    assert "HF_HUB_OFFLINE" in assert_one_line_message(caught.value)
     assert fake_hub.requests == []

@@ -1,20 +1,17 @@
 """The memory estimate against what llama.cpp itself allocates.
 
-Small llama GGUF files are written here (F16 weights, a byte-level BPE vocab of 4096 tokens so the logits matter) and
-loaded by llama.cpp in its `no_alloc` mode, which lays out every buffer without allocating it; lcrun.engine.allocations reads
-the sizes, in bytes, from llama.cpp's own memory breakdown. KV cache and weights must match to the byte; the compute
-buffer, an allocator's peak, must be within the tolerance its model documents."""
+Small llama GGUF files (tests/fixtures/memory_cases.py: F16 weights, a byte-level BPE vocab so the logits matter) are
+loaded by llama.cpp in its `no_alloc` mode, which lays out every buffer without allocating it;
+lcrun.engine.allocations reads the sizes, in bytes, from llama.cpp's own memory breakdown. KV cache and weights must
+match to the byte; the compute buffer, an allocator's peak, must be within the tolerance its model documents."""
 from __future__ import annotations
 
-import functools
-import itertools
 from pathlib import Path
 
 import gguf
-import numpy as np
 import pytest
 
-from lcrun.engine.allocations import allocations_from_log, breakdown_supported, measure_allocations
+from lcrun.engine.allocations import breakdown_supported, measure_allocations
 from lcrun.memory_model import (
     ModelShape,
     compute_buffer_bytes,
@@ -23,99 +20,15 @@ from lcrun.memory_model import (
     validate_kv,
     weights_bytes,
 )
-from tests.fixtures.gguf_llama import add_llama_hparams
+from tests.fixtures.memory_cases import file_weights_bytes, memory_cases, write_memory_models
 
 GiB = 1024**3
 MiB = 1024**2
 
-# (n_layer, n_embd, n_head, n_head_kv, n_ff, n_vocab): head size 64 and 128, GQA 2 and 4, n_ff/n_embd 2.75–3.5 like
-# released models
-SHAPES = {
-    "d64-gqa2": (2, 256, 4, 2, 896, 4096),
-    "d128-gqa4": (3, 512, 4, 1, 1792, 4096),
-    "d64-gqa4-4layers": (4, 512, 8, 2, 1408, 8192),
-}
-CACHE_TYPES = [("f16", "f16"), ("q8_0", "q8_0"), ("q4_0", "q4_0"), ("q8_0", "f16")]
-
-
-def _byte_level_tokens() -> list[str]:
-    # GPT-2's printable stand-in for every byte, so llama.cpp finds a newline token
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    stand_ins, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            stand_ins[b] = chr(b)
-        else:
-            stand_ins[b] = chr(256 + extra)
-            extra += 1
-    return [stand_ins[b] for b in range(256)]
-
-
-def write_llama_gguf(path: Path, shape: ModelShape) -> Path:
-    w = gguf.GGUFWriter(path, "llama")
-    add_llama_hparams(w, n_ctx=shape.n_ctx_train, n_embd=shape.n_embd, n_layer=shape.n_layer, n_ff=shape.n_ff,
-                      n_head=shape.n_head, n_head_kv=shape.n_head_kv, head_dim=shape.head_dim_k,
-                      n_vocab=shape.n_vocab, rope_base=500000.0)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    tokens = [*_byte_level_tokens(), "ĠĠ"]
-    n_normal = len(tokens)
-    tokens += [f"<|reserved_{i}|>" for i in range(shape.n_vocab - n_normal)]
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("llama-bpe")
-    w.add_token_list(tokens)
-    w.add_token_types([gguf.TokenType.NORMAL] * n_normal + [gguf.TokenType.CONTROL] * (shape.n_vocab - n_normal))
-    w.add_token_merges(["Ġ Ġ"])
-    w.add_bos_token_id(n_normal)
-    w.add_eos_token_id(n_normal + 1)
-
-    def tensor(name: str, *dims: int, dtype: type = np.float16) -> None:
-        w.add_tensor(name, np.zeros(dims, dtype=dtype))
-
-    e, kv = shape.n_embd, shape.n_embd_k_gqa
-    tensor("token_embd.weight", shape.n_vocab, e)
-    tensor("output_norm.weight", e, dtype=np.float32)
-    tensor("output.weight", shape.n_vocab, e)
-    for i in range(shape.n_layer):
-        tensor(f"blk.{i}.attn_norm.weight", e, dtype=np.float32)
-        tensor(f"blk.{i}.attn_q.weight", shape.n_head * shape.head_dim_k, e)
-        tensor(f"blk.{i}.attn_k.weight", kv, e)
-        tensor(f"blk.{i}.attn_v.weight", shape.n_embd_v_gqa, e)
-        tensor(f"blk.{i}.attn_output.weight", e, shape.n_head * shape.head_dim_v)
-        tensor(f"blk.{i}.ffn_norm.weight", e, dtype=np.float32)
-        tensor(f"blk.{i}.ffn_gate.weight", shape.n_ff, e)
-        tensor(f"blk.{i}.ffn_up.weight", shape.n_ff, e)
-        tensor(f"blk.{i}.ffn_down.weight", e, shape.n_ff)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
-
-def _shape(n_layer: int, n_embd: int, n_head: int, n_head_kv: int, n_ff: int, n_vocab: int) -> ModelShape:
-    head_dim = n_embd // n_head
-    return ModelShape(n_layer, n_embd, n_head, n_head_kv, head_dim, head_dim, n_ff, n_vocab, n_ctx_train=8192)
-
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[ModelShape, Path]]:
-    folder = tmp_path_factory.mktemp("memory_models")
-    out = {}
-    for name, dims in SHAPES.items():
-        shape = _shape(*dims)
-        out[name] = (shape, write_llama_gguf(folder / f"{name}.gguf", shape))
-    return out
-
-
-def _cases() -> list[tuple[str, int, int, bool, str, str]]:
-    cases = []
-    for name, n_ctx, n_ubatch, flash_attn, (type_k, type_v) in itertools.product(
-        SHAPES, (512, 4096, 33000), (512, 128), (True, False), CACHE_TYPES
-    ):
-        if type_v != "f16" and not flash_attn:
-            continue  # llama.cpp refuses a quantized V cache without flash attention
-        cases.append((name, n_ctx, n_ubatch, flash_attn, type_k, type_v))
-    return cases
+    return write_memory_models(tmp_path_factory.mktemp("memory_models"))
 
 
 def _compute_tolerance(flash_attn: bool, type_k: str) -> float:
@@ -124,7 +37,7 @@ def _compute_tolerance(flash_attn: bool, type_k: str) -> float:
     return 0.002 if flash_attn and type_k == "f16" else 0.05
 
 
-@pytest.mark.parametrize(("name", "n_ctx", "n_ubatch", "flash_attn", "type_k", "type_v"), _cases())
+@pytest.mark.parametrize(("name", "n_ctx", "n_ubatch", "flash_attn", "type_k", "type_v"), memory_cases())
 def test_estimate_matches_llama_cpp(
     models: dict[str, tuple[ModelShape, Path]], name: str, n_ctx: int, n_ubatch: int, flash_attn: bool, type_k: str,
     type_v: str,
@@ -149,16 +62,11 @@ def test_estimate_matches_llama_cpp(
     assert abs(output - measured.output_bytes) <= 0.005 * MiB
 
     # the issue's bar for the whole: within 3 %
-    weights = _file_weights(path)
+    weights = file_weights_bytes(path)
     total = weights + kv_cache_bytes(shape, n_ctx=n_ctx, type_k=type_k, type_v=type_v, flash_attn=flash_attn)
     total += estimate + output
     measured_total = measured.weights_bytes + measured.kv_bytes + measured.compute_bytes + measured.output_bytes
     assert total == pytest.approx(measured_total, rel=0.03)
-
-
-@functools.cache
-def _file_weights(path: Path) -> int:
-    return weights_bytes(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors)
 
 
 def test_weights_match_llama_cpp(models: dict[str, tuple[ModelShape, Path]]) -> None:

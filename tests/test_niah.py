@@ -21,24 +21,10 @@ from lcrun.niah.run import CellDone, NiahParams, NiahRun, prepare_run, run_cells
 from lcrun.niah.summary import summarize
 from lcrun.ui.niah_view import render_heatmap
 from tests.fixtures.fake_engine import FakeEngine
+from tests.fixtures.niah_responders import NEEDLE_RE, finds_shallow_needles_in_short_documents, position_in_document
 
 REPO = Path(__file__).resolve().parent.parent
-NEEDLE_RE = re.compile(r"The special magic (\w+) number is: (\d+)\.")
 IDENTITY = {"model": "fake.gguf", "seed": 0, "type_k": "f16"}
-
-
-def position_in_document(prompt: str) -> tuple[str, float]:
-    """The needle's number and where it sits in the document (0 = start, 1 = end), read from the prompt text."""
-    body = prompt.split("<|end_header_id|>\n\n", 1)[1].rsplit("\n\nWhat is the special magic", 1)[0]
-    match = NEEDLE_RE.search(body)
-    assert match, "no needle in the document"
-    return match.group(2), match.start() / max(1, len(body) - len(match.group(0)))
-
-
-def finds_shallow_needles_in_short_documents(prompt: str) -> str:
-    number, where = position_in_document(prompt)
-    short = len(prompt) < 4000
-    return f"The number is {number}." if where < 0.5 and short else "I could not find it."
 
 
 def run_all(engine: FakeEngine, params: NiahParams, tmp_path: Path, haystack: Path | None = None,

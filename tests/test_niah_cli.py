@@ -26,7 +26,7 @@ from lcrun.niah.prompt import needle_for
 from lcrun.niah.run import NiahParams, prepare_run
 from lcrun.niah_cli import niah
 from tests.fixtures.fake_engine import FakeEngine
-from tests.test_niah import finds_shallow_needles_in_short_documents
+from tests.fixtures.niah_responders import finds_shallow_needles_in_short_documents
 
 RUN_NIAH = ("import sys; from lcrun.cli import cli, main; from lcrun.niah_cli import niah; "
             "cli.commands.setdefault('niah', niah); main(sys.argv[1:])")

@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from lcrun.models import find_profile, load_profiles
 from lcrun.profiles import parameter_count, profile_adapter
+from tests.fixtures.cli import invoke
 
 REQUIRED = {"gradientai/Llama-3-8B-Instruct-Gradient-1048k", "gradientai/Llama-3-70B-Instruct-Gradient-1048k",
             "gradientai/Llama-3-8B-Instruct-262k", "gradientai/Llama-3-70B-Instruct-Gradient-262k",
@@ -45,13 +43,14 @@ def test_gradient_theta_and_context() -> None:
     assert find_profile("no/such-model") is None
 
 
-def test_models_command_lists_every_profile() -> None:
-    run = subprocess.run([sys.executable, "-m", "lcrun.cli", "models", "--json"], capture_output=True, text=True,
-                         check=True)
+def test_models_command_lists_every_profile(monkeypatch: pytest.MonkeyPatch) -> None:
+    run = invoke("models", "--json")
+    assert run.exit_code == 0, run.stderr
     listed = json.loads(run.stdout)
     assert {p["repo_id"] for p in listed} == {p.repo_id for p in load_profiles()}
-    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}  # a pipe: no width imposed
-    table = subprocess.run([sys.executable, "-m", "lcrun.cli", "models"], capture_output=True, text=True, check=True,
-                           env=env)
+    for name in ("COLUMNS", "LINES"):  # a pipe: no width imposed
+        monkeypatch.delenv(name, raising=False)
+    table = invoke("models")
+    assert table.exit_code == 0, table.stderr
     for profile in load_profiles():
         assert profile.name in table.stdout and profile.repo_id in table.stdout

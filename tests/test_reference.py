@@ -1,4 +1,5 @@
-"""Sanity of the numpy reference (tests/reference_llama.py) itself, before it is used to judge converted GGUFs."""
+"""Sanity of the numpy reference (tests/fixtures/reference_llama.py) itself, before it is used to judge converted
+GGUFs."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from tests import reference_llama as ref
+from tests.fixtures import reference_llama as ref
 from tests.fixtures.checkpoint_factory import make_llama_checkpoint
 
 LLAMA31_8B = {

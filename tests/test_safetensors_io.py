@@ -17,6 +17,7 @@ from lcrun.convert import safetensors_io
 from lcrun.convert.errors import CheckpointError, UnsupportedModelError
 from lcrun.convert.fp8 import Fp8Scheme, detect_fp8_scheme
 from lcrun.convert.safetensors_io import INDEX_NAME, Checkpoint
+from tests.fixtures.one_line_errors import assert_one_line_message
 from tests.fixtures.safetensors_writer import save_safetensors, write_raw_safetensors
 
 E4M3 = ml_dtypes.float8_e4m3fn
@@ -241,26 +242,19 @@ def test_unsupported_quantization_names_config_json(tmp_path: Path, config: dict
 
 # ---- errors ----------------------------------------------------------------------------------------------------------
 
-def _assert_one_line(err: pytest.ExceptionInfo, path: Path, *fragments: str) -> None:
-    message = str(err.value)
-    assert "\n" not in message and message.startswith(f"{path}: "), message
-    for fragment in fragments:
-        assert fragment in message, message
-
-
 def test_header_length_past_end_of_file(tmp_path: Path) -> None:
     path = tmp_path / "model.safetensors"
     path.write_bytes((1 << 20).to_bytes(8, "little") + b'{"w": {}}')
     with pytest.raises(CheckpointError) as err:
         Checkpoint(tmp_path)
-    _assert_one_line(err, path, "header length 1048576", "past the end")
+    assert_one_line_message(err.value, "header length 1048576", "past the end", subject=path)
 
 
 def test_file_too_short_for_a_header(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors").write_bytes(b"\x01\x02")
     with pytest.raises(CheckpointError) as err:
         Checkpoint(tmp_path)
-    _assert_one_line(err, tmp_path / "model.safetensors", "too short")
+    assert_one_line_message(err.value, "too short", subject=tmp_path / "model.safetensors")
 
 
 @pytest.mark.parametrize(("entry", "fragment"), [
@@ -275,7 +269,7 @@ def test_bad_data_offsets(tmp_path: Path, entry: dict, fragment: str) -> None:
     write_raw_safetensors(path, {"w": entry}, bytes(16))
     with pytest.raises(CheckpointError) as err:
         Checkpoint(tmp_path)
-    _assert_one_line(err, path, "tensor w", fragment)
+    assert_one_line_message(err.value, "tensor w", fragment, subject=path)
 
 
 @pytest.mark.parametrize(("header", "fragment"), [
@@ -290,7 +284,7 @@ def test_malformed_header(tmp_path: Path, header: bytes, fragment: str) -> None:
     write_raw_safetensors(path, header, bytes(8))
     with pytest.raises(CheckpointError) as err:
         Checkpoint(tmp_path)
-    _assert_one_line(err, path, fragment)
+    assert_one_line_message(err.value, fragment, subject=path)
 
 
 def test_missing_shard_named_in_index(tmp_path: Path) -> None:
@@ -298,7 +292,8 @@ def test_missing_shard_named_in_index(tmp_path: Path) -> None:
     _write_index(tmp_path, {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"})
     with pytest.raises(CheckpointError) as err:
         Checkpoint(tmp_path)
-    _assert_one_line(err, tmp_path / "model-00002-of-00002.safetensors", "missing", INDEX_NAME, "(e.g. b)")
+    assert_one_line_message(err.value, "missing", INDEX_NAME, "(e.g. b)",
+                            subject=tmp_path / "model-00002-of-00002.safetensors")
 
 
 def test_index_names_a_tensor_its_shard_lacks(tmp_path: Path) -> None:
@@ -306,7 +301,7 @@ def test_index_names_a_tensor_its_shard_lacks(tmp_path: Path) -> None:
     _write_index(tmp_path, {"a": "model-00001-of-00001.safetensors", "b": "model-00001-of-00001.safetensors"})
     with pytest.raises(CheckpointError) as err:
         Checkpoint(tmp_path)
-    _assert_one_line(err, tmp_path / "model-00001-of-00001.safetensors", "has no tensor b")
+    assert_one_line_message(err.value, "has no tensor b", subject=tmp_path / "model-00001-of-00001.safetensors")
 
 
 def test_tensor_in_two_files(tmp_path: Path) -> None:
@@ -314,14 +309,14 @@ def test_tensor_in_two_files(tmp_path: Path) -> None:
     save_safetensors(tmp_path / "b.safetensors", {"w": np.ones(2, np.float32)})
     with pytest.raises(CheckpointError) as err:
         Checkpoint(tmp_path)
-    _assert_one_line(err, tmp_path / "b.safetensors", "tensor w is also in a.safetensors")
+    assert_one_line_message(err.value, "tensor w is also in a.safetensors", subject=tmp_path / "b.safetensors")
 
 
 def test_no_safetensors_files(tmp_path: Path) -> None:
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(CheckpointError) as err:
         Checkpoint(tmp_path)
-    _assert_one_line(err, tmp_path, "no *.safetensors", "pytorch_model.bin")
+    assert_one_line_message(err.value, "no *.safetensors", "pytorch_model.bin", subject=tmp_path)
 
 
 @pytest.mark.parametrize(("dtype", "fragment"), [
@@ -333,7 +328,7 @@ def test_unsupported_weight_dtype(tmp_path: Path, dtype: type, fragment: str) ->
     save_safetensors(tmp_path / "model.safetensors", {"ok": np.ones(2, np.float32), "w": np.ones((2, 2), dtype)})
     with pytest.raises(UnsupportedModelError) as err:
         Checkpoint(tmp_path)
-    _assert_one_line(err, tmp_path / "model.safetensors", fragment)
+    assert_one_line_message(err.value, fragment, subject=tmp_path / "model.safetensors")
 
 
 def test_unknown_dtype_code(tmp_path: Path) -> None:
@@ -341,7 +336,7 @@ def test_unknown_dtype_code(tmp_path: Path) -> None:
                           bytes(1))
     with pytest.raises(UnsupportedModelError) as err:
         Checkpoint(tmp_path)
-    _assert_one_line(err, tmp_path / "model.safetensors", "tensor w has dtype F4")
+    assert_one_line_message(err.value, "tensor w has dtype F4", subject=tmp_path / "model.safetensors")
 
 
 def test_fp8_weight_without_scale(tmp_path: Path) -> None:
@@ -349,7 +344,8 @@ def test_fp8_weight_without_scale(tmp_path: Path) -> None:
                                                       "mlp.input_scale": np.array(1.0, np.float32)})
     with pytest.raises(CheckpointError) as err:
         Checkpoint(tmp_path, {"quant_method": "fbgemm_fp8"})
-    _assert_one_line(err, tmp_path / "model.safetensors", "FP8 tensor mlp.weight has no weight_scale")
+    assert_one_line_message(err.value, "FP8 tensor mlp.weight has no weight_scale",
+                            subject=tmp_path / "model.safetensors")
 
 
 @pytest.mark.parametrize(("scale", "error", "fragment"), [
@@ -361,7 +357,7 @@ def test_fp8_scale_that_does_not_fit(tmp_path: Path, scale: np.ndarray, error: t
                                                       "mlp.weight_scale": scale})
     with pytest.raises(error) as err:
         Checkpoint(tmp_path, {"quant_method": "fbgemm_fp8"})
-    _assert_one_line(err, tmp_path / "model.safetensors", fragment)
+    assert_one_line_message(err.value, fragment, subject=tmp_path / "model.safetensors")
 
 
 # ---- concurrency and memory ------------------------------------------------------------------------------------------

@@ -476,7 +476,8 @@ class Engine:
     def seq_copy(self, src: int, dst: int, n: int | None = None) -> None:
         """Make sequence `dst` hold the first `n` tokens of `src` (all by default) — their KV cells too, so a
         prompt on `dst` that starts with them evaluates only the rest. With a unified KV cache the cells are shared;
-        otherwise llama.cpp copies `src`'s buffer into `dst`'s at the next decode."""
+        otherwise llama.cpp copies `src`'s buffer into `dst`'s at the next decode (saving, snapshotting, loading or
+        restoring `dst` before then runs a one-token decode to get it done, which drops the last decode's logits)."""
         s, d = self._seq(src), self._seq(dst)
         n = s.n if n is None else n
         if not 0 <= n <= s.n:
