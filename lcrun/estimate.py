@@ -163,17 +163,14 @@ class _Costs:
         return _Holder(device, first, count, weights, self._kv[stop] - self._kv[first], compute, fixed)
 
 
-def _fill(costs: _Costs, devices: list[Device], first: int, ratio: float, *, pipeline: bool,
-          fixed_counts: dict[int, int] | None = None) -> list[_Holder] | None:
+def _fill(costs: _Costs, devices: list[Device], first: int, ratio: float, *, pipeline: bool) -> list[_Holder] | None:
     """Slots first.. over `devices` in order, each taking as many as keep its need within ratio x its free memory
     (the last takes the rest); None when they do not all fit that way. A device's need grows with its slots."""
     holders = []
     at = first
     for i, device in enumerate(devices):
         limit = ratio * device.free_bytes
-        if fixed_counts is not None and i in fixed_counts:
-            count = fixed_counts[i]
-        elif i == len(devices) - 1:
+        if i == len(devices) - 1:
             count = costs.slots.n - at
         else:
             lo, hi = 0, costs.slots.n - at
@@ -192,22 +189,21 @@ def _fill(costs: _Costs, devices: list[Device], first: int, ratio: float, *, pip
     return holders if at == costs.slots.n else None
 
 
-def _balance(costs: _Costs, devices: list[Device], first: int, *, pipeline: bool,
-             fixed_counts: dict[int, int] | None = None) -> list[_Holder]:
+def _balance(costs: _Costs, devices: list[Device], first: int, *, pipeline: bool) -> list[_Holder]:
     """Slots first.. over `devices` so that the largest share of free memory any of them uses is as small as it
     can be: each holds layers in proportion to what fits it. Bisects that share (above 1: nothing fits)."""
     lo, hi = 0.0, 1.0
-    while _fill(costs, devices, first, hi, pipeline=pipeline, fixed_counts=fixed_counts) is None:
+    while _fill(costs, devices, first, hi, pipeline=pipeline) is None:
         lo, hi = hi, hi * 2
         if hi > 1e6:
             raise ValueError("no device has free memory to plan with")
     for _ in range(40):
         mid = (lo + hi) / 2
-        if _fill(costs, devices, first, mid, pipeline=pipeline, fixed_counts=fixed_counts) is None:
+        if _fill(costs, devices, first, mid, pipeline=pipeline) is None:
             lo = mid
         else:
             hi = mid
-    holders = _fill(costs, devices, first, hi, pipeline=pipeline, fixed_counts=fixed_counts)
+    holders = _fill(costs, devices, first, hi, pipeline=pipeline)
     assert holders is not None
     return holders
 
