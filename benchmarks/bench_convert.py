@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/bench_convert.py CKPT [--repeat N] [--outtypes bf16,q8_0] [--json OUT]
 
-For each outtype, runs peer, lcrun, peer, lcrun, ... (N of each) so that drift in the machine (page cache, thermal,
-neighbours) lands on both tools alike. Each run is one child process: wall time from spawn to exit; peak memory
+For each outtype, runs peer, lcrun, peer, lcrun, ... (N of each, at least 3) so that drift in the machine (page cache,
+thermal, neighbours) lands on both tools alike; the table gives each tool's median and range and lcrun/peer of the
+medians, and names the machine (CPU model, cores, memory) and its load average before and after. Each run is one child process: wall time from spawn to exit; peak memory
 as the high-water RSS (VmHWM) of the child's process tree, summed over the tree every 50 ms. VmHWM is monotonic per
 process, so a peak between two samples is still seen. After each run, dirty pages are written back (os.sync, untimed)
 so that one run's output is not being flushed to disk during the next.
@@ -181,24 +182,46 @@ def table(runs: list[Run], outtypes: list[str]) -> tuple[str, list[dict]]:
         for tool in ("peer", "lcrun"):
             ok = [r for r in runs if r.tool == tool and r.outtype == outtype and r.returncode == 0]
             med[tool] = (statistics.median(r.wall_s for r in ok), statistics.median(r.peak_rss_mib for r in ok)) if ok else None
+            if ok:
+                walls = [r.wall_s for r in ok]
+                summary.append({"tool": tool, "outtype": outtype, "runs": len(ok), "wall_s_median": med[tool][0],
+                                "wall_s_min": min(walls), "wall_s_max": max(walls),
+                                "peak_rss_mib_median": med[tool][1]})
         for tool in ("peer", "lcrun"):
             if med[tool] is None:
-                rows.append(f"| {tool} | {outtype} | failed | failed | |")
+                rows.append(f"| {tool} | {outtype} | failed | | failed | |")
                 continue
             wall, rss = med[tool]
+            walls = [r.wall_s for r in runs if r.tool == tool and r.outtype == outtype and r.returncode == 0]
             ratio = ""
             if tool == "lcrun" and med["peer"]:
                 ratio = f"{wall / med['peer'][0]:.2f}x time, {rss / med['peer'][1]:.2f}x RSS"
-            rows.append(f"| {tool} | {outtype} | {wall:.2f} | {rss:.0f} | {ratio} |")
-            summary.append({"tool": tool, "outtype": outtype, "wall_s_median": wall, "peak_rss_mib_median": rss})
-    head = "| tool | outtype | wall s (median) | peak RSS MiB (median) | lcrun/peer |\n|---|---|---|---|---|\n"
+                summary[-1]["wall_ratio"] = wall / med["peer"][0]
+                summary[-1]["rss_ratio"] = rss / med["peer"][1]
+            rows.append(f"| {tool} | {outtype} | {wall:.2f} | {min(walls):.2f}-{max(walls):.2f} | {rss:.0f} | {ratio} |")
+    head = ("| tool | outtype | wall s (median) | wall s (range) | peak RSS MiB (median) | lcrun/peer (medians) |\n"
+            "|---|---|---|---|---|---|\n")
     return head + "\n".join(rows), summary
+
+
+def machine() -> dict:
+    """What the figures were measured on: they are only comparable within one run on one machine."""
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu_model": model, "cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "platform": platform.platform(), "python": platform.python_version()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("ckpt", type=Path, nargs="?")
-    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of each tool per outtype (at least 3)")
     parser.add_argument("--outtypes", default="bf16,q8_0")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--workdir", type=Path, default=REPO / "bench-work" / "runs",
@@ -210,6 +233,8 @@ def main() -> None:
         return
     if args.ckpt is None:
         parser.error("CKPT is required")
+    if args.repeat < 3:
+        parser.error("--repeat must be at least 3: a median of fewer rounds on a shared machine is one noisy sample")
     outtypes = args.outtypes.split(",")
     ckpt = args.ckpt.resolve()
     for needed, hint in ((PEER_PYTHON, "run benchmarks/setup_peer.sh"), (LCRUN, "install the project venv")):
@@ -219,6 +244,8 @@ def main() -> None:
 
     warmed = warm_read(ckpt)
     os.sync()
+    host = machine()
+    load_before = os.getloadavg()
     print(f"checkpoint {ckpt} ({warmed / 2**20:.0f} MiB read warm); {args.repeat} rounds of peer, lcrun per outtype",
           file=sys.stderr)
     runs: list[Run] = []
@@ -246,7 +273,10 @@ def main() -> None:
         if len(prints) == 2:
             notes += compare(outtype, prints["peer"], prints["lcrun"])
 
+    load_after = os.getloadavg()
     md, summary = table(runs, outtypes)
+    print(f"{host['cpu_model']}, {host['cpus']} CPUs, {host['memory_gib']} GiB; load average (1/5/15 min) "
+          f"{'/'.join(f'{x:.2f}' for x in load_before)} before, {'/'.join(f'{x:.2f}' for x in load_after)} after\n")
     print(md)
     if notes:
         print("\nNotes:")
@@ -258,9 +288,8 @@ def main() -> None:
             "checkpoint_mib": warmed / 2**20,
             "repeat": args.repeat,
             "peer": peer_version or "unknown",
-            "machine": {"cpus": os.cpu_count(), "memory_gib": psutil.virtual_memory().total / 2**30,
-                        "platform": platform.platform(), "python": platform.python_version(),
-                        "openblas_env": {k: v for k, v in os.environ.items() if k.startswith("OPENBLAS")}},
+            "machine": {**host, "openblas_env": {k: v for k, v in os.environ.items() if k.startswith("OPENBLAS")}},
+            "load_average": {"before": load_before, "after": load_after},
             "summary": summary,
             "runs": [asdict(r) for r in runs],
             "notes": notes,

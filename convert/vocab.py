@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 from string import ascii_letters, digits
 from typing import Any
 
 import gguf
+import numpy as np
 
 from .errors import TokenizerError
+from .gguf_out import PackedArray
 
 # the pre-tokenizer regexes as tokenizer.json files spell them; llama.cpp's src/llama-vocab.cpp carries each as a
 # comment ("original regex from tokenizer.json") above its own adaptation
@@ -144,38 +147,100 @@ def _merge(item: Any, path: Path) -> str:
     raise TokenizerError(path, f"merge {item!r} is neither \"a b\" nor a pair of tokens")
 
 
-def _token_table(data: dict[str, Any], path: Path, vocab_size: int) -> tuple[list[str], list[int]]:
+def _merges(raw: list[Any], path: Path) -> list[str]:
+    """The merges as "a b" strings. Checked in bulk: "a b" is well-formed exactly when it holds one space, neither
+    first nor last, and a pair of non-empty tokens without spaces joins to such a string; only when that fails is
+    each merge looked at, to name the first bad one."""
+    kinds = set(map(type, raw))
+    try:
+        merges = raw if kinds <= {str} else list(map(" ".join, raw)) if kinds <= {list} else None
+    except TypeError:  # a pair with something other than strings in it
+        merges = None
+    if merges is not None:
+        spaces = np.fromiter(map(str.count, merges, repeat(" ")), dtype=np.int64, count=len(merges))
+        if (spaces == 1).all() and not any(map(str.startswith, merges, repeat(" "))) \
+                and not any(map(str.endswith, merges, repeat(" "))):
+            return merges
+    return [_merge(m, path) for m in raw]
+
+
+def _first_unencodable(texts: list[str]) -> str | None:
+    """The first text that has no UTF-8 form (a lone surrogate, which JSON's \\ud800 escapes can spell)."""
+    try:
+        "".join(texts).encode("utf-8")
+    except UnicodeEncodeError:
+        return next(t for t in texts if not _encodes(t))
+    return None
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _vocab_ids(vocab: dict[str, Any], path: Path, vocab_size: int) -> np.ndarray:
+    """The ids of `vocab`'s entries, in its order, checked to be distinct non-negative integers."""
+    try:
+        ids = np.fromiter(vocab.values(), dtype=np.int64, count=len(vocab)) \
+            if set(map(type, vocab.values())) <= {int} else None
+    except OverflowError:
+        ids = None
+    if ids is None or (ids.size and ids.min() < 0):
+        bad = next(((t, i) for t, i in vocab.items() if type(i) is not int or i < 0), None)
+        if bad is not None:
+            raise TokenizerError(path, f"token {bad[0]!r} has id {bad[1]!r}, not a non-negative integer")
+        # what remains is an id too large for the array, and so for any vocab_size
+        raise TokenizerError(path, f"has {max(vocab.values()) + 1} tokens but config.json's vocab_size is {vocab_size}")
+    order = np.argsort(ids, kind="stable")
+    ranked = ids[order]
+    repeats = order[1:][ranked[1:] == ranked[:-1]]
+    if repeats.size:
+        # the first token that reuses an id, and the token that had it first (what a loop in file order reports)
+        later = int(repeats.min())
+        first = int(np.flatnonzero(ids == ids[later])[0])
+        texts = list(vocab)
+        raise TokenizerError(path, f"tokens {texts[first]!r} and {texts[later]!r} share id {ids[later]}")
+    return ids
+
+
+def _token_table(data: dict[str, Any], path: Path, vocab_size: int) -> tuple[list[str], np.ndarray]:
     model = data["model"]
     vocab = model.get("vocab")
     if not isinstance(vocab, dict):
         raise TokenizerError(path, "model has no 'vocab' object")
-    texts: dict[int, str] = {}
-    types: dict[int, int] = {}
-    for text, tid in vocab.items():
-        if isinstance(tid, bool) or not isinstance(tid, int) or tid < 0:
-            raise TokenizerError(path, f"token {text!r} has id {tid!r}, not a non-negative integer")
-        if tid in texts:
-            raise TokenizerError(path, f"tokens {texts[tid]!r} and {text!r} share id {tid}")
-        texts[tid] = text
-        types[tid] = gguf.TokenType.NORMAL
+    ids = _vocab_ids(vocab, path, vocab_size)
     added = data.get("added_tokens") or []
     if not isinstance(added, list):
         raise TokenizerError(path, "'added_tokens' is not a list")
+    entries: list[tuple[int, str, int]] = []
     for entry in added:
         tid = entry.get("id") if isinstance(entry, dict) else None
         text = entry.get("content") if isinstance(entry, dict) else None
         if isinstance(tid, bool) or not isinstance(tid, int) or tid < 0 or not isinstance(text, str):
             raise TokenizerError(path, f"added token {entry!r} lacks an integer 'id' or a 'content' string")
-        texts[tid] = text
         # llama.cpp matches both kinds in raw text; only special ones are hidden when detokenizing
-        types[tid] = gguf.TokenType.CONTROL if entry.get("special") else gguf.TokenType.USER_DEFINED
-    n_tokens = max(texts) + 1 if texts else 0
+        entries.append((tid, text, gguf.TokenType.CONTROL if entry.get("special") else gguf.TokenType.USER_DEFINED))
+    n_tokens = max([int(ids.max()) + 1 if ids.size else 0, *(tid + 1 for tid, _, _ in entries)])
     if n_tokens > vocab_size:
         raise TokenizerError(path, f"has {n_tokens} tokens but config.json's vocab_size is {vocab_size}")
+    table = np.empty(vocab_size, dtype=object)
+    types = np.full(vocab_size, gguf.TokenType.UNUSED, dtype=np.int32)
+    table[ids] = list(vocab)
+    types[ids] = gguf.TokenType.NORMAL
+    for tid, text, ttype in entries:  # in file order: a token listed twice keeps its last entry
+        table[tid] = text
+        types[tid] = ttype
     # ids the tokenizer leaves unused (up to the embedding's row count) get placeholders, as llama.cpp's converter does
-    tokens = [texts.get(i, f"[PAD{i}]") for i in range(vocab_size)]
-    token_types = [int(types.get(i, gguf.TokenType.UNUSED)) for i in range(vocab_size)]
-    return tokens, token_types
+    unused = np.flatnonzero(types == gguf.TokenType.UNUSED)
+    table[unused] = [f"[PAD{i}]" for i in unused.tolist()]
+    tokens: list[str] = table.tolist()
+    bad = _first_unencodable(tokens)
+    if bad is not None:
+        raise TokenizerError(path, f"token {bad!r} is not valid Unicode (a lone surrogate); GGUF stores UTF-8")
+    return tokens, types
 
 
 def _content(value: Any) -> str | None:
@@ -287,12 +352,15 @@ def load_vocab(model_dir: Path, vocab_size: int) -> Vocab:
     merges_raw = model.get("merges")
     if not isinstance(merges_raw, list):
         raise TokenizerError(path, "model has no 'merges' list")
-    merges = [_merge(m, path) for m in merges_raw]
+    merges = _merges(merges_raw, path)
+    bad = _first_unencodable(merges)
+    if bad is not None:
+        raise TokenizerError(path, f"merge {bad!r} is not valid Unicode (a lone surrogate); GGUF stores UTF-8")
     tokens, token_types = _token_table(data, path, vocab_size)
-    token_ids: dict[str, int] = {}
-    for tid, (text, ttype) in enumerate(zip(tokens, token_types)):
-        if ttype != gguf.TokenType.UNUSED:
-            token_ids.setdefault(text, tid)
+    # text -> id of the tokens in use; where two ids share a text the lower wins (built in reverse, the last write
+    # of each key is its lowest id)
+    used = np.flatnonzero(token_types != gguf.TokenType.UNUSED)[::-1].tolist()
+    token_ids = dict(zip(map(tokens.__getitem__, used), used))
 
     tc_path = model_dir / "tokenizer_config.json"
     tokenizer_config = _read_object(tc_path)
@@ -310,7 +378,7 @@ def load_vocab(model_dir: Path, vocab_size: int) -> Vocab:
         raise TokenizerError(tc_path, "add_eos_token is true but no eos_token is given")
     chat_template, chat_templates = _chat_templates(model_dir, tokenizer_config, tc_path)
     return Vocab(
-        model="gpt2", pre=pre, tokens=tokens, token_types=token_types, merges=merges,
+        model="gpt2", pre=pre, tokens=tokens, token_types=token_types.tolist(), merges=merges,
         bos_id=special["bos"], eos_id=special["eos"],
         eot_id=token_ids.get("<|eot_id|>"), eom_id=token_ids.get("<|eom_id|>"), pad_id=special["pad"],
         add_bos=add_bos, add_eos=add_eos, chat_template=chat_template, chat_templates=chat_templates,
@@ -323,11 +391,12 @@ def _template_name(name: str) -> str:
 
 
 def add_vocab_to_gguf(writer: gguf.GGUFWriter, vocab: Vocab) -> None:
+    """Any GGUFWriter writes the same bytes; a `BulkArrayWriter` writes the large arrays in bulk."""
     writer.add_tokenizer_model(vocab.model)
     writer.add_tokenizer_pre(vocab.pre)
-    writer.add_token_list(vocab.tokens)
-    writer.add_token_types(vocab.token_types)
-    writer.add_token_merges(vocab.merges)
+    writer.add_token_list(PackedArray(vocab.tokens))
+    writer.add_token_types(PackedArray(vocab.token_types))
+    writer.add_token_merges(PackedArray(vocab.merges))
     for tid, add in ((vocab.bos_id, writer.add_bos_token_id), (vocab.eos_id, writer.add_eos_token_id),
                      (vocab.eot_id, writer.add_eot_token_id), (vocab.eom_id, writer.add_eom_token_id),
                      (vocab.pad_id, writer.add_pad_token_id)):

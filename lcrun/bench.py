@@ -186,9 +186,7 @@ def plan_bench(model_path: Path, overrides: RunOverrides, depths: Sequence[int],
                repetitions: int) -> BenchPlan:
     """The depths (the default ladder when none are given) and the plan to run them with. Without --ctx the context
     is the smallest that holds the deepest measurement, since a smaller context allocates less and runs as fast."""
-    from dataclasses import replace
-
-    from .launch import plan_launch
+    from .launch import no_larger_than_needed, plan_launch
 
     check_counts(depths, pp, tg, repetitions)
     if overrides.ctx is not None:
@@ -206,8 +204,7 @@ def plan_bench(model_path: Path, overrides: RunOverrides, depths: Sequence[int],
     else:
         _refuse_misfit(chosen, pp, tg, largest, lambda ctx: (
             f"but {largest:,} is the most that fits in memory here; lower the depth or use a smaller --kv-type"))
-    ctx = min(context_for(chosen, pp, tg), largest)
-    return BenchPlan(chosen, plan_launch(model_path, replace(overrides, ctx=ctx)))
+    return BenchPlan(chosen, no_larger_than_needed(widest, context_for(chosen, pp, tg)))
 
 
 # -- with a loaded engine ------------------------------------------------------------------------------------------

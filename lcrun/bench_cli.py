@@ -46,7 +46,7 @@ def bench(model: str, depths: tuple[str, ...], pp: int, tg: int, repetitions: in
     from .bench import bench_report, check_counts, plan_bench, run_bench
     from .ui.bench_view import bench_progress, render_bench
     from .ui.console import make_console
-    from .ui.model_loading import load_engine, locate_model
+    from .ui.model_loading import loaded_engine, locate_model
 
     out, err = make_console(), make_console(stderr=True)
     depth_list = [_parse_depth(d) for d in depths]
@@ -55,12 +55,8 @@ def bench(model: str, depths: tuple[str, ...], pp: int, tg: int, repetitions: in
     path = locate_model(err, model, run.get("hub_file"), run.get("revision"))
     plan = plan_bench(path, overrides, depth_list, pp=pp, tg=tg, repetitions=repetitions)
 
-    engine = load_engine(err, plan.launch.config)
-    try:
-        with bench_progress(err) as step:
-            results = run_bench(engine, plan.depths, pp=pp, tg=tg, repetitions=repetitions, progress=step)
-    finally:
-        engine.close()
+    with loaded_engine(err, plan.launch) as engine, bench_progress(err) as step:
+        results = run_bench(engine, plan.depths, pp=pp, tg=tg, repetitions=repetitions, progress=step)
     report = bench_report(plan, results, pp=pp, tg=tg, repetitions=repetitions)
     if as_json:
         for warning in report.warnings:

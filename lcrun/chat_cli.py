@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from .cli_options import chat_format_options, run_options_without_file
+from .engine.protocol import CHAT_SAMPLING
 
 
 @click.command(epilog="""\b
@@ -31,12 +32,13 @@ Examples:
 @click.option("-p", "--prompt", help="Answer this one prompt and exit: the answer alone on stdout, stats on "
                                      "stderr. `-p -` reads it from stdin.")
 @click.option("-sys", "--system", "--system-prompt", "system", help="System prompt.")
-@click.option("--temp", type=float, default=0.7, show_default=True, help="Temperature (0 = greedy).")
-@click.option("--top-p", type=float, default=0.95, show_default=True)
-@click.option("--top-k", type=int, default=40, show_default=True)
-@click.option("--min-p", type=float, default=0.05, show_default=True)
-@click.option("--repeat-penalty", type=float, default=1.0, show_default=True)
-@click.option("-s", "--seed", type=int, default=0, show_default=True)
+@click.option("--temp", type=float, default=CHAT_SAMPLING.temperature, show_default=True,
+              help="Temperature (0 = greedy).")
+@click.option("--top-p", type=float, default=CHAT_SAMPLING.top_p, show_default=True)
+@click.option("--top-k", type=int, default=CHAT_SAMPLING.top_k, show_default=True)
+@click.option("--min-p", type=float, default=CHAT_SAMPLING.min_p, show_default=True)
+@click.option("--repeat-penalty", type=float, default=CHAT_SAMPLING.repeat_penalty, show_default=True)
+@click.option("-s", "--seed", type=int, default=CHAT_SAMPLING.seed, show_default=True)
 @click.option("-n", "--max-tokens", "--n-predict", "max_tokens", type=int,
               help="Longest reply in tokens (default: until the model stops or the context is full).")
 @click.option("--session", "session_file", type=click.Path(dir_okay=False, path_type=Path),
@@ -57,6 +59,7 @@ def chat(model: str, files: tuple[str, ...], prompt: str | None, system: str | N
     format is the file's own template, else the one its special tokens belong to, else ChatML (as llama.cpp);
     the plan says which, and why.
     """
+    from .engine.protocol import Sampling
     from .ui.chat_app import ChatOptions, run_chat
     from .cli_options import chat_format_from, overrides_from
 
@@ -66,8 +69,10 @@ def chat(model: str, files: tuple[str, ...], prompt: str | None, system: str | N
                                "chat needs a chat format)")
     documents = [Path(f).expanduser() for f in files]
     options = ChatOptions(
-        prompt=prompt, system=system, documents=documents, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-        repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens, session_file=session_file,
+        prompt=prompt, system=system, documents=documents,
+        sampling=Sampling(temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty,
+                          seed=seed),
+        max_tokens=max_tokens, session_file=session_file,
         history_file=history_file, no_history=no_history, dry_run=dry_run, chat_format=chat_format,
     )
     code = run_chat(model, run.get("hub_file"), run.get("revision"), overrides_from(run), options)

@@ -41,6 +41,8 @@ class Launch:
     devices: list[Device]
     warnings: list[str] = field(default_factory=list)
     gguf: GGUFSet | None = None   # the file's headers, read once: metadata, vocabulary lookups, chat template
+    overrides: RunOverrides = field(default_factory=RunOverrides)
+    n_seq: int = 1
 
 
 def demo_gguf() -> Path:
@@ -96,8 +98,10 @@ def default_threads() -> int:
 
 
 def plan_launch(model_path: Path, overrides: RunOverrides = RunOverrides(), *,
-                devices: list[Device] | None = None, n_seq: int = 1) -> Launch:
-    files = read_gguf_set(model_path)
+                devices: list[Device] | None = None, n_seq: int = 1, files: GGUFSet | None = None) -> Launch:
+    """The planner's choices for `model_path` with the user's overrides, and the EngineConfig that carries them out.
+    `files`: the GGUF's headers when already read."""
+    files = files or read_gguf_set(model_path)
     spec = spec_from_gguf(model_path, files)
     if devices is None:
         devices = machine_devices(list(overrides.gpu_mem) if overrides.gpu_mem is not None else None, overrides.ram)
@@ -125,11 +129,24 @@ def plan_launch(model_path: Path, overrides: RunOverrides = RunOverrides(), *,
     config = EngineConfig(
         model_path=model_path, n_ctx=plan.ctx, n_gpu_layers=plan.n_gpu_layers, type_k=plan.type_k,
         type_v=plan.type_v, flash_attn=plan.flash_attn, n_threads=overrides.threads or default_threads(),
-        n_batch=max(plan.n_ubatch, 2048), n_ubatch=plan.n_ubatch,
+        n_batch=max(plan.n_ubatch, 2048), n_ubatch=plan.n_ubatch, n_seq=n_seq,
         rope_freq_base=overrides.rope_theta, rope_freq_scale=(1.0 / overrides.rope_scale
                                                               if overrides.rope_scale else None),
         # with RPC workers the plan's placement is passed whole (llama.cpp would split by free memory otherwise)
         devices=tuple(plan.offload) if any(d.host for d in devices) else None,
         tensor_split=tuple(plan.tensor_split) if any(d.host for d in devices) else None,
     )
-    return Launch(model_path, spec, choice, config, devices, warnings, files)
+    return Launch(model_path, spec, choice, config, devices, warnings, files, overrides, n_seq)
+
+
+def no_larger_than_needed(launch: Launch, needed_ctx: int) -> Launch:
+    """Without --ctx the planner takes the largest context that fits; a run that needs only `needed_ctx` tokens (a
+    niah grid, a bench ladder) gets the smallest multiple of 256 that holds them: less memory allocated, and
+    perhaps a less lossy KV type. A context the user forced is kept."""
+    from dataclasses import replace
+
+    wanted = -(-needed_ctx // 256) * 256
+    if launch.overrides.ctx is not None or launch.choice.plan.ctx <= wanted:
+        return launch
+    return plan_launch(launch.model_path, replace(launch.overrides, ctx=wanted), devices=launch.devices,
+                       n_seq=launch.n_seq, files=launch.gguf)

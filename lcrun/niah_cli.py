@@ -90,37 +90,25 @@ def niah(model: str, min_ctx: int, max_ctx: int | None, ctx_interval: int | None
         sys.exit(code)
 
 
-def _plan(path: Path, overrides: RunOverrides, max_ctx: int) -> Launch:
-    """The planner's launch; without --ctx, no larger than the grid needs (a smaller KV cache, a less lossy type)."""
-    from dataclasses import replace
-
-    from .launch import plan_launch
-
-    launch = plan_launch(path, overrides)
-    wanted = -(-(max_ctx + _PLAN_ROOM) // 256) * 256
-    if overrides.ctx is None and launch.choice.plan.ctx > wanted:
-        launch = plan_launch(path, replace(overrides, ctx=wanted))
-    return launch
-
-
 def _run(model: str, params: NiahParams, overrides: RunOverrides, hub_file: str | None, revision: str | None,
          haystack_file: Path | None, output: Path | None, *, resume: bool, force: bool, as_json: bool,
          svg: Path | None, html: Path | None, chat_format: FormatChoice | None = None) -> int:
     from .chat.formats import choose_format, header_vocabulary
+    from .launch import no_larger_than_needed, plan_launch
     from .niah.haystack import read_haystack
     from .niah.results import ResultsLog
     from .niah.run import prepare_run, run_cells, run_identity
     from .niah.summary import summarize, summary_path, write_summary
     from .ui.chat_view import render_plan_panel
     from .ui.console import make_console
-    from .ui.model_loading import load_engine, locate_model
+    from .ui.model_loading import loaded_engine, locate_model
     from .ui.niah_view import NiahProgress, export_picture, render_heatmap
 
     out, err = make_console(), make_console(stderr=True)
     params.check()
     haystack = read_haystack(haystack_file)
     path = locate_model(err, model, hub_file, revision)
-    launch = _plan(path, overrides, params.max_ctx)
+    launch = no_larger_than_needed(plan_launch(path, overrides), params.max_ctx + _PLAN_ROOM)
     if launch.gguf is not None:  # decided from the header, before loading; else by prepare_run from the engine
         chat_format = choose_format(header_vocabulary(launch.gguf.meta), chat_format)
     plan = launch.choice.plan
@@ -132,20 +120,18 @@ def _run(model: str, params: NiahParams, overrides: RunOverrides, hub_file: str 
     log = ResultsLog(output, run_identity(path, haystack, params, settings), resume=resume, force=force)
     render_plan_panel(launch, err, chat_format=chat_format)
 
-    engine = load_engine(err, launch.config)
     try:
-        niah_run = prepare_run(engine, params, haystack, chat_format)
-        for note in niah_run.notes:
-            err.print(f"note: {note}", highlight=False, markup=False)
-        with log, NiahProgress(err) as bar:
-            for event in run_cells(engine, niah_run, log):
-                bar.update(event)
+        with loaded_engine(err, launch) as engine:
+            niah_run = prepare_run(engine, params, haystack, chat_format)
+            for note in niah_run.notes:
+                err.print(f"note: {note}", highlight=False, markup=False)
+            with log, NiahProgress(err) as bar:
+                for event in run_cells(engine, niah_run, log):
+                    bar.update(event)
     except KeyboardInterrupt:
         click.echo(f"error: interrupted; {len(log.done)} finished cells are in {output} (continue with --resume)",
                    err=True)
         return 130
-    finally:
-        engine.close()
 
     summary = summarize(niah_run, log.done, model=path.name, results=output,
                         settings={**settings, "n_gpu_layers": plan.n_gpu_layers})

@@ -1,6 +1,7 @@
 """Which ggml type llama.cpp's quantizer gives each tensor of a model, decided before anything is downloaded.
 
-A pure-Python copy of the type choice in the llama.cpp vendored by llama-cpp-python 0.3.36
+A pure-Python copy of the type choice in the llama.cpp vendored by llama-cpp-python `MIRRORS` (lcrun's one record of
+that version, `lcrun.LLAMA_CPP_PYTHON_VERSION`)
 (`src/llama-quant.cpp`: `tensor_allows_quantization`, `llama_tensor_get_type_impl`, `tensor_type_fallback`,
 `llama_ftype_get_default_type`), for the default quantize parameters: no imatrix, no overrides, not `pure`.
 Only the branches the dense and 8-expert llama / qwen2 models reach are reproduced; `tests/test_quant_mix.py` checks
@@ -13,6 +14,8 @@ import re
 from collections.abc import Mapping, Sequence
 
 import gguf
+
+from lcrun import LLAMA_CPP_PYTHON_VERSION as MIRRORS
 
 T = gguf.GGMLQuantizationType
 

@@ -19,6 +19,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from lcrun.convert.errors import TokenizerError
+from lcrun.convert.gguf_out import BulkArrayWriter
 from lcrun.convert.vocab import LLAMA3_REGEX, QWEN2_REGEX, Vocab, add_vocab_to_gguf, load_vocab
 from tests.fixtures.tokenizer_factory import LLAMA3_CHAT_TEMPLATE, LLAMA3_SPECIAL_TOKENS, write_llama3_tokenizer
 from tests.fixtures.gguf_llama import add_llama_hparams
@@ -68,8 +69,10 @@ TEXTS = CORPUS + _fuzz(300, seed=1)
 
 
 def _write_vocab_gguf(path: Path, vocab: Vocab) -> Path:
-    """A GGUF with only metadata: the llama hyper-parameters llama.cpp reads before its vocabulary, and the vocab."""
-    w = gguf.GGUFWriter(path, "llama")
+    """A GGUF with only metadata: the llama hyper-parameters llama.cpp reads before its vocabulary, and the vocab,
+    its arrays packed in bulk as the converter packs them (tests/test_gguf_arrays.py: the same bytes GGUFWriter
+    writes item by item)."""
+    w = BulkArrayWriter(path, "llama")
     add_llama_hparams(w, n_ctx=256, n_embd=64, n_layer=1, n_ff=128, n_head=2, n_head_kv=2, head_dim=32,
                       n_vocab=len(vocab.tokens), rope_base=500000.0)
     add_vocab_to_gguf(w, vocab)

@@ -264,7 +264,9 @@ def measure_allocations(
             llama_cpp.llama_free(ctx)
         if model:
             llama_cpp.llama_model_free(model)
-        llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, ctypes.c_void_p(0))
+        from .runtime import quiet_llama_log
+
+        quiet_llama_log(llama_cpp)
 
 
 def _child(conn: Any, gguf_path: str, options: dict[str, Any]) -> None:

@@ -58,6 +58,11 @@ class Sampling:
     seed: int = 0
 
 
+# What a conversation samples with unless the user says otherwise (`lcrun chat` and its options take their defaults
+# from here). `Sampling()` itself is greedy: the engine's default for niah, bench and tests.
+CHAT_SAMPLING = Sampling(temperature=0.7, top_p=0.95, top_k=40, min_p=0.05, repeat_penalty=1.0, seed=0)
+
+
 @dataclass(frozen=True)
 class TextChunk:
     text: str

@@ -29,7 +29,6 @@ def quantize_gguf(src: Path, dst: Path, qtype: str, *, threads: int | None = Non
 
     `dst` is written as-is; callers make it atomic. Progress counts tensors, parsed from llama.cpp's own log."""
     import llama_cpp
-    from llama_cpp import _logger
 
     types = llama_quant_types()
     key = qtype.upper()
@@ -56,7 +55,9 @@ def quantize_gguf(src: Path, dst: Path, qtype: str, *, threads: int | None = Non
         try:
             rc = llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(dst), ctypes.byref(params))
         finally:
-            llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+            from .runtime import quiet_llama_log
+
+            quiet_llama_log(llama_cpp)
     if rc != 0:
         detail = next((t.decode(errors="replace").strip() for t in reversed(log_tail) if b"error" in t.lower()), "")
         raise EngineError(src, f"llama.cpp failed to quantize to {key}" + (f": {detail}" if detail else ""))

@@ -49,7 +49,7 @@ __all__ = [
 
 # The release whose structs and defaults the engine mirrors (llama_model_params/llama_context_params layouts through
 # its bindings, the sampler chain and parameters of its Llama class). Another version may lay them out differently.
-LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+from lcrun import LLAMA_CPP_PYTHON_VERSION  # noqa: E402  (re-exported: the version the engine mirrors)
 CPU_FA_TILE = 64  # GGML_FA_TILE_Q in llama.cpp's ggml-cpu (llama-cpp-python 0.3.36)
 REPEAT_LAST_N = 64  # llama-cpp-python's last_n_tokens_size: the repeat penalty looks this far back
 
@@ -91,6 +91,11 @@ class _LlamaLog:
 
 
 _log = _LlamaLog()
+
+
+def quiet_llama_log(lc: Any) -> None:
+    """Give llama.cpp's log back to lcrun's quiet callback (after a caller captured it for a while)."""
+    _log.install(lc)
 _started: set[str] = set()  # "backend" once llama_backend_init ran, "version" once the version was checked
 
 

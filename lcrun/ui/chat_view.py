@@ -11,7 +11,6 @@ from typing import Any
 
 from rich.console import Console, Group
 from rich.live import Live
-from rich.markdown import Markdown
 from rich.markup import escape
 from rich.panel import Panel
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
@@ -133,6 +132,8 @@ class MarkdownStream:
         width = max(20, self.console.width - 1)
         sink = Console(file=io.StringIO(), width=width, force_terminal=True,
                        color_system=self.console.color_system or "standard", highlight=False)
+        from rich.markdown import Markdown  # markdown-it and pygments: loaded when a reply first renders
+
         sink.print(Markdown(text, code_theme="monokai"))
         return sink.file.getvalue().rstrip("\n").split("\n")  # type: ignore[attr-defined]
 

@@ -2,6 +2,8 @@
 bar when it comes from the Hub) and loading it into llama.cpp (a spinner in a terminal)."""
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,16 @@ def locate_model(console: Console, model: str, hub_file: str | None, revision: s
 
     with phase_progress(console) as progress:
         return find_model_file(model, hub_file=hub_file, revision=revision, progress=progress("download"))
+
+
+@contextmanager
+def loaded_engine(console: Console, launch: Any) -> Iterator[Any]:
+    """The engine for a `Launch` (lcrun.launch), owned by the `with` block: closed however it ends."""
+    engine = load_engine(console, launch.config)
+    try:
+        yield engine
+    finally:
+        engine.close()
 
 
 def load_engine(console: Console, config: Any) -> Any:
