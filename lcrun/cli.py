@@ -10,7 +10,8 @@ from typing import Any, NoReturn
 import click
 
 from . import __version__
-from .param_types import CONTEXT, MEMORY, SIZE, kv_type_from, parse_ctx
+from .param_types import (CONTEXT, MEMORY, RPC_ENDPOINTS, RPC_MEMORY, SIZE, kv_type_from, parse_ctx,
+                          worker_memory_map)
 
 def _fail(message: str, code: int = 1) -> NoReturn:
     click.echo(f"error: {message}", err=True)
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
 class _Commands(click.Group):
     """The commands defined here, and those in modules of their own (found by name: no module imports this one)."""
 
-    elsewhere = {"chat": "lcrun.chat_cli", "niah": "lcrun.niah_cli", "bench": "lcrun.bench_cli"}
+    elsewhere = {"chat": "lcrun.chat_cli", "niah": "lcrun.niah_cli", "bench": "lcrun.bench_cli",
+                 "worker": "lcrun.worker_cli"}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *self.elsewhere])
@@ -216,6 +218,11 @@ Examples:
 @click.option("--gpu-mem", "gpu_mem", type=MEMORY, multiple=True, metavar="SIZE",
               help="Plan for GPU(s) of this free memory instead of detecting (e.g. 24G; repeatable).")
 @click.option("--ram", type=MEMORY, metavar="SIZE", help="Plan for this much free RAM instead of detecting.")
+@click.option("--rpc", "rpc", type=RPC_ENDPOINTS, metavar="HOST:PORT,…",
+              help="RPC workers (`lcrun worker` on each) to spread the layers over with this machine; their free "
+                   "memory is asked over RPC.")
+@click.option("--rpc-mem", "rpc_mem", type=RPC_MEMORY, multiple=True, metavar="HOST=SIZE",
+              help="Plan for a worker with SIZE free without asking it (it need not be running yet; repeatable).")
 @click.option("--file", "gguf_file", metavar="NAME.gguf", help="For a Hub GGUF repo: the file to estimate.")
 @click.option("--revision", help="Hub revision.")
 @click.option("--allow-ctx-extension", is_flag=True, help="Allow contexts above the model's maximum.")
@@ -223,14 +230,14 @@ Examples:
               "the largest context that fits per quant and KV type.")
 def estimate(model: str, quants: tuple[str, ...], ctxs: tuple[int, ...], kv_types: tuple[str, ...],
              cache_type_k: str | None, cache_type_v: str | None, flash_attn: str, ubatch: int, parallel: int,
-             gpu_layers: int | None, gpu_mem: tuple[int, ...], ram: int | None, gguf_file: str | None,
-             revision: str | None, allow_ctx_extension: bool, as_json: bool) -> None:
+             gpu_layers: int | None, gpu_mem: tuple[int, ...], ram: int | None, rpc: list[str] | None,
+             rpc_mem: tuple[tuple[str, int], ...], gguf_file: str | None, revision: str | None,
+             allow_ctx_extension: bool, as_json: bool) -> None:
     """How much memory MODEL needs at each quant, context and KV type — and what fits here — before download.
 
     MODEL is a Hub repo id (only config.json and safetensors headers are read), a local checkpoint folder, a local
     GGUF (splits included), or a built-in profile (`lcrun models`).
     """
-    from .devices import machine_devices
     from .errors import LcrunError
     from .estimate import context_ladder, estimate_grid
     from .model_spec import resolve_model
@@ -251,7 +258,7 @@ def estimate(model: str, quants: tuple[str, ...], ctxs: tuple[int, ...], kv_type
         raise click.UsageError("give the KV cache types once: --kv-type K[/V], or -ctk/-ctv")
     kv_pairs = [(k.partition("/")[0].lower(), (k.partition("/")[2] or k).lower())
                 for k in ((ll_kv,) if ll_kv else kv_types or ("f16",))]
-    devices = machine_devices(list(gpu_mem) or None, ram)
+    devices = _devices(gpu_mem, ram, rpc, rpc_mem)
     try:
         plans, largest = estimate_grid(spec, quants, contexts, kv_pairs, devices, flash_attn=flash_attn != "off",
                                        n_ubatch=ubatch, n_seq=parallel, n_gpu_layers=gpu_layers,
@@ -272,6 +279,14 @@ def estimate(model: str, quants: tuple[str, ...], ctxs: tuple[int, ...], kv_type
     from .ui.estimate_view import render_estimate
 
     render_estimate(spec.name, "; ".join(spec.notes) or spec.source, devices, plans, largest, make_console())
+
+
+def _devices(gpu_mem: tuple[int, ...], ram: int | None, rpc: list[str] | None,
+             rpc_mem: tuple[tuple[str, int], ...]) -> list[Any]:
+    """This machine's devices (or --gpu-mem/--ram), then the RPC workers' (asked, or --rpc-mem)."""
+    from .devices import machine_devices, worker_devices
+
+    return [*machine_devices(list(gpu_mem) or None, ram), *worker_devices(rpc or [], worker_memory_map(rpc_mem))]
 
 
 @cli.command(epilog="""\b
@@ -297,21 +312,27 @@ Examples:
 @click.option("--gpu-mem", "gpu_mem", type=MEMORY, multiple=True, metavar="SIZE",
               help="Plan for GPU(s) of this free memory.")
 @click.option("--ram", type=MEMORY, metavar="SIZE", help="Plan for this much free RAM.")
+@click.option("--rpc", "rpc", type=RPC_ENDPOINTS, metavar="HOST:PORT,…",
+              help="RPC workers (`lcrun worker` on each) to spread the layers over with this machine; their free "
+                   "memory is asked over RPC.")
+@click.option("--rpc-mem", "rpc_mem", type=RPC_MEMORY, multiple=True, metavar="HOST=SIZE",
+              help="Plan for a worker with SIZE free without asking it (it need not be running yet; repeatable).")
 @click.option("--file", "gguf_file", metavar="NAME.gguf", help="For a Hub GGUF repo: the file to plan for.")
 @click.option("--revision", help="Hub revision.")
 @click.option("--verify", is_flag=True, help="Run llama.cpp's allocation dry run (no_alloc) on the GGUF and compare.")
 @click.option("--json", "as_json", is_flag=True)
 def plan(model: str, quant: str, ctx: str, kv_type: str | None, cache_type_k: str | None, cache_type_v: str | None,
          flash_attn: str, gpu_layers: int | None, ubatch: int, parallel: int, gpu_mem: tuple[int, ...],
-         ram: int | None, gguf_file: str | None, revision: str | None, verify: bool, as_json: bool) -> None:
-    """Choose context, KV type, flash attention and GPU layers for MODEL on this machine, and explain the choice."""
-    from .devices import machine_devices
+         ram: int | None, rpc: list[str] | None, rpc_mem: tuple[tuple[str, int], ...], gguf_file: str | None,
+         revision: str | None, verify: bool, as_json: bool) -> None:
+    """Choose context, KV type, flash attention and GPU layers for MODEL on this machine (and RPC workers), and
+    explain the choice."""
     from .errors import LcrunError
     from .model_spec import resolve_model
     from .planner import choose
 
     spec = resolve_model(model, revision=revision, gguf_file=gguf_file)
-    devices = machine_devices(list(gpu_mem) or None, ram)
+    devices = _devices(gpu_mem, ram, rpc, rpc_mem)
     quant_name = (spec.file_type or quant) if spec.file_tensor_bytes is not None else quant
     kv = kv_type_from(None if kv_type in (None, "auto") else kv_type.lower(), cache_type_k, cache_type_v)
     choice = choose(spec, quant_name, devices, ctx=None if ctx == "auto" else parse_ctx(ctx), kv_type=kv, flash_attn=flash_attn, n_gpu_layers=gpu_layers,
@@ -323,12 +344,17 @@ def plan(model: str, quant: str, ctx: str, kv_type: str | None, cache_type_k: st
         from .engine.allocations import measure_allocations_isolated
 
         p = choice.plan
+        not_running = [d.host for d in devices if d.host and d.host not in (rpc or [])]
+        if not_running:
+            raise LcrunError(not_running[0], "--verify loads the model on the workers: they must be running "
+                                             "(give them with --rpc, not --rpc-mem)")
         measured = measure_allocations_isolated(model, n_ctx=p.ctx, n_ubatch=p.n_ubatch, n_batch=max(p.n_ubatch, 2048),
                                        type_k=p.type_k, type_v=p.type_v, flash_attn=p.flash_attn, n_seq=p.n_seq,
-                                       n_gpu_layers=p.n_gpu_layers)
+                                       n_gpu_layers=p.n_gpu_layers, devices=tuple(p.offload) if rpc else None,
+                                       tensor_split=tuple(p.tensor_split) if rpc else None)
         result["llama_cpp"] = {"weights_bytes": measured.weights_bytes, "kv_bytes": measured.kv_bytes,
                                "compute_bytes": measured.compute_bytes, "output_bytes": measured.output_bytes,
-                               "exact": measured.exact}
+                               "exact": measured.exact, "devices": measured.per_device()}
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

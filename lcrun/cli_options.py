@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .param_types import CONTEXT, MEMORY, kv_type_from
+from .param_types import CONTEXT, MEMORY, RPC_ENDPOINTS, RPC_MEMORY, kv_type_from, worker_memory_map
 
 # lcrun's names first; llama.cpp's (and llama-server's) spellings beside them as aliases of the same option
 _HUB_FILE = click.option("--hf-file", "--file", "hub_file", metavar="NAME.gguf",
@@ -37,6 +37,11 @@ _RUN_OPTIONS = [
     click.option("--gpu-mem", "gpu_mem", type=MEMORY, multiple=True, metavar="SIZE",
                  help="Plan for GPU(s) of this free memory instead of detecting (e.g. 24G; repeatable)."),
     click.option("--ram", type=MEMORY, metavar="SIZE", help="Plan for this much free RAM instead of detecting."),
+    click.option("--rpc", "rpc", type=RPC_ENDPOINTS, metavar="HOST:PORT,…",
+                 help="Spread the layers over this machine and these RPC workers (`lcrun worker` on each), in "
+                      "proportion to the memory each has free."),
+    click.option("--rpc-mem", "rpc_mem", type=RPC_MEMORY, multiple=True, metavar="HOST=SIZE",
+                 help="Plan with SIZE free on a worker given with --rpc instead of asking it (repeatable)."),
 ]
 
 
@@ -72,6 +77,8 @@ def overrides_from(options: dict[str, Any]) -> Any:
         ubatch=options.get("ubatch") or 512,
         gpu_mem=tuple(options["gpu_mem"]) if options.get("gpu_mem") else None,
         ram=options.get("ram"),
+        rpc=tuple(options.get("rpc") or ()),
+        rpc_mem=tuple(worker_memory_map(options.get("rpc_mem")).items()),
     )
 
 

@@ -1,8 +1,11 @@
-"""The memory this machine has free: CPU RAM (psutil) and NVIDIA GPUs (NVML, when a driver is present).
+"""The memory this machine has free: CPU RAM (psutil) and NVIDIA GPUs (NVML, when a driver is present) — and the
+devices of RPC workers elsewhere (`lcrun worker`), asked over RPC.
 
-`--gpu-mem` / `--ram` replace detection, to plan for a machine you don't have."""
+`--gpu-mem` / `--ram` replace detection, to plan for a machine you don't have; `--rpc-mem HOST=SIZE` plans for a
+worker that is not running yet."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import psutil
@@ -15,6 +18,7 @@ class Device:
     free_bytes: int
     is_gpu: bool
     detected: bool = True
+    host: str = ""       # "" this machine; else the worker's HOST:PORT (its devices are named "RPC0[HOST:PORT]", …)
 
 
 def cpu_device(ram_bytes: int | None = None) -> Device:
@@ -51,3 +55,27 @@ def machine_devices(gpu_mem: list[int] | None = None, ram: int | None = None) ->
     gpus = ([Device(f"CUDA{i}", b, b, is_gpu=True, detected=False) for i, b in enumerate(gpu_mem)]
             if gpu_mem is not None else nvidia_devices())
     return [*gpus, cpu_device(ram)]
+
+
+def worker_devices(endpoints: Sequence[str], memory: dict[str, int] | None = None) -> list[Device]:
+    """The devices of RPC workers, in the order given: for each running worker (`endpoints`, HOST:PORT) its devices
+    and their free memory asked over RPC — after a handshake, so that an unreachable worker, a busy one or one of
+    another protocol version is one line naming it; for a worker in `memory` (`--rpc-mem HOST=SIZE`), one device of
+    that size instead, asked nothing (it need not be running)."""
+    from .engine import rpc
+
+    memory = dict(memory or {})
+    found: list[Device] = []
+    if endpoints:
+        rpc.require_rpc("--rpc")
+    for endpoint in endpoints:
+        rpc.probe(endpoint)  # given memory or not, a worker named with --rpc will be used: it must answer
+        if endpoint in memory:
+            continue
+        for dev in rpc.worker_memory(endpoint):
+            found.append(Device(dev.name, dev.total_bytes, dev.free_bytes, is_gpu=False, host=endpoint))
+    for endpoint in [*[e for e in endpoints if e in memory], *[e for e in memory if e not in endpoints]]:
+        size = memory[endpoint]
+        found.append(Device(rpc.device_name(endpoint, 0), size, size, is_gpu=False, detected=False, host=endpoint))
+    order = {e: i for i, e in enumerate([*endpoints, *[e for e in memory if e not in endpoints]])}
+    return sorted(found, key=lambda d: order[d.host])

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .devices import Device, machine_devices
+from .devices import Device, machine_devices, worker_devices
 from .engine.runtime import EngineConfig
 from .errors import LcrunError
 from .gguf_header import GGUFSet, read_gguf_set
@@ -28,6 +28,8 @@ class RunOverrides:
     ubatch: int = 512
     gpu_mem: tuple[int, ...] | None = None
     ram: int | None = None
+    rpc: tuple[str, ...] = ()                   # RPC workers (HOST:PORT) to spread the layers over
+    rpc_mem: tuple[tuple[str, int], ...] = ()   # a worker's free memory, given instead of asked
 
 
 @dataclass
@@ -103,6 +105,13 @@ def plan_launch(model_path: Path, overrides: RunOverrides = RunOverrides(), *,
     spec = spec_from_gguf(model_path, files)
     if devices is None:
         devices = machine_devices(list(overrides.gpu_mem) if overrides.gpu_mem is not None else None, overrides.ram)
+        if overrides.rpc or overrides.rpc_mem:
+            not_running = [host for host, _ in overrides.rpc_mem if host not in overrides.rpc]
+            if not_running:
+                raise LcrunError(not_running[0], "--rpc-mem gives the memory of a worker this run uses: name it "
+                                                 "with --rpc too (to plan for workers not running yet, use "
+                                                 "`lcrun estimate` or `lcrun plan`)")
+            devices = [*devices, *worker_devices(overrides.rpc, dict(overrides.rpc_mem))]
     choice = choose(spec, spec.file_type or "file", devices, ctx=overrides.ctx, kv_type=overrides.kv_type,
                     flash_attn=overrides.flash_attn, n_gpu_layers=overrides.gpu_layers, n_ubatch=overrides.ubatch,
                     n_seq=n_seq)
@@ -123,6 +132,9 @@ def plan_launch(model_path: Path, overrides: RunOverrides = RunOverrides(), *,
         n_batch=max(plan.n_ubatch, 2048), n_ubatch=plan.n_ubatch, n_seq=n_seq,
         rope_freq_base=overrides.rope_theta, rope_freq_scale=(1.0 / overrides.rope_scale
                                                               if overrides.rope_scale else None),
+        # with RPC workers the plan's placement is passed whole (llama.cpp would split by free memory otherwise)
+        devices=tuple(plan.offload) if any(d.host for d in devices) else None,
+        tensor_split=tuple(plan.tensor_split) if any(d.host for d in devices) else None,
     )
     return Launch(model_path, spec, choice, config, devices, warnings, files, overrides, n_seq)
 

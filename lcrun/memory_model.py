@@ -10,7 +10,7 @@ All figures are for one context with `n_seq` sequences in separate (non-unified)
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import gguf
 
@@ -113,15 +113,27 @@ def kv_cache_bytes(
     """Bytes of llama.cpp's KV cache buffer: one K and one V tensor of n_cells rows per layer.
 
     `swa_full` is llama-cpp-python's default: sliding-window layers get a full-size cache."""
+    return sum(kv_cache_bytes_per_layer(shape, n_ctx=n_ctx, n_seq=n_seq, type_k=type_k, type_v=type_v,
+                                        flash_attn=flash_attn, n_ubatch=n_ubatch, swa_full=swa_full))
+
+
+def kv_cache_bytes_per_layer(
+    shape: ModelShape,
+    *,
+    n_ctx: int,
+    n_seq: int = 1,
+    type_k: str = "f16",
+    type_v: str = "f16",
+    flash_attn: bool = True,
+    n_ubatch: int = 512,
+    swa_full: bool = True,
+) -> list[int]:
+    """Each layer's part of the KV cache: what goes with the layer to the device that holds it."""
     validate_kv(shape, type_k, type_v, flash_attn)
     per_cell = row_bytes(type_k, shape.n_embd_k_gqa) + row_bytes(type_v, shape.n_embd_v_gqa)
     swa_layers = shape.swa_layers or (False,) * shape.n_layer
-    total = 0
-    for is_swa in swa_layers:
-        cells = kv_cells(shape, n_ctx=n_ctx, n_seq=n_seq, n_ubatch=n_ubatch, swa=is_swa and shape.n_swa > 0,
-                         swa_full=swa_full)
-        total += cells * per_cell
-    return total
+    return [kv_cells(shape, n_ctx=n_ctx, n_seq=n_seq, n_ubatch=n_ubatch, swa=is_swa and shape.n_swa > 0,
+                     swa_full=swa_full) * per_cell for is_swa in swa_layers]
 
 
 def output_buffer_bytes(
@@ -144,6 +156,10 @@ def compute_buffer_bytes(
     type_k: str = "f16",
     type_v: str = "f16",
     device: str = "cpu",
+    layers: bool = True,
+    output_layer: bool = True,
+    input_layer: bool = True,
+    pipeline_copies: int = 1,
 ) -> int:
     """Peak of llama.cpp's compute buffer for the worst-case (n_ubatch tokens, full KV) graph of a llama-style model.
 
@@ -164,9 +180,25 @@ def compute_buffer_bytes(
     Measured against llama.cpp 0.3.36 (CPU; 900 cases, n_ctx 512–33000, n_ubatch 128/512, n_ff = 2.75–3.5 n_embd):
     flash attention with a f16 K within 0.2 %; without flash attention within 1.4 % beyond n_ctx 512 and −6…+5 % at
     512; a quantized K −4…+4.5 %. Shapes with n_ff ≤ 2 n_embd (unlike released models) fragment differently and
-    can be off by up to 28 %."""
+    can be off by up to 28 %.
+
+    Split over several devices (layers on this machine's CPU and on RPC workers), each device's buffer holds the
+    phases of the part it runs: `layers` (it holds repeating layers: the attention and feed-forward phases),
+    `output_layer` (the output phase, with n_vocab + E when the input layer is elsewhere), `input_layer` (the CPU: the
+    token embeddings). A device holding none of these (the CPU when every layer is offloaded) keeps the mask and
+    2E (3E without flash attention) per token. With pipeline parallelism (every layer offloaded over more than one
+    device) ggml's scheduler keeps `pipeline_copies` (GGML_SCHED_MAX_COPIES, 4) copies of each part's inputs: each
+    device gains (copies - 1) x (mask + E per token), the output device another mask + 5E per token. These split
+    rules are measured on CPU devices over loopback RPC (hidden 1024, ffn 3584, vocab 128256, n_ctx 4096 and 16384,
+    flash attention on and off): the CPU's buffer, a device with the output layer alone and the pipeline extras
+    within 16 KiB; a worker holding only repeating layers comes out up to one mask + 2E per token (8 MiB there) too
+    high, as ggml's allocator packs a short run of layers tighter."""
     if device != "cpu":
         raise ValueError(f"the compute buffer is calibrated for the CPU backend only, not {device!r}")
+    if not (layers and output_layer and input_layer):
+        return _split_compute_bytes(shape, n_ctx=n_ctx, n_ubatch=n_ubatch, flash_attn=flash_attn, type_k=type_k,
+                                    type_v=type_v, layers=layers, output_layer=output_layer,
+                                    pipeline_copies=pipeline_copies)
     n_kv = _pad(n_ctx, KV_CELL_PADDING)
     E, F, per_token = shape.n_embd, shape.n_ff, n_ubatch * _F32
     kv = shape.n_embd_k_gqa + shape.n_embd_v_gqa
@@ -185,6 +217,27 @@ def compute_buffer_bytes(
     ffn = mask + (3 * F + residual_width * E) * per_token
     output = (shape.n_vocab + output_extra * E) * per_token
     return int(max(attention, ffn, output))
+
+
+def _split_compute_bytes(shape: ModelShape, *, n_ctx: int, n_ubatch: int, flash_attn: bool, type_k: str, type_v: str,
+                         layers: bool, output_layer: bool, pipeline_copies: int) -> int:
+    E, per_token = shape.n_embd, n_ubatch * _F32
+    mask = _pad(n_ctx, KV_CELL_PADDING) * n_ubatch * (2 if flash_attn else _F32)
+    phases = []
+    if layers:
+        whole = compute_buffer_bytes(shape, n_ctx=n_ctx, n_ubatch=n_ubatch, flash_attn=flash_attn, type_k=type_k,
+                                     type_v=type_v)
+        without_output = compute_buffer_bytes(replace(shape, n_vocab=0), n_ctx=n_ctx, n_ubatch=n_ubatch,
+                                              flash_attn=flash_attn, type_k=type_k, type_v=type_v)
+        phases.append(min(whole, without_output))
+    if output_layer:
+        phases.append((shape.n_vocab + E) * per_token)
+    if not phases:
+        phases.append(mask + (2 if flash_attn else 3) * E * per_token)
+    extra = 0
+    if pipeline_copies > 1:
+        extra = (pipeline_copies - 1) * (mask + E * per_token) + (mask + 5 * E * per_token if output_layer else 0)
+    return int(max(phases)) + extra
 
 
 def weights_bytes(tensor_nbytes: Iterable[int], *, alignment: int = CPU_TENSOR_ALIGNMENT) -> int:

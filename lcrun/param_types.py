@@ -64,3 +64,59 @@ def kv_type_from(kv_type: str | None, cache_type_k: str | None, cache_type_v: st
         raise click.UsageError("give the KV cache type once: --kv-type K[/V], or -ctk/-ctv")
     k, v = (cache_type_k or "f16").lower(), (cache_type_v or "f16").lower()
     return k if k == v else f"{k}/{v}"
+
+
+class _Endpoints(click.ParamType):
+    """`--rpc HOST:PORT[,HOST:PORT…]`, llama.cpp's spelling: a list of worker endpoints (the port defaults to 50052)."""
+
+    name = "host:port,…"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, list):
+            return value
+        from lcrun.engine.rpc import parse_endpoint
+
+        try:
+            endpoints = [parse_endpoint(part) for part in str(value).split(",") if part.strip()]
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        if not endpoints:
+            self.fail("no worker given (expected HOST:PORT[,HOST:PORT…])", param, ctx)
+        if len(set(endpoints)) != len(endpoints):
+            self.fail(f"{value!r} names a worker twice", param, ctx)
+        return endpoints
+
+
+class _WorkerMemory(click.ParamType):
+    """`--rpc-mem HOST[:PORT]=SIZE`: plan for a worker that is not running yet, with SIZE of free memory."""
+
+    name = "host=size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, tuple):
+            return value
+        from lcrun.engine.rpc import parse_endpoint
+
+        host, sep, size = str(value).partition("=")
+        if not sep:
+            self.fail(f"{value!r} is not HOST=SIZE (e.g. gpu-box:50052=80G)", param, ctx)
+        try:
+            return parse_endpoint(host), parse_memory(size)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+        except click.BadParameter as bad:
+            self.fail(bad.message, param, ctx)
+
+
+RPC_ENDPOINTS = _Endpoints()
+RPC_MEMORY = _WorkerMemory()
+
+
+def worker_memory_map(values: Any) -> dict[str, int]:
+    """--rpc-mem values as {endpoint: bytes}; a worker given twice is a usage error."""
+    found: dict[str, int] = {}
+    for endpoint, size in values or ():
+        if endpoint in found:
+            raise click.UsageError(f"--rpc-mem gives {endpoint} twice")
+        found[endpoint] = size
+    return found

@@ -54,6 +54,19 @@ def _prefer_fast_attention(plan: Plan, spec: ModelSpec, quant: str, devices: lis
     return without, "; flash attention off: faster generation on CPU, and its larger compute buffer fits"
 
 
+def _what_is_missing(plan: Plan, devices: list[Device]) -> str:
+    """How much memory the plan lacks over all hosts together, and how to plan for it (another worker)."""
+    hosts = {d.host for d in devices}
+    if plan.shortfall_bytes:
+        more = -(-plan.shortfall_bytes // GIB)
+        where = f" over the {len(hosts)} hosts" if len(hosts) > 1 else ""
+        return (f" ({more:,} GiB more memory is needed{where}: e.g. another worker, planned with --rpc-mem "
+                f"HOST={more}G)")
+    if len(hosts) > 1:
+        return " (the hosts hold enough together, but not split by whole layers; free some memory on the one named)"
+    return ""
+
+
 def choose(spec: ModelSpec, quant: str, devices: list[Device], *, ctx: int | None = None, kv_type: str | None = None,
            flash_attn: str = "auto", n_gpu_layers: int | None = None, n_ubatch: int = 512, n_seq: int = 1) -> Choice:
     """ctx None = the largest multiple of 256 that fits, capped at the model's maximum; kv_type None = the least
@@ -83,8 +96,9 @@ def choose(spec: ModelSpec, quant: str, devices: list[Device], *, ctx: int | Non
     at_target = plan_memory(spec, quant, target, devices, type_k=type_k, type_v=type_v, **options)
     if ctx is not None or reach == 0:
         fix = (f"use --ctx {reach:,} or less (the largest that fits with KV {type_k})" if reach else
-               "use a smaller quant, fewer parallel sequences, or a machine with more memory")
-        raise PlanRefused(spec.name, f"{target:,} tokens do not fit: {at_target.binding}; {fix}")
+               "use a smaller quant, fewer parallel sequences, or more memory")
+        raise PlanRefused(spec.name, f"{target:,} tokens do not fit: {at_target.binding}; {fix}"
+                                     f"{_what_is_missing(at_target, devices)}")
     plan = plan_memory(spec, quant, reach, devices, type_k=type_k, type_v=type_v, **options)
     beyond = plan_memory(spec, quant, reach + CTX_STEP, devices, type_k=type_k, type_v=type_v, **options)
     kv_gib = at_target.kv_bytes / GIB

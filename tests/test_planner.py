@@ -83,3 +83,62 @@ def test_plan_verify_matches_llama_cpp_dry_run(tmp_path: Path) -> None:
     assert result["weights_bytes"] == measured["weights_bytes"]
     assert result["kv_bytes"] == measured["kv_bytes"] > 0
     assert abs(result["compute_bytes"] - measured["compute_bytes"]) <= 0.05 * measured["compute_bytes"]
+
+
+# -- RPC workers: layers over this machine and the workers (the placement itself is checked against llama.cpp's own
+# per-device allocation in tests/test_rpc.py) ------------------------------------------------------------------------
+def worker(host: str, gib: float) -> Device:
+    return Device(f"RPC0[{host}]", int(gib * GIB), int(gib * GIB), is_gpu=False, detected=False, host=host)
+
+
+def test_workers_hold_layers_in_proportion_to_what_fits_them() -> None:
+    spec = spec_from_profile("llama-3.1-70b")
+    devices = [*machine(None, 32), worker("a:50052", 64), worker("b:50052", 32)]
+    plan = choose(spec, "Q4_K_M", devices, ctx=32768, kv_type="f16").plan
+    cpu, a, b = (next(d for d in plan.devices if d.host == h) for h in ("", "a:50052", "b:50052"))
+    # llama.cpp's order: the CPU's layers first, then the workers', the output layer with the last
+    assert (cpu.first_layer, a.first_layer, b.first_layer) == (0, cpu.layers, cpu.layers + a.layers)
+    assert cpu.layers + a.layers + b.layers == 80 and b.output_layer and not (a.output_layer or cpu.output_layer)
+    assert plan.offload == ["RPC0[a:50052]", "RPC0[b:50052]"] and plan.tensor_split == [a.layers, b.layers + 1]
+    assert plan.n_gpu_layers == 81 - cpu.layers
+    # in proportion: the 64 GiB worker holds about twice what each 32 GiB host holds, and everyone fits
+    assert 1.7 < a.layers / b.layers < 2.3 and 0.8 < cpu.layers / b.layers < 1.25
+    assert all(d.bytes <= d.free_bytes for d in plan.devices) and plan.fits
+    assert plan.kv_bytes == cpu.kv_bytes + a.kv_bytes + b.kv_bytes  # each layer's KV goes with it
+
+
+def test_a_local_gpu_comes_after_the_workers_and_takes_the_output_layer() -> None:
+    spec = spec_from_profile("llama-3.1-70b")
+    plan = choose(spec, "Q4_K_M", [*machine(24, 32), worker("a:50052", 48)], ctx=16384, kv_type="q8_0").plan
+    assert plan.offload == ["RPC0[a:50052]", "CUDA0"]
+    gpu = next(d for d in plan.devices if d.name == "CUDA0")
+    assert gpu.output_layer and gpu.bytes <= gpu.free_bytes and gpu.layers > 0
+
+
+def test_forced_gpu_layers_fix_the_cpus_share_with_workers() -> None:
+    spec = spec_from_profile("llama-3.1-8b")
+    plan = choose(spec, "Q8_0", [*machine(None, 64), worker("a:50052", 64), worker("b:50052", 64)], ctx=8192,
+                  n_gpu_layers=10).plan
+    cpu = next(d for d in plan.devices if not d.host)
+    assert plan.n_gpu_layers == 10 and cpu.layers == 33 - 10 and sum(plan.tensor_split) == 10
+
+
+def test_partial_gpu_offload_takes_the_output_layer_first() -> None:
+    """llama.cpp 0.3.36 offloads the output layer first, then the repeating layers from the last one down."""
+    spec = spec_from_profile("llama-3.1-8b")
+    plan = choose(spec, "Q4_K_M", machine(4, 64), ctx=8192, kv_type="f16").plan
+    gpu = next(d for d in plan.devices if d.name == "CUDA0")
+    assert 1 < plan.n_gpu_layers < 33 and gpu.output_layer
+    assert gpu.layers == plan.n_gpu_layers - 1 and gpu.first_layer == 32 - gpu.layers
+    assert gpu.bytes <= 4 * GIB
+
+
+def test_a_plan_that_fits_nowhere_says_how_much_memory_is_missing() -> None:
+    spec = spec_from_profile("llama-3.1-405b")
+    with pytest.raises(PlanRefused, match=r"131,072 tokens do not fit: .*\((\d+) GiB more memory is needed over the "
+                                          r"3 hosts: e\.g\. another worker, planned with --rpc-mem HOST=\1G\)"):
+        choose(spec, "Q4_K_M", [*machine(None, 64), worker("a:50052", 80), worker("b:50052", 80)], ctx=131072,
+               kv_type="q8_0")
+    # with a third 80 GiB worker it fits (so the refusal above is about memory, not about workers)
+    assert choose(spec, "Q4_K_M", [*machine(None, 64), *(worker(f"{h}:50052", 80) for h in "abc")], ctx=131072,
+                  kv_type="q8_0").plan.fits

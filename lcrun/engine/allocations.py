@@ -52,6 +52,25 @@ class Allocations:
     def output_bytes(self) -> int:
         return sum(self.output.values())
 
+    def per_device(self) -> dict[str, dict[str, int]]:
+        """{device: {"weights_bytes", "kv_bytes", "compute_bytes"}}, the buffer types of one device summed: host
+        buffers ("CPU_Mapped", "CPU_REPACK", "CUDA_Host", …) count for the CPU; an RPC worker's buffers are named
+        like its device ("RPC0[host:port]")."""
+        out: dict[str, dict[str, int]] = {}
+        for key, table in (("weights_bytes", self.weights), ("kv_bytes", self.kv), ("compute_bytes", self.compute)):
+            for buffer, nbytes in table.items():
+                device = out.setdefault(device_of_buffer(buffer), {"weights_bytes": 0, "kv_bytes": 0,
+                                                                    "compute_bytes": 0})
+                device[key] += nbytes
+        return out
+
+
+def device_of_buffer(name: str) -> str:
+    """The device a llama.cpp buffer type belongs to, named as lcrun's plan names devices."""
+    if name.startswith("RPC") or name.rstrip("0123456789") != name:
+        return name  # "RPC0[host:port]", "CUDA0", "Vulkan1", …
+    return "CPU"  # "CPU", "CPU_Mapped", "CPU_REPACK", "CUDA_Host": host memory
+
 
 class _RbNode(ctypes.Structure):
     pass
@@ -177,12 +196,15 @@ def measure_allocations(
     n_gpu_layers: int = 0,
     simulate: bool = True,
     use_breakdown: bool | None = None,
+    devices: tuple[str, ...] | None = None,
+    tensor_split: tuple[float, ...] | None = None,
 ) -> Allocations:
     """Load `gguf_path` and create a context as llama.cpp would, and report what it allocates.
 
     With `simulate` (the default) nothing is allocated: llama.cpp's `no_alloc` mode computes the same sizes, which
     only the breakdown reports. `use_breakdown` None reads it where `breakdown_supported()`; False takes the log path
-    (a real allocation, 0.01 MiB resolution) as on every other platform."""
+    (a real allocation, 0.01 MiB resolution) as on every other platform. `devices` and `tensor_split` place the
+    layers as the engine does (EngineConfig's fields: RPC workers' devices included)."""
     if use_breakdown is None:
         use_breakdown = breakdown_supported()
     import llama_cpp
@@ -196,8 +218,10 @@ def measure_allocations(
     llama_cpp.llama_log_set(_capture, ctypes.c_void_p(0))
     model = ctx = None
     try:
-        mparams = llama_cpp.llama_model_default_params()
-        mparams.n_gpu_layers = n_gpu_layers
+        from .runtime import EngineConfig, model_params
+
+        mparams = model_params(EngineConfig(Path(gguf_path), n_ctx, n_gpu_layers=n_gpu_layers, devices=devices,
+                                            tensor_split=tensor_split))
         mparams.no_alloc = simulate
         mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE  # no_alloc cannot mmap; real loads then use the same buffers
         model = llama_cpp.llama_model_load_from_file(str(gguf_path).encode(), mparams)
@@ -224,7 +248,7 @@ def measure_allocations(
                 return measure_allocations(
                     gguf_path, n_ctx=n_ctx, n_ubatch=n_ubatch, n_batch=n_batch, type_k=type_k, type_v=type_v,
                     flash_attn=flash_attn, n_seq=n_seq, n_gpu_layers=n_gpu_layers, simulate=False,
-                    use_breakdown=False,
+                    use_breakdown=False, devices=devices, tensor_split=tensor_split,
                 )
             return allocations_from_log(text)
         return Allocations(

@@ -39,9 +39,12 @@ class EngineConfig:
     # is separate buffers, one per sequence)
     kv_unified: bool = False
     n_threads_batch: int | None = None   # None: every CPU (llama-cpp-python's default)
-    # ggml backend devices to offload to, by name ("CUDA0", "RPC[host:port]" …): None lets llama.cpp use every
-    # device it finds, () none (CPU only)
+    # ggml backend devices to offload to, by name ("CUDA0", "RPC0[host:port]" for an RPC worker's first device …):
+    # None lets llama.cpp use every device it finds, () none (CPU only)
     devices: tuple[str, ...] | None = None
+    # llama_model_params.tensor_split: the offloaded layers' shares per device of `devices` (layer counts work);
+    # None splits by free memory, as llama.cpp does
+    tensor_split: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -179,6 +179,10 @@ def _device_list(lc: Any, names: tuple[str, ...]) -> ctypes.Array:
     for name in names:
         dev = g.ggml_backend_dev_by_name(name.encode())
         if not dev:
+            from .rpc import device_handle  # an RPC worker's device ("RPC0[host:port]"): ggml connects to it now
+
+            dev = device_handle(name)
+        if not dev:
             known = ", ".join(d.name for d in list_devices())
             raise EngineError(name, f"no such ggml device (llama.cpp has: {known})")
         handles.append(dev)
@@ -202,6 +206,13 @@ def model_params(config: EngineConfig) -> Any:
         devices = _device_list(lc, config.devices)
         params.keep.append(devices)
         params.devices = ctypes.addressof(devices)
+    if config.tensor_split is not None:
+        limit = lc.llama_max_devices()
+        if len(config.tensor_split) > limit:
+            raise EngineError(f"{len(config.tensor_split)} devices", f"llama.cpp splits over at most {limit}")
+        split = (ctypes.c_float * limit)(*config.tensor_split)
+        params.keep.append(split)
+        params.tensor_split = split
     return params
 
 

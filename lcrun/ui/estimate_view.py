@@ -20,9 +20,15 @@ def _gib(n: int) -> str:
 def render_estimate(model: str, source_note: str, devices: Sequence[Device], plans: Sequence[Plan],
                     largest: dict[tuple[str, str], int], console: Console) -> None:
     kv_types = list(dict.fromkeys(f"{p.type_k}/{p.type_v}" if p.type_k != p.type_v else p.type_k for p in plans))
-    machine = ", ".join(f"{d.name} {_gib(d.free_bytes)} GiB free{'' if d.detected else ' (given)'}" for d in devices)
+    machine = ", ".join(f"{d.name} {_gib(d.free_bytes)} GiB free{'' if d.detected else ' (given)'}"
+                        for d in devices if not d.host)
     console.print(Text(f"{model}  ·  {source_note}", style="bold"))
     console.print(Text(f"machine: {machine}", style="dim"))
+    workers = [d for d in devices if d.host]
+    if workers:
+        listed = ", ".join(f"{d.name} {_gib(d.free_bytes)} GiB free{'' if d.detected else ' (given)'}"
+                           for d in workers)
+        console.print(Text(f"workers: {listed}", style="dim"))
     table = Table(show_lines=False, title_justify="left",
                   caption="GiB: total = weights + KV + compute + output; green fits, red does not", caption_justify="left")
     table.add_column("quant")
@@ -50,3 +56,35 @@ def render_estimate(model: str, source_note: str, devices: Sequence[Device], pla
     for (quant, kv), ctx in largest.items():
         verdict = f"up to {ctx:,} tokens" if ctx else "does not fit at any context"
         console.print(f"largest context that fits: {quant} with KV {kv}: {verdict}")
+    if workers:
+        render_spread(plans, console)
+
+
+def render_spread(plans: Sequence[Plan], console: Console) -> None:
+    """How each quant × KV type spreads over the hosts at the longest context that fits (else the shortest asked,
+    with what is missing): llama.cpp's -ngl and tensor split, and what each host holds."""
+    chosen: dict[tuple[str, str], Plan] = {}
+    for plan in plans:
+        key = (plan.quant, f"{plan.type_k}/{plan.type_v}" if plan.type_k != plan.type_v else plan.type_k)
+        best = chosen.get(key)
+        if best is None or (plan.fits and (not best.fits or plan.ctx > best.ctx)) or \
+                (not plan.fits and not best.fits and plan.ctx < best.ctx):
+            chosen[key] = plan
+    for (quant, kv), plan in chosen.items():
+        state = "fits" if plan.fits else f"does not fit ({plan.binding})"
+        console.print(Text(f"spread of {quant}, KV {kv} at {plan.ctx:,} tokens: {state}; -ngl {plan.n_gpu_layers}, "
+                           f"tensor split {','.join(map(str, plan.tensor_split)) or '—'}", style="bold"))
+        hosts: dict[str, list] = {}
+        for use in plan.devices:
+            hosts.setdefault(use.host or "this machine", []).append(use)
+        for host, uses in hosts.items():
+            layers = sum(u.layers for u in uses) + sum(u.output_layer for u in uses)
+            need = sum(u.bytes for u in uses)
+            free = sum(u.free_bytes for u in uses)
+            console.print(f"  {host}: {layers} layer(s){' incl. output' if any(u.output_layer for u in uses) else ''}"
+                          f" · weights {_gib(sum(u.weights_bytes for u in uses))} + KV {_gib(sum(u.kv_bytes for u in uses))}"
+                          f" + compute {_gib(sum(u.compute_bytes for u in uses))} GiB = {_gib(need)} of {_gib(free)} GiB "
+                          "free", highlight=False)
+        if plan.shortfall_bytes:
+            console.print(f"  {plan.shortfall_bytes / GIB:,.1f} GiB more memory is needed over all hosts",
+                          highlight=False)
