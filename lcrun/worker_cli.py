@@ -8,6 +8,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -64,13 +65,13 @@ def worker(host: str | None, port: int, devices: tuple[str, ...], threads: int |
         click.echo(f"warning: listening on {endpoint}, reachable from other machines. ggml's RPC protocol has no "
                    "authentication and no encryption: anyone who can reach this port can use this machine's "
                    "devices and read what they hold. Use it on a trusted network only.", err=True)
+    server = rpc.serve(endpoint, [d.name for d in offered], n_threads=threads or default_threads(),
+                       cache_dir=str(cache_dir) if cache_dir else None, on_output=_relay)
+    _wait_until_listening(port, server)  # "listening" is said once a client can connect, not before
     reach = endpoint if address != "0.0.0.0" else f"{socket.gethostname()}:{port}"
     out(f"listening on {endpoint}{' (this machine only)' if loopback else ''}; on the machine that runs the model: "
         f"--rpc {reach}")
     sys.stdout.flush()
-
-    server = rpc.serve(endpoint, [d.name for d in offered], n_threads=threads or default_threads(),
-                       cache_dir=str(cache_dir) if cache_dir else None, on_output=_relay)
     try:
         while server.is_alive():
             server.join(0.5)
@@ -135,3 +136,17 @@ def _check_free(address: str, port: int) -> None:
         raise LcrunError(f"{address}:{port}", why) from None
     finally:
         probe.close()
+
+
+def _wait_until_listening(port: int, server: Any, timeout: float = 10.0) -> None:
+    """Until this process has a socket listening on `port` (ggml binds it on its own thread), as the kernel says:
+    connecting to find out would count as a client."""
+    import psutil
+
+    me = psutil.Process(os.getpid())
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and server.is_alive():
+        if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in me.net_connections("tcp")):
+            return
+        time.sleep(0.02)
+
