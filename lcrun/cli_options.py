@@ -39,7 +39,7 @@ RUN_OPTION_NAMES = ("hub_file", "revision", "ctx", "kv_type", "flash_attn", "gpu
 
 def overrides_from(options: dict[str, Any]) -> Any:
     """RunOverrides from the parsed options (a dict holding at least RUN_OPTION_NAMES)."""
-    from .cli import parse_ctx, parse_memory
+    from .param_types import parse_ctx, parse_memory
     from .launch import RunOverrides
 
     kv = options.get("kv_type")
