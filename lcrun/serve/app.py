@@ -217,7 +217,8 @@ async def _run(state: ServerState, request: Request, req: Any, model: str, kind:
     def sink(event: JobEvent) -> None:
         loop.call_soon_threadsafe(events.put_nowait, event)
 
-    job = Job(tokens, _sampling(req), sink, max_tokens=req.reply_limit(), stop=req.stop_strings())
+    job = Job(tokens, _sampling(req), sink, max_tokens=req.reply_limit(), stop=req.stop_strings(),
+              ignore_eos=req.ignore_eos)
     state.scheduler.submit(job)
     reply = oa.Reply(kind, model, state.fingerprint)  # type: ignore[arg-type]
     if req.stream:

@@ -64,13 +64,14 @@ class Job:
     """One request's generation. `sink` is called from the scheduler thread (it must hand events over, not block)."""
 
     def __init__(self, prompt: list[int], sampling: Sampling, sink: Callable[[JobEvent], None], *,
-                 max_tokens: int | None = None, stop: Sequence[str] = ()) -> None:
+                 max_tokens: int | None = None, stop: Sequence[str] = (), ignore_eos: bool = False) -> None:
         if not prompt:
             raise ValueError("a job needs at least one prompt token")
         self.prompt = prompt
         self.sampling = sampling
         self.max_tokens = max_tokens
         self.stop = [s for s in stop if s]
+        self.ignore_eos = ignore_eos
         self.sink = sink
         self.cancelled = threading.Event()
         self.finished = False
@@ -394,7 +395,7 @@ class Scheduler:
         slot.generated += 1
         if slot.first_token_at is None:
             slot.first_token_at = time.perf_counter()
-        if self.engine.is_eog(token):
+        if not job.ignore_eos and self.engine.is_eog(token):
             self._flush(slot)
             self._finish(slot, "stop")
             return
