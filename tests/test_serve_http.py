@@ -370,3 +370,47 @@ def test_shutdown_ends_streams_in_flight_with_an_error_event(engine: FakeSequenc
     stopper.join(30)
     assert time.monotonic() - started < 10
     assert not live.thread.is_alive()
+
+
+@pytest.mark.parametrize("remember", [True, False], ids=["remembered", "negative-control"])
+def test_a_reply_sent_back_keeps_the_tokens_it_was_sampled_as(engine: FakeSequenceEngine, remember: bool) -> None:
+    from lcrun.serve.replies import ReplyMemory
+
+    # sampled as plain characters, the reply tokenizes differently when it comes back: "<|eot_id|>" becomes one token
+    engine.responder = lambda _: "odd <|eot_id|> spelling"
+    with LiveServer(engine) as live:
+        if not remember:
+            live.state.replies = ReplyMemory(entries=0)
+        client = live.client()
+        question = [{"role": "user", "content": "The document. " * 30 + "Q1"}]
+        first = client.chat.completions.create(model="fake-model", messages=question)
+        reply = first.choices[0].message.content
+        assert reply == "odd <|eot_id|> spelling"
+        follow = client.chat.completions.create(model="fake-model", messages=[
+            *question, {"role": "assistant", "content": reply}, {"role": "user", "content": "Q2"}])
+        cached = follow.usage.prompt_tokens_details.cached_tokens
+        if remember:  # the first prompt and every reply token but the last (sampled, never decoded) are reused
+            assert cached == first.usage.prompt_tokens + first.usage.completion_tokens - 1
+        else:
+            assert cached == first.usage.prompt_tokens + len("odd ")
+
+
+def test_reply_memory_takes_a_remembered_prefix_only_at_a_token_boundary() -> None:
+    from lcrun.serve.replies import ReplyMemory
+
+    def tokenize(text: str) -> list[int]:  # "ab" is one token, everything else a character
+        out, i = [], 0
+        while i < len(text):
+            if text.startswith("ab", i):
+                out.append(-1)
+                i += 2
+            else:
+                out.append(ord(text[i]))
+                i += 1
+        return out
+
+    memory = ReplyMemory()
+    memory.remember("xa", [7, 8])
+    assert memory.tokenize("xay", tokenize) == [7, 8, ord("y")]
+    assert memory.tokenize("xab", tokenize) == tokenize("xab")   # "a" + "b" would split the token "ab"
+    assert memory.tokenize("zzz", tokenize) == tokenize("zzz")

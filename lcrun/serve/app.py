@@ -27,6 +27,7 @@ from lcrun.engine.protocol import Sampling, SequenceEngineProtocol
 
 from . import openai_api as oa
 from .metrics import CONTENT_TYPE, Metrics
+from .replies import ReplyMemory
 from .scheduler import Delta, Done, Failed, Job, JobEvent, Scheduler
 
 log = logging.getLogger("lcrun.serve")
@@ -49,6 +50,7 @@ class ServerState:
     api_key: str | None = None
     created: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+    replies: ReplyMemory = field(default_factory=ReplyMemory)
 
     @property
     def n_ctx_slot(self) -> int:
@@ -162,7 +164,7 @@ async def _chat_completions(state: ServerState, request: Request) -> Response:
     except TemplateError as exc:
         raise oa.bad_request(f"the model's chat template refused the messages: {exc}", param="messages") from None
     tokens = await _tokenize(state, text, add_bos=False)
-    return await _run(state, request, req, model, "chat", tokens, "messages")
+    return await _run(state, request, req, model, "chat", tokens, "messages", rendered=text)
 
 
 async def _completions(state: ServerState, request: Request) -> Response:
@@ -187,9 +189,14 @@ def _model(state: ServerState, name: str | None) -> str:
 
 
 async def _tokenize(state: ServerState, text: str, *, add_bos: bool) -> list[int]:
+    def tokenize() -> list[int]:
+        plain = lambda t: state.engine.tokenize(t, special=True, add_bos=add_bos)  # noqa: E731
+        # a rendered chat ends with its replies: their sampled tokens, as the KV cache holds them
+        return plain(text) if add_bos else state.replies.tokenize(text, plain)
+
     if len(text) > _TOKENIZE_IN_THREAD:
-        return await to_thread.run_sync(lambda: state.engine.tokenize(text, special=True, add_bos=add_bos))
-    return state.engine.tokenize(text, special=True, add_bos=add_bos)
+        return await to_thread.run_sync(tokenize)
+    return tokenize()
 
 
 def _sampling(req: oa._Generation) -> Sampling:
@@ -206,7 +213,7 @@ def _sampling(req: oa._Generation) -> Sampling:
 
 
 async def _run(state: ServerState, request: Request, req: Any, model: str, kind: str, tokens: list[int],
-               param: str) -> Response:
+               param: str, rendered: str | None = None) -> Response:
     if not tokens:
         raise oa.bad_request(f"{param}: empty (no tokens)", param=param)
     if len(tokens) >= state.n_ctx_slot:
@@ -221,9 +228,16 @@ async def _run(state: ServerState, request: Request, req: Any, model: str, kind:
               ignore_eos=req.ignore_eos)
     state.scheduler.submit(job)
     reply = oa.Reply(kind, model, state.fingerprint)  # type: ignore[arg-type]
+
+    def finished(text: str, done: Done) -> None:
+        if rendered is not None and done.tokens is not None:
+            end = state.engine.token_text(done.tokens[-1]) if done.finish_reason == "stop" else ""
+            state.replies.remember(rendered + text + end, tokens + list(done.tokens))
+
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_stream(job, events, reply, include_usage), media_type="text/event-stream",
+        return StreamingResponse(_stream(job, events, reply, include_usage, finished),
+                                 media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     collector = asyncio.ensure_future(_collect(events))
     watcher = asyncio.ensure_future(_disconnected(request))
@@ -237,6 +251,7 @@ async def _run(state: ServerState, request: Request, req: Any, model: str, kind:
     if not collector.done() or collector.cancelled():
         return Response(status_code=499)  # the client is gone; nobody reads this
     text, done = collector.result()
+    finished(text, done)
     return JSONResponse(reply.complete(text, done.finish_reason, _usage(done)))
 
 
@@ -263,8 +278,9 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-async def _stream(job: Job, events: asyncio.Queue[JobEvent], reply: oa.Reply,
-                  include_usage: bool) -> AsyncIterator[bytes]:
+async def _stream(job: Job, events: asyncio.Queue[JobEvent], reply: oa.Reply, include_usage: bool,
+                  finished: Callable[[str, Done], None]) -> AsyncIterator[bytes]:
+    sent: list[str] = []
     try:
         if reply.kind == "chat":
             yield oa.sse(reply.chunk("", first=True))
@@ -274,9 +290,11 @@ async def _stream(job: Job, events: asyncio.Queue[JobEvent], reply: oa.Reply,
                 batch.append(events.get_nowait())
             text = "".join(e.text for e in batch if isinstance(e, Delta))
             if text:
+                sent.append(text)
                 yield oa.sse(reply.chunk(text))
             end = next((e for e in batch if not isinstance(e, Delta)), None)
             if isinstance(end, Done):
+                finished("".join(sent), end)
                 yield oa.sse(reply.chunk(None, end.finish_reason))
                 if include_usage:
                     yield oa.sse(reply.usage_chunk(_usage(end)))

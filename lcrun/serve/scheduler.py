@@ -50,6 +50,9 @@ class Done:
     cached_tokens: int          # prompt tokens not evaluated: reused from a slot or restored from disk
     restored_tokens: int        # of those, restored from the disk cache
     time_to_first_token_s: float
+    # every sampled token (an end-of-generation one included) when the text sent is exactly theirs; None when a
+    # stop string cut it
+    tokens: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,7 @@ class Slot:
     restored: int = 0
     limit: int = 0
     generated: int = 0
+    sampled: list[int] = field(default_factory=list)
     next_token: int = -1
     held: str = ""               # text not yet sent: it may be the start of a stop string
     started_at: float = 0.0
@@ -141,6 +145,7 @@ class Scheduler:
         self._deadline = float("inf")
         self._admissions = 0
         self._kv_cells_used = 0
+        self._steps = 0
         self._io = ThreadPoolExecutor(1, thread_name_prefix="lcrun-prompt-cache") if prompt_cache is not None else None
         self._thread = threading.Thread(target=self._run, name="lcrun-scheduler", daemon=True)
 
@@ -258,7 +263,9 @@ class Scheduler:
                     self._prompt_done(slot)
                 if slot.state is State.GENERATE:
                     self._on_token(slot, self.engine.sample(slot.seq))
-        self._kv_cells_used = self.engine.kv_cells_used()
+        self._steps += 1
+        if self._steps % 8 == 0 or not feeds or not any(s.state is State.GENERATE for s in self.slots):
+            self._kv_cells_used = self.engine.kv_cells_used()
 
     # -- admission -----------------------------------------------------------------------------------------------
     def _reap(self) -> None:
@@ -308,7 +315,7 @@ class Scheduler:
             held[slot.seq] = held[source.seq]
         self._admissions += 1
         slot.job, slot.admitted, slot.started_at = job, self._admissions, time.perf_counter()
-        slot.generated, slot.held, slot.first_token_at, slot.restored = 0, "", None, 0
+        slot.generated, slot.held, slot.first_token_at, slot.restored, slot.sampled = 0, "", None, 0, []
         slot.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         room = self.n_ctx_slot - len(prompt)
         slot.limit = min(job.max_tokens or room, room)
@@ -393,6 +400,7 @@ class Scheduler:
         job = slot.job
         assert job is not None
         slot.generated += 1
+        slot.sampled.append(token)
         if slot.first_token_at is None:
             slot.first_token_at = time.perf_counter()
         if not job.ignore_eos and self.engine.is_eog(token):
@@ -400,6 +408,7 @@ class Scheduler:
             self._finish(slot, "stop")
             return
         if self._emit(slot, slot.decoder.decode(self.engine.token_bytes(token))):
+            slot.sampled = []  # the text stops inside them
             self._finish(slot, "stop")
         elif slot.generated >= slot.limit:
             self._flush(slot)
@@ -443,7 +452,7 @@ class Scheduler:
         assert job is not None
         now = time.perf_counter()
         done = Done(reason, len(job.prompt), slot.generated, slot.reused, slot.restored,
-                    (slot.first_token_at or now) - slot.started_at)
+                    (slot.first_token_at or now) - slot.started_at, tuple(slot.sampled) if slot.sampled else None)
         self.metrics.add("generated_tokens", slot.generated)
         if reason == "cancelled":
             self.metrics.add("requests_cancelled")
