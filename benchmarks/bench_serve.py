@@ -108,6 +108,7 @@ def start_lcrun(args: argparse.Namespace, settings: dict[str, Any], slots: int, 
     port = free_port()
     cmd = [sys.executable, "-m", "lcrun.cli", "serve", str(args.model), "--host", "127.0.0.1", "--port", str(port),
            "-np", str(slots), "--ctx", str(settings["ctx_per_request"] * slots), "--threads", str(args.threads),
+           "--threads-batch", str(settings["n_threads_batch"]),
            "--flash-attn", "on" if settings["flash_attn"] else "off", "--kv-type", settings["kv"]]
     if cache_dir is not None:
         cmd += ["--cache-dir", str(cache_dir)]
@@ -262,6 +263,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=BENCH_WORK / "mid-q8_0.gguf")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads-batch", type=int, help="threads for batches of several tokens (default: --threads)")
     parser.add_argument("--gen-tokens", type=int, default=64)
     parser.add_argument("--requests", type=int, default=2, help="requests per client in the 4-client run")
     parser.add_argument("--doc-tokens", type=int, default=4096)
@@ -276,11 +278,11 @@ def main() -> None:
     reply_tokens = 32
     ctx_per_request = -(-(args.doc_tokens + 2 * reply_tokens + 256) // 256) * 256
     launch = plan_launch(args.model, RunOverrides(ctx=ctx_per_request * 4, threads=args.threads), n_seq=4)
-    config = replace(launch.config, n_seq=4)
+    config = replace(launch.config, n_seq=4, n_threads_batch=args.threads_batch or args.threads)
     kv = config.type_k if config.type_k == config.type_v else f"{config.type_k}/{config.type_v}"
     settings = {"ctx_per_request": ctx_per_request, "flash_attn": config.flash_attn, "kv": kv,
                 "n_batch": config.n_batch, "n_ubatch": config.n_ubatch, "n_threads": args.threads,
-                "n_threads_batch": config.n_threads_batch or os.cpu_count() or 1}
+                "n_threads_batch": config.n_threads_batch}
     log(f"settings: {settings}")
 
     import llama_cpp

@@ -36,12 +36,14 @@ Examples:
               help="Prompts shorter than this are not saved to --cache-dir.")
 @click.option("--max-queue", type=click.IntRange(0), default=64, show_default=True, metavar="N",
               help="Requests that may wait for a free slot; more are answered 503 with Retry-After.")
+@click.option("-tb", "--threads-batch", type=click.IntRange(1), metavar="N",
+              help="CPU threads for prompt batches (default: every CPU, as llama.cpp's own default).")
 @click.option("-a", "--alias", metavar="NAME", help="The model's id in the API (default: the GGUF's file name).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request (uvicorn's access log).")
 @click.option("--dry-run", is_flag=True, help="Show the plan and exit without loading the model.")
 def serve(model: str, parallel: int, host: str, port: int, api_key: str | None, cache_dir: Path | None,
-          cache_size: int, cache_min_tokens: int, max_queue: int, alias: str | None, verbose: bool, dry_run: bool,
-          **run: Any) -> None:
+          cache_size: int, cache_min_tokens: int, max_queue: int, threads_batch: int | None, alias: str | None,
+          verbose: bool, dry_run: bool, **run: Any) -> None:
     """Serve MODEL (a GGUF file, `demo`, or a Hub GGUF repo) over an OpenAI-compatible HTTP API.
 
     /v1/chat/completions and /v1/completions (streamed or not), /v1/models, /health and /metrics (Prometheus).
@@ -61,7 +63,7 @@ def serve(model: str, parallel: int, host: str, port: int, api_key: str | None, 
     out, err = make_console(), make_console(stderr=True)
     path = locate_model(err, model, run.get("hub_file"), run.get("revision"))
     launch = plan_launch(path, overrides_from(run), n_seq=parallel)
-    config = replace(launch.config, n_seq=parallel)
+    config = replace(launch.config, n_seq=parallel, n_threads_batch=threads_batch or launch.config.n_threads_batch)
     render_plan_panel(launch, out)
     out.print(f"{parallel} slot{'s' if parallel > 1 else ''} · {config.n_ctx // parallel:,} tokens each"
               + (f" (the {config.n_ctx:,}-token context split {parallel} ways)" if parallel > 1 else ""),
