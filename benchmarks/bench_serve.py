@@ -8,7 +8,9 @@ threads, batch sizes, flash attention and KV type, driven by the same OpenAI-cli
 Figures (medians over the rounds; each round runs lcrun and the peer one after the other, alternating which first):
 
 1. Single-client generation tok/s (target lcrun / peer >= 0.97): one streamed /v1/completions at temperature 0 with
-   a short prompt and max_tokens N; (tokens - 1) over the time from the first streamed token to the last.
+   a short prompt and max_tokens N; (tokens - 1) over the time from the first streamed token to the last. lcrun as it
+   starts by default (one slot, the same context as the peer); the same request to the 4-slot server is reported
+   beside it.
 2. Aggregate generation tok/s with 4 concurrent clients, each sending `--requests` completions of N tokens: all
    completion tokens over the wall time. lcrun runs 4 slots (-np 4); the peer serves one request at a time behind
    its lock (interrupt_requests off, so streams are not cut). The ceiling is llama.cpp's own: the same context
@@ -203,6 +205,9 @@ def follow_up(server: Server, doc: str, reply_tokens: int) -> tuple[dict[str, An
 
 
 # -- the ceiling: llama_decode through the low-level API ---------------------------------------------------------------
+_QUIET: list[Any] = []
+
+
 def ceiling(config: Any, n_seqs: int, n_tokens: int) -> float:
     """Generation tok/s of `n_seqs` sequences decoded one token each per llama_decode (greedy sampling of each), in a
     context made with the engine's parameters, after a short prompt per sequence."""
@@ -210,6 +215,9 @@ def ceiling(config: Any, n_seqs: int, n_tokens: int) -> float:
 
     from lcrun.engine.runtime import context_params, model_params
 
+    if not _QUIET:  # llama.cpp's log would flood stderr
+        _QUIET.append(lc.llama_log_callback(lambda level, text, data: None))
+        lc.llama_log_set(_QUIET[0], ctypes.c_void_p(0))
     lc.llama_backend_init()
     model = lc.llama_model_load_from_file(str(config.model_path).encode(), model_params(config))
     ctx = lc.llama_init_from_model(model, context_params(config))
@@ -293,23 +301,27 @@ def main() -> None:
         return vocab_only.tokenize(text.encode(), add_bos=False)
 
     samples: dict[str, list[Any]] = {k: [] for k in (
-        "lcrun_single", "peer_single", "lcrun_4", "peer_4", "ceiling_1", "ceiling_4",
+        "lcrun_single", "peer_single", "lcrun4_single", "lcrun_4", "peer_4", "ceiling_1", "ceiling_4",
         "lcrun_ttft_first", "lcrun_ttft_follow", "peer_ttft_first", "peer_ttft_follow",
         "restart_ttft_first", "restart_ttft_follow", "lcrun_follow_cached", "restart_follow_cached")}
     loads = [os.getloadavg()]
     lcrun, peer = start_lcrun(args, settings, 4), start_peer(args, settings)
+    lcrun1 = start_lcrun(args, settings, 1)
+    lcrun1.name = "lcrun"
+    lcrun.name = "lcrun4"
     try:
-        for server in (lcrun, peer):  # warm-up: page the weights in, first-request costs out of the way
+        for server in (lcrun, lcrun1, peer):  # warm-up: page the weights in, first-request costs out of the way
             stream(server, prompt=GEN_PROMPT, max_tokens=4)
         for r in range(args.rounds):
-            order = [lcrun, peer] if r % 2 == 0 else [peer, lcrun]
+            order = [lcrun1, peer, lcrun] if r % 2 == 0 else [lcrun, peer, lcrun1]
             for server in order:
                 out = stream(server, prompt=GEN_PROMPT, max_tokens=args.gen_tokens)
                 samples[f"{server.name}_single"].append(out["gen_tps"])
                 log(f"round {r + 1}: {server.name} single {out['gen_tps']:.1f} tok/s ({out['tokens']} tokens)")
+            order = [lcrun, peer] if r % 2 == 0 else [peer, lcrun]
             for server in order:
                 out = concurrent(server, 4, args.requests, args.gen_tokens)
-                samples[f"{server.name}_4"].append(out["aggregate_tps"])
+                samples[f"{server.name.rstrip('4')}_4"].append(out["aggregate_tps"])
                 log(f"round {r + 1}: {server.name} 4 clients {out['aggregate_tps']:.1f} tok/s aggregate")
             for n in ((1, 4) if r % 2 == 0 else (4, 1)):
                 tps = ceiling(config, n, args.gen_tokens)
@@ -318,16 +330,18 @@ def main() -> None:
         for r in range(args.ttft_rounds):
             doc = document(tokenize, args.doc_tokens, seed=1000 + r)
             for server in ([lcrun, peer] if r % 2 == 0 else [peer, lcrun]):
-                first, messages = follow_up(server, doc + f" (copy {server.name})", reply_tokens)
+                name = server.name.rstrip("4")
+                first, messages = follow_up(server, doc + f" (copy {name})", reply_tokens)
                 follow = stream(server, messages=messages, max_tokens=reply_tokens)
-                samples[f"{server.name}_ttft_first"].append(first["ttft_s"])
-                samples[f"{server.name}_ttft_follow"].append(follow["ttft_s"])
+                samples[f"{name}_ttft_first"].append(first["ttft_s"])
+                samples[f"{name}_ttft_follow"].append(follow["ttft_s"])
                 if server is lcrun:
                     samples["lcrun_follow_cached"].append(follow["cached_tokens"])
                 log(f"ttft {r + 1}: {server.name} first {first['ttft_s']:.2f} s ({first['prompt_tokens']} prompt "
                     f"tokens), follow-up {follow['ttft_s']:.3f} s (cached {follow['cached_tokens']})")
     finally:
         lcrun.stop()
+        lcrun1.stop()
         peer.stop()
     for r in range(args.ttft_rounds):
         doc = document(tokenize, args.doc_tokens, seed=2000 + r)
@@ -359,6 +373,8 @@ def main() -> None:
     rows = [
         ("single-client generation tok/s", f"{m['lcrun_single']:.1f}", f"{m['peer_single']:.1f}",
          f"{single_ratio:.3f} (target >= 0.97)"),
+        ("single client on the 4-slot server, tok/s", f"{m['lcrun4_single']:.1f}", "",
+         f"{ratio(m['lcrun4_single'], m['peer_single']):.3f}"),
         ("4 clients, aggregate tok/s", f"{m['lcrun_4']:.1f}", f"{m['peer_4']:.1f}",
          f"{ratio(m['lcrun_4'], m['peer_4']):.2f}x the peer; {ratio(m['lcrun_4'], m['ceiling_4']):.1%} of the ceiling "
          f"(targets >= 1.5x, >= 85 %)"),

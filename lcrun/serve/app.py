@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -200,8 +201,6 @@ async def _tokenize(state: ServerState, text: str, *, add_bos: bool) -> list[int
 
 
 def _sampling(req: oa._Generation) -> Sampling:
-    import random
-
     return Sampling(
         temperature=oa.DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
         top_p=oa.DEFAULT_TOP_P if req.top_p is None else req.top_p,
