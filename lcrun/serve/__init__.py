@@ -1,0 +1,11 @@
+"""`lcrun serve`: an OpenAI-compatible HTTP server over one llama.cpp context with several slots.
+
+- `openai_api`: the request bodies (validated by pydantic) and the response shapes, errors as OpenAI error objects.
+- `scheduler`: the slots and continuous batching — one thread owns the engine and decodes every busy slot's next
+  token (and a chunk of a new prompt) in one `llama_decode` per step.
+- `prompt_cache`: KV states of long prompts on disk, keyed by prefix hashes and the model's fingerprint, LRU-bounded.
+- `metrics`: the counters behind `/metrics` (Prometheus text).
+- `app`: the Starlette application (routes, API key, server-sent events); `server`: uvicorn and a clean shutdown.
+
+Nothing here imports llama_cpp (the engine comes in as a parameter) or rich (the CLI renders).
+"""

@@ -1,0 +1,100 @@
+"""`lcrun serve`: plan as `lcrun chat` does (for N slots sharing one context), load, and serve the OpenAI API."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .cli_options import chat_template_options, run_options
+from .param_types import MEMORY
+
+
+@click.command(epilog="""\b
+Examples:
+  lcrun serve demo                                           # the built-in tiny model on http://127.0.0.1:8080/v1
+  lcrun serve Llama-3.1-8B-Instruct-Q4_K_M.gguf --ctx 64k -np 4   # 4 slots of 16K tokens each
+  lcrun serve model.gguf --cache-dir ~/.cache/lcrun/prompts  # long prompts' KV kept on disk across restarts
+  LCRUN_API_KEY=secret lcrun serve model.gguf --host 0.0.0.0
+""")
+@click.argument("model")
+@run_options
+@chat_template_options
+@click.option("-np", "--parallel", type=click.IntRange(1, 256), default=1, show_default=True,
+              help="Slots: requests generated at the same time, sharing the context (--ctx is the total; each slot "
+                   "gets an equal part).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="Port to listen on (0: a free one).")
+@click.option("--api-key", envvar="LCRUN_API_KEY", metavar="KEY",
+              help="Require `Authorization: Bearer KEY` (default: $LCRUN_API_KEY; /health and /v1/models stay open).")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Keep the KV state of long prompts here, reused by later requests that start with the same "
+                   "tokens — also after a restart.")
+@click.option("--cache-size", type=MEMORY, default="8G", show_default=True, metavar="SIZE",
+              help="Bound of --cache-dir; the least recently used prompts go first.")
+@click.option("--cache-min-tokens", type=click.IntRange(256), default=1024, show_default=True, metavar="N",
+              help="Prompts shorter than this are not saved to --cache-dir.")
+@click.option("--max-queue", type=click.IntRange(0), default=64, show_default=True, metavar="N",
+              help="Requests that may wait for a free slot; more are answered 503 with Retry-After.")
+@click.option("-tb", "--threads-batch", type=click.IntRange(1), metavar="N",
+              help="CPU threads for prompt batches (default: every CPU, as llama.cpp's own default).")
+@click.option("-a", "--alias", metavar="NAME", help="The model's id in the API (default: the GGUF's file name).")
+@click.option("-v", "--verbose", is_flag=True, help="Log every request (uvicorn's access log).")
+@click.option("--dry-run", is_flag=True, help="Show the plan and exit without loading the model.")
+def serve(model: str, parallel: int, host: str, port: int, api_key: str | None, cache_dir: Path | None,
+          cache_size: int, cache_min_tokens: int, max_queue: int, threads_batch: int | None, alias: str | None,
+          verbose: bool, dry_run: bool, **run: Any) -> None:
+    """Serve MODEL (a GGUF file, `demo`, or a Hub GGUF repo) over an OpenAI-compatible HTTP API.
+
+    /v1/chat/completions and /v1/completions (streamed or not), /v1/models, /health and /metrics (Prometheus).
+    The slots are decoded together in one batch per step (continuous batching); a request reuses the longest
+    prefix of its prompt that any slot holds in its KV cache.
+    """
+    from dataclasses import replace
+
+    from .chat.formats import choose_format, header_vocabulary
+    from .cli_options import chat_format_from, overrides_from
+    from .launch import plan_launch
+    from .serve.server import ServeOptions, bind, is_loopback, prepare
+    from .serve.server import serve as run_server
+    from .ui.chat_view import render_plan_panel
+    from .ui.console import make_console
+    from .ui.model_loading import load_engine, locate_model
+
+    out, err = make_console(), make_console(stderr=True)
+    path = locate_model(err, model, run.get("hub_file"), run.get("revision"))
+    launch = plan_launch(path, overrides_from(run), n_seq=parallel)
+    config = replace(launch.config, n_seq=parallel, n_threads_batch=threads_batch or launch.config.n_threads_batch)
+    chat_format = chat_format_from(run)
+    if launch.gguf is not None:  # decided from the header, before loading, as chat does
+        chat_format = choose_format(header_vocabulary(launch.gguf.meta), chat_format)
+    render_plan_panel(launch, out, chat_format=chat_format)
+    out.print(f"{parallel} slot{'s' if parallel > 1 else ''} · {config.n_ctx // parallel:,} tokens each"
+              + (f" (the {config.n_ctx:,}-token context split {parallel} ways)" if parallel > 1 else ""),
+              highlight=False)
+    if not is_loopback(host) and not api_key:
+        err.print(f"warning: listening on {host} without an API key: anyone who can reach this port can use the "
+                  "model (set --api-key or LCRUN_API_KEY)", style="yellow", highlight=False)
+    if dry_run:
+        return
+    options = ServeOptions(host=host, port=port, api_key=api_key, max_queue=max_queue, cache_dir=cache_dir,
+                           cache_max_bytes=cache_size, cache_min_tokens=cache_min_tokens, verbose=verbose)
+    sock = bind(host, port)  # before the model loads: a busy port fails at once
+    try:
+        engine = load_engine(err, config)
+        try:
+            state = prepare(engine, options, model_id=alias or path.name, aliases=(model, path.name, path.stem),
+                            chat_format=chat_format)
+            bound = sock.getsockname()
+            where = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+            url = f"http://{where}:{bound[1]}"
+            on_ready = lambda: out.print(  # noqa: E731
+                f"serving {state.model_id} at {url}/v1 (health {url}/health, metrics {url}/metrics); "
+                "Ctrl-C to stop", highlight=False, soft_wrap=True)
+            run_server(state, sock, options, on_ready=on_ready)
+        finally:
+            engine.close()
+    finally:
+        sock.close()
+    out.print("stopped", highlight=False)
