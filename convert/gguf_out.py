@@ -88,8 +88,12 @@ def _pack_strings(values: Sequence[str], order: str) -> bytes:
 
 
 def _pack_numbers(values: Sequence[Any], item_type: gguf.GGUFValueType, order: str) -> bytes | None:
-    # the struct format GGUFWriter packs each item with is also the numpy dtype of the same bytes
-    dtype = np.dtype(order + gguf.GGUFWriter._simple_value_packing[item_type])
+    # the struct format GGUFWriter packs each item with is also the numpy dtype of the same bytes; a gguf release
+    # without that (private) table gets GGUFWriter's own path, correct and slower
+    fmt = getattr(gguf.GGUFWriter, "_simple_value_packing", {}).get(item_type)
+    if fmt is None:
+        return None
+    dtype = np.dtype(order + fmt)
     try:
         wide = np.asarray(values, dtype={"f": np.float64, "i": np.int64}.get(dtype.kind, dtype))
     except OverflowError:
