@@ -264,8 +264,39 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def ratio(a: float, b: float) -> float:
-    return a / b if b else float("nan")
+def per_round(samples: dict[str, list[Any]], a: str, b: str) -> float:
+    """The median over rounds of a/b measured in the same round."""
+    return median([x / y for x, y in zip(samples.get(a, []), samples.get(b, [])) if x and y])
+
+
+def table(samples: dict[str, list[Any]], model: str, threads: int, ctx_per_request: int, kv: str, flash_attn: bool,
+          doc_tokens: int) -> str:
+    """Medians over the rounds; ratios are medians of the per-round ratios (each round's two figures were measured
+    minutes apart, so drift in a shared machine cancels better than in a ratio of medians)."""
+    m = {k: median([float(x) for x in v]) for k, v in samples.items() if v and v[0] is not None}
+    g = lambda k: m.get(k, float("nan"))  # noqa: E731
+    rows = [
+        ("single-client generation tok/s", f"{g('lcrun_single'):.1f}", f"{g('peer_single'):.1f}",
+         f"{per_round(samples, 'lcrun_single', 'peer_single'):.3f} (target >= 0.97)"),
+        ("single client on the 4-slot server, tok/s", f"{g('lcrun4_single'):.1f}", "",
+         f"{per_round(samples, 'lcrun4_single', 'peer_single'):.3f}"),
+        ("4 clients, aggregate tok/s", f"{g('lcrun_4'):.1f}", f"{g('peer_4'):.1f}",
+         f"{per_round(samples, 'lcrun_4', 'peer_4'):.2f}x the peer (target >= 1.5x); "
+         f"{per_round(samples, 'lcrun_4', 'ceiling_4'):.1%} of the ceiling (target >= 85 %)"),
+        ("ceiling: llama_decode 1 / 4 sequences tok/s", f"{g('ceiling_1'):.1f} / {g('ceiling_4'):.1f}", "",
+         f"{per_round(samples, 'ceiling_4', 'ceiling_1'):.2f}x"),
+        (f"TTFT first request ({doc_tokens}-token document)", f"{g('lcrun_ttft_first'):.2f} s",
+         f"{g('peer_ttft_first'):.2f} s", ""),
+        ("TTFT follow-up", f"{g('lcrun_ttft_follow'):.3f} s", f"{g('peer_ttft_follow'):.3f} s",
+         f"{per_round(samples, 'lcrun_ttft_follow', 'lcrun_ttft_first'):.1%} of the first (target <= 5 %); peer "
+         f"{per_round(samples, 'peer_ttft_follow', 'peer_ttft_first'):.1%}"),
+        ("TTFT follow-up after a restart (--cache-dir)", f"{g('restart_ttft_follow'):.3f} s", "",
+         f"{per_round(samples, 'restart_ttft_follow', 'restart_ttft_first'):.1%} of the first "
+         f"({g('restart_ttft_first'):.2f} s; target <= 10 %)"),
+    ]
+    lines = [f"| {model}, {threads} thread(s), {ctx_per_request} tokens per request, KV {kv}, flash attention "
+             f"{'on' if flash_attn else 'off'} | lcrun serve | llama_cpp.server | ratio |", "|---|---|---|---|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
 def main() -> None:
@@ -279,7 +310,14 @@ def main() -> None:
     parser.add_argument("--doc-tokens", type=int, default=4096)
     parser.add_argument("--ttft-rounds", type=int, default=2, help="rounds of the document measurements")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--table", type=Path, metavar="JSON", help="print the table of a saved --json run and exit")
     args = parser.parse_args()
+    if args.table:
+        saved = json.loads(args.table.read_text())
+        st = saved["settings"]
+        print(table(saved["samples"], Path(saved["model"]).name, st["n_threads"], st["ctx_per_request"], st["kv"],
+                    st["flash_attn"], int(saved["args"]["doc_tokens"])))
+        return
     if not args.model.is_file():
         sys.exit(f"error: {args.model}: no such GGUF (see the docstring to make bench-work/mid-q8_0.gguf)")
 
@@ -369,37 +407,12 @@ def main() -> None:
             f"(cached {follow['cached_tokens']})")
     loads.append(os.getloadavg())
 
-    m = {k: median([float(x) for x in v]) for k, v in samples.items()}
-    single_ratio = ratio(m["lcrun_single"], m["peer_single"])
-    ceiling_ratio = ratio(m["ceiling_4"], m["ceiling_1"])
-    rows = [
-        ("single-client generation tok/s", f"{m['lcrun_single']:.1f}", f"{m['peer_single']:.1f}",
-         f"{single_ratio:.3f} (target >= 0.97)"),
-        ("single client on the 4-slot server, tok/s", f"{m['lcrun4_single']:.1f}", "",
-         f"{ratio(m['lcrun4_single'], m['peer_single']):.3f}"),
-        ("4 clients, aggregate tok/s", f"{m['lcrun_4']:.1f}", f"{m['peer_4']:.1f}",
-         f"{ratio(m['lcrun_4'], m['peer_4']):.2f}x the peer; {ratio(m['lcrun_4'], m['ceiling_4']):.1%} of the ceiling "
-         f"(targets >= 1.5x, >= 85 %)"),
-        ("ceiling: llama_decode 1 / 4 sequences tok/s", f"{m['ceiling_1']:.1f} / {m['ceiling_4']:.1f}", "",
-         f"{ceiling_ratio:.2f}x"),
-        (f"TTFT first request ({args.doc_tokens}-token document)", f"{m['lcrun_ttft_first']:.2f} s",
-         f"{m['peer_ttft_first']:.2f} s", ""),
-        ("TTFT follow-up", f"{m['lcrun_ttft_follow']:.3f} s", f"{m['peer_ttft_follow']:.3f} s",
-         f"{ratio(m['lcrun_ttft_follow'], m['lcrun_ttft_first']):.1%} of the first (target <= 5 %); peer "
-         f"{ratio(m['peer_ttft_follow'], m['peer_ttft_first']):.1%}"),
-        ("TTFT follow-up after a restart (--cache-dir)", f"{m['restart_ttft_follow']:.3f} s", "",
-         f"{ratio(m['restart_ttft_follow'], m['restart_ttft_first']):.1%} of the first ({m['restart_ttft_first']:.2f} s; "
-         "target <= 10 %)"),
-    ]
-    print(f"| {args.model.name}, {args.threads} threads, {ctx_per_request} tokens per request, KV {kv}, "
-          f"flash attention {'on' if config.flash_attn else 'off'} | lcrun serve | llama_cpp.server | ratio |")
-    print("|---|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print(table(samples, args.model.name, args.threads, ctx_per_request, kv, config.flash_attn, args.doc_tokens))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
-            "model": str(args.model), "settings": settings, "samples": samples, "medians": m,
+            "model": str(args.model), "settings": settings, "samples": samples,
+            "medians": {k: median([float(x) for x in v]) for k, v in samples.items() if v and v[0] is not None},
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg": loads},
             "args": {k: str(v) for k, v in vars(args).items()}}, indent=1))
 
