@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .devices import Device, machine_devices, worker_devices
-from .engine.runtime import EngineConfig
+from .engine.protocol import EngineConfig
 from .errors import LcrunError
 from .gguf_header import GGUFSet, read_gguf_set
 from .model_spec import ModelSpec, spec_from_gguf

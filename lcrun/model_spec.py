@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lcrun.convert.arch import ModelAdapter, adapter_for
-
 from .errors import HubError, HubUnreachable, LcrunError
 
 if TYPE_CHECKING:
+    from lcrun.convert.arch import ModelAdapter
+
     from .gguf_header import GGUFHeader, GGUFSet
 
 
@@ -42,6 +42,8 @@ def _from_adapter(adapter: ModelAdapter, name: str, source: str) -> ModelSpec:
 
 
 def spec_from_config(config: dict[str, Any], where: str, name: str, source: str) -> ModelSpec:
+    from lcrun.convert.arch import adapter_for  # the converter's adapters: not needed for a GGUF's spec
+
     return _from_adapter(adapter_for(config, Path(where)), name, source)
 
 
