@@ -85,6 +85,11 @@ def direct_llama(config: EngineConfig) -> Any:
     import llama_cpp
     from gguf import GGMLQuantizationType  # its values are ggml_type's, as the engine uses them
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.fixtures.llama_peer import match_engine_weights
+
+    match_engine_weights()  # the engine's weight repacking (no AMX: ggml-org/llama.cpp#20824)
+
     return llama_cpp.Llama(
         model_path=str(config.model_path), n_ctx=config.n_ctx, n_gpu_layers=config.n_gpu_layers,
         n_batch=config.n_batch, n_ubatch=config.n_ubatch, n_threads=config.n_threads, seed=config.seed,

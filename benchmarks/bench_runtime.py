@@ -43,6 +43,11 @@ def direct_llama(config: EngineConfig) -> Any:
     import llama_cpp
     from gguf import GGMLQuantizationType  # its values are ggml_type's, as the engine uses them
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.fixtures.llama_peer import match_engine_weights
+
+    match_engine_weights()  # the engine's weight repacking (no AMX: ggml-org/llama.cpp#20824)
+
     def ggml_type(name: str) -> int:
         return int(GGMLQuantizationType[name.upper()])
 

@@ -53,6 +53,10 @@ from typing import Any
 import openai
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.fixtures.llama_peer import PEER_PRELUDE  # noqa: E402  (the path is set just above)
+
 BENCH_WORK = REPO / "bench-work"
 GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "iq4_nl": 20, "bf16": 30}
 GEN_PROMPT = ("You are a careful assistant. Explain, step by step and with examples, how a lighthouse keeper kept the "
@@ -81,7 +85,7 @@ class Server:
         self.name, self.port = name, port
         self.url = f"http://127.0.0.1:{port}"
         self.log = tempfile.NamedTemporaryFile(prefix=f"bench-serve-{name}-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO)
         deadline = time.monotonic() + 300
         while True:
             if self.proc.poll() is not None:
@@ -120,7 +124,9 @@ def start_lcrun(args: argparse.Namespace, settings: dict[str, Any], slots: int, 
 def start_peer(args: argparse.Namespace, settings: dict[str, Any]) -> Server:
     port = free_port()
     k, _, v = settings["kv"].partition("/")
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(args.model), "--host", "127.0.0.1",
+    # llama_cpp.server with the engine's weight repacking (no AMX: ggml-org/llama.cpp#20824); run from the repository
+    serve = "import runpy; runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)"
+    cmd = [sys.executable, "-c", PEER_PRELUDE + serve, "--model", str(args.model), "--host", "127.0.0.1",
            "--port", str(port), "--n_ctx", str(settings["ctx_per_request"]), "--n_threads", str(args.threads),
            "--n_threads_batch", str(settings["n_threads_batch"]), "--n_batch", str(settings["n_batch"]),
            "--n_ubatch", str(settings["n_ubatch"]), "--flash_attn", str(settings["flash_attn"]),

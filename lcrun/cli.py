@@ -10,8 +10,9 @@ from typing import Any, NoReturn
 import click
 
 from . import __version__
-from .param_types import (CONTEXT, MEMORY, RPC_ENDPOINTS, RPC_MEMORY, SIZE, kv_type_from, parse_ctx,
-                          worker_memory_map)
+from .cli_options import machine_options
+from .param_types import CONTEXT, SIZE, kv_type_from, parse_ctx, worker_memory_map
+
 
 def _fail(message: str, code: int = 1) -> NoReturn:
     click.echo(f"error: {message}", err=True)
@@ -195,37 +196,6 @@ def models(as_json: bool) -> None:
     render_profiles(rows, make_console())
 
 
-# estimate and plan: how the machine (and its workers) is described, with llama.cpp's spellings beside lcrun's
-_MACHINE_OPTIONS = [
-    click.option("-ctk", "--cache-type-k", metavar="TYPE",
-                 help="llama.cpp's way: the K cache type (V stays f16 unless -ctv)."),
-    click.option("-ctv", "--cache-type-v", metavar="TYPE", help="llama.cpp's way: the V cache type."),
-    click.option("-fa", "--flash-attn", type=click.Choice(["on", "off", "auto"]), default="auto", show_default=True),
-    click.option("-ub", "--ubatch", "--ubatch-size", "ubatch", type=int, default=512, show_default=True,
-                 help="Physical batch size (n_ubatch)."),
-    click.option("-np", "--parallel", type=int, default=1, show_default=True, help="Parallel sequences (n_seq)."),
-    click.option("-ngl", "--gpu-layers", "--n-gpu-layers", "gpu_layers", type=int,
-                 help="Layers to offload (default: as many as fit)."),
-    click.option("--gpu-mem", "gpu_mem", type=MEMORY, multiple=True, metavar="SIZE",
-                 help="Plan for GPU(s) of this free memory instead of detecting (e.g. 24G; repeatable)."),
-    click.option("--ram", type=MEMORY, metavar="SIZE", help="Plan for this much free RAM instead of detecting."),
-    click.option("--rpc", "rpc", type=RPC_ENDPOINTS, metavar="HOST:PORT,…",
-                 help="RPC workers (`lcrun worker` on each) to spread the layers over with this machine; their free "
-                      "memory is asked over RPC."),
-    click.option("--rpc-mem", "rpc_mem", type=RPC_MEMORY, multiple=True, metavar="HOST=SIZE",
-                 help="Plan for a worker with SIZE free without asking it (it need not be running yet; repeatable)."),
-    click.option("--file", "gguf_file", metavar="NAME.gguf",
-                 help="For a Hub GGUF repo whose :QUANT does not pick one file: the GGUF in it."),
-    click.option("--revision", help="Hub revision (branch, tag or commit)."),
-]
-
-
-def _machine_options(func: Any) -> Any:
-    for option in reversed(_MACHINE_OPTIONS):
-        func = option(func)
-    return func
-
-
 @cli.command(epilog="""\b
 Examples:
   lcrun estimate gradientai/Llama-3-70B-Instruct-Gradient-1048k --quant Q4_K_M --kv-type q8_0
@@ -238,14 +208,14 @@ Examples:
 @click.option("-c", "--ctx", "--ctx-size", "ctxs", type=CONTEXT, multiple=True, metavar="N",
               help="Context length(s), e.g. 32k, 128k, 1M (default: a ladder up to the model's maximum).")
 @click.option("--kv-type", "kv_types", multiple=True, metavar="K[/V]", help="KV cache type(s): f16, q8_0, q4_0, … or K/V separately, e.g. q8_0/q4_0 (repeatable; default f16).")
-@_machine_options
+@machine_options
 @click.option("--allow-ctx-extension", is_flag=True, help="Allow contexts above the model's maximum.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document: the model, devices, every plan and "
               "the largest context that fits per quant and KV type.")
 def estimate(model: str, quants: tuple[str, ...], ctxs: tuple[int, ...], kv_types: tuple[str, ...],
              cache_type_k: str | None, cache_type_v: str | None, flash_attn: str, ubatch: int, parallel: int,
              gpu_layers: int | None, gpu_mem: tuple[int, ...], ram: int | None, rpc: list[str] | None,
-             rpc_mem: tuple[tuple[str, int], ...], gguf_file: str | None, revision: str | None,
+             rpc_mem: tuple[tuple[str, int], ...], hub_file: str | None, revision: str | None,
              allow_ctx_extension: bool, as_json: bool) -> None:
     """How much memory MODEL needs at each quant, context and KV type — and what fits here — before download.
 
@@ -256,7 +226,7 @@ def estimate(model: str, quants: tuple[str, ...], ctxs: tuple[int, ...], kv_type
     from .estimate import context_ladder, estimate_grid
     from .model_spec import resolve_model
 
-    spec = resolve_model(model, revision=revision, gguf_file=gguf_file)
+    spec = resolve_model(model, revision=revision, gguf_file=hub_file)
     contexts = list(ctxs) or context_ladder(spec.n_ctx_train)
     too_long = [c for c in contexts if c > spec.n_ctx_train]
     if too_long and not allow_ctx_extension:
@@ -316,12 +286,12 @@ Examples:
               help="Context length (32k, 128k, …) or auto: the largest that fits.")
 @click.option("--kv-type", help="KV cache type (f16, q8_0, q4_0, K/V); default: the least lossy that reaches the "
               "context.")
-@_machine_options
+@machine_options
 @click.option("--verify", is_flag=True, help="Run llama.cpp's allocation dry run (no_alloc) on the GGUF and compare.")
 @click.option("--json", "as_json", is_flag=True)
 def plan(model: str, quant: str, ctx: str, kv_type: str | None, cache_type_k: str | None, cache_type_v: str | None,
          flash_attn: str, gpu_layers: int | None, ubatch: int, parallel: int, gpu_mem: tuple[int, ...],
-         ram: int | None, rpc: list[str] | None, rpc_mem: tuple[tuple[str, int], ...], gguf_file: str | None,
+         ram: int | None, rpc: list[str] | None, rpc_mem: tuple[tuple[str, int], ...], hub_file: str | None,
          revision: str | None, verify: bool, as_json: bool) -> None:
     """Choose context, KV type, flash attention and GPU layers for MODEL on this machine (and RPC workers), and
     explain the choice."""
@@ -329,7 +299,7 @@ def plan(model: str, quant: str, ctx: str, kv_type: str | None, cache_type_k: st
     from .model_spec import resolve_model
     from .planner import choose
 
-    spec = resolve_model(model, revision=revision, gguf_file=gguf_file)
+    spec = resolve_model(model, revision=revision, gguf_file=hub_file)
     devices = _devices(gpu_mem, ram, rpc, rpc_mem)
     quant_name = (spec.file_type or quant) if spec.file_tensor_bytes is not None else quant
     kv = kv_type_from(None if kv_type in (None, "auto") else kv_type.lower(), cache_type_k, cache_type_v)

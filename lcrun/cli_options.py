@@ -10,46 +10,80 @@ import click
 
 from .param_types import CONTEXT, MEMORY, RPC_ENDPOINTS, RPC_MEMORY, kv_type_from, worker_memory_map
 
-# lcrun's names first; llama.cpp's (and llama-server's) spellings beside them as aliases of the same option
-_HUB_FILE = click.option("--hf-file", "--file", "hub_file", metavar="NAME.gguf",
-                         help="When MODEL is a Hub repo and its :QUANT does not pick one file: the GGUF in it "
-                              "(llama.cpp's -hff).")
+# Each option is declared once; the lists below pick them for each kind of command. lcrun's names come first,
+# llama.cpp's (and llama-server's) spellings beside them as aliases of the same option.
+HUB_FILE = click.option("--hf-file", "--file", "hub_file", metavar="NAME.gguf",
+                        help="When MODEL is a Hub repo and its :QUANT does not pick one file: the GGUF in it "
+                             "(llama.cpp's -hff).")
+HUB_FILE_ONLY = click.option("--hf-file", "hub_file", metavar="NAME.gguf",
+                             help="When MODEL is a Hub repo and its :QUANT does not pick one file: the GGUF in it "
+                                  "(llama.cpp's -hff).")
+REVISION = click.option("--revision", help="Hub revision (branch, tag or commit).")
+CACHE_TYPE_K = click.option("-ctk", "--cache-type-k", metavar="TYPE",
+                            help="llama.cpp's way: the K cache type (V stays f16 unless -ctv).")
+CACHE_TYPE_V = click.option("-ctv", "--cache-type-v", metavar="TYPE", help="llama.cpp's way: the V cache type.")
+FLASH_ATTN = click.option("-fa", "--flash-attn", type=click.Choice(["on", "off", "auto"]), default="auto",
+                          show_default=True)
+GPU_LAYERS = click.option("-ngl", "--gpu-layers", "--n-gpu-layers", "gpu_layers", type=int,
+                          help="Layers to offload to the GPU (default: as many as fit).")
+UBATCH = click.option("-ub", "--ubatch", "--ubatch-size", "ubatch", type=int, default=512, show_default=True,
+                      help="Physical batch size (n_ubatch).")
+GPU_MEM = click.option("--gpu-mem", "gpu_mem", type=MEMORY, multiple=True, metavar="SIZE",
+                       help="Plan for GPU(s) of this free memory instead of detecting (e.g. 24G; repeatable).")
+RAM = click.option("--ram", type=MEMORY, metavar="SIZE", help="Plan for this much free RAM instead of detecting.")
+RPC = click.option("--rpc", "rpc", type=RPC_ENDPOINTS, metavar="HOST:PORT,…",
+                   help="Spread the layers over this machine and these RPC workers (`lcrun worker` on each), in "
+                        "proportion to the memory each has free (asked over RPC).")
+RPC_MEM = click.option("--rpc-mem", "rpc_mem", type=RPC_MEMORY, multiple=True, metavar="HOST=SIZE",
+                       help="Plan with SIZE free on a worker instead of asking it (estimate and plan: it need not be "
+                            "running yet; repeatable).")
+PARALLEL = click.option("-np", "--parallel", type=click.IntRange(1, 256), default=1, show_default=True,
+                        help="Parallel sequences (n_seq): each gets an equal part of the context.")
+
 _RUN_OPTIONS = [
-    click.option("--revision", help="Hub revision (branch, tag or commit)."),
+    REVISION,
     click.option("-c", "--ctx", "--ctx-size", "ctx", type=CONTEXT, metavar="N",
                  help="Context length (32k, 128k, 1M, …); default: the largest that fits (chat) or what the run "
                       "needs (niah, bench)."),
     click.option("--kv-type", metavar="K[/V]", help="KV cache type: f16, q8_0, q4_0, or K/V apart (q8_0/q4_0); "
                  "default: the least lossy that reaches the context."),
-    click.option("-ctk", "--cache-type-k", metavar="TYPE",
-                 help="llama.cpp's way: the K cache type (V stays f16 unless -ctv)."),
-    click.option("-ctv", "--cache-type-v", metavar="TYPE", help="llama.cpp's way: the V cache type."),
-    click.option("-fa", "--flash-attn", type=click.Choice(["on", "off", "auto"]), default="auto", show_default=True),
-    click.option("-ngl", "--gpu-layers", "--n-gpu-layers", "gpu_layers", type=int,
-                 help="Layers to offload to the GPU (default: as many as fit)."),
+    CACHE_TYPE_K,
+    CACHE_TYPE_V,
+    FLASH_ATTN,
+    GPU_LAYERS,
     click.option("-t", "--threads", type=int, help="CPU threads (default: one per physical core)."),
-    click.option("-ub", "--ubatch", "--ubatch-size", "ubatch", type=int, default=512, show_default=True,
-                 help="Physical batch size (n_ubatch)."),
+    UBATCH,
     click.option("--rope-theta", "--rope-freq-base", "rope_theta", type=float,
                  help="Override the file's RoPE base (warns: the model changes)."),
     click.option("--rope-scale", type=float, help="Override the file's RoPE scaling: stretch positions by this factor."),
     click.option("--rope-freq-scale", type=float, help="llama.cpp's way: the RoPE frequency scale, 1/--rope-scale."),
-    click.option("--gpu-mem", "gpu_mem", type=MEMORY, multiple=True, metavar="SIZE",
-                 help="Plan for GPU(s) of this free memory instead of detecting (e.g. 24G; repeatable)."),
-    click.option("--ram", type=MEMORY, metavar="SIZE", help="Plan for this much free RAM instead of detecting."),
-    click.option("--rpc", "rpc", type=RPC_ENDPOINTS, metavar="HOST:PORT,…",
-                 help="Spread the layers over this machine and these RPC workers (`lcrun worker` on each), in "
-                      "proportion to the memory each has free."),
-    click.option("--rpc-mem", "rpc_mem", type=RPC_MEMORY, multiple=True, metavar="HOST=SIZE",
-                 help="Plan with SIZE free on a worker given with --rpc instead of asking it (repeatable)."),
+    GPU_MEM,
+    RAM,
+    RPC,
+    RPC_MEM,
+    click.option("--repack/--no-repack", " /-nr", "repack", default=None,
+                 help="llama.cpp's weight repacking for faster CPU kernels. Default: on, except where llama.cpp "
+                      "would use AMX, whose matrix multiplication crashes (llama.cpp issue 20824)."),
 ]
+# estimate and plan: how the machine (and its workers) is described; they take their own --ctx/--kv-type/--quant
+_MACHINE_OPTIONS = [CACHE_TYPE_K, CACHE_TYPE_V, FLASH_ATTN, UBATCH, PARALLEL, GPU_LAYERS, GPU_MEM, RAM, RPC, RPC_MEM,
+                    HUB_FILE, REVISION]
+
+
+def _apply(options: list[Callable[..., Any]], func: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def machine_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The options that describe the machine and its workers (`estimate`, `plan`)."""
+    return _apply(_MACHINE_OPTIONS, func)
 
 
 def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """Add the model-loading options; the command receives them as keyword arguments (see `overrides_from`)."""
-    for option in reversed([_HUB_FILE, *_RUN_OPTIONS]):
-        func = option(func)
-    return func
+    return _apply([HUB_FILE, *_RUN_OPTIONS], func)
 
 
 def overrides_from(options: dict[str, Any]) -> Any:
@@ -79,19 +113,13 @@ def overrides_from(options: dict[str, Any]) -> Any:
         ram=options.get("ram"),
         rpc=tuple(options.get("rpc") or ()),
         rpc_mem=tuple(worker_memory_map(options.get("rpc_mem")).items()),
+        repack=options.get("repack"),
     )
 
 
 def run_options_without_file(func: Callable[..., Any]) -> Callable[..., Any]:
     """The model-loading options without --file (`chat`, where --file adds documents): --hf-file names a Hub file."""
-    for option in reversed([_HUB_FILE_ONLY, *_RUN_OPTIONS]):
-        func = option(func)
-    return func
-
-
-_HUB_FILE_ONLY = click.option("--hf-file", "hub_file", metavar="NAME.gguf",
-                              help="When MODEL is a Hub repo and its :QUANT does not pick one file: the GGUF in it "
-                                   "(llama.cpp's -hff).")
+    return _apply([HUB_FILE_ONLY, *_RUN_OPTIONS], func)
 
 
 class ChatTemplateType(click.ParamType):
@@ -137,9 +165,7 @@ RAW_OPTION = click.option("--raw", is_flag=True, help="No chat format: the promp
 
 def chat_template_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """--chat-template and --chat-template-file (for a command that always chats, such as a server)."""
-    for option in reversed(CHAT_TEMPLATE_OPTIONS):
-        func = option(func)
-    return func
+    return _apply(CHAT_TEMPLATE_OPTIONS, func)
 
 
 def chat_format_options(func: Callable[..., Any]) -> Callable[..., Any]:

@@ -30,6 +30,7 @@ class RunOverrides:
     ram: int | None = None
     rpc: tuple[str, ...] = ()                   # RPC workers (HOST:PORT) to spread the layers over
     rpc_mem: tuple[tuple[str, int], ...] = ()   # a worker's free memory, given instead of asked
+    repack: bool | None = None                  # llama.cpp's weight repacking (EngineConfig.repack)
 
 
 @dataclass
@@ -135,6 +136,7 @@ def plan_launch(model_path: Path, overrides: RunOverrides = RunOverrides(), *,
         # with RPC workers the plan's placement is passed whole (llama.cpp would split by free memory otherwise)
         devices=tuple(plan.offload) if any(d.host for d in devices) else None,
         tensor_split=tuple(plan.tensor_split) if any(d.host for d in devices) else None,
+        repack=overrides.repack,
     )
     return Launch(model_path, spec, choice, config, devices, warnings, files, overrides, n_seq)
 

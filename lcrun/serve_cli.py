@@ -65,7 +65,7 @@ def serve(model: str, parallel: int, host: str, port: int, api_key: str | None, 
     out, err = make_console(), make_console(stderr=True)
     path = locate_model(err, model, run.get("hub_file"), run.get("revision"))
     launch = plan_launch(path, overrides_from(run), n_seq=parallel)
-    config = replace(launch.config, n_seq=parallel, n_threads_batch=threads_batch or launch.config.n_threads_batch)
+    config = replace(launch.config, n_threads_batch=threads_batch or launch.config.n_threads_batch)
     chat_format = chat_format_from(run)
     if launch.gguf is not None:  # decided from the header, before loading, as chat does
         chat_format = choose_format(header_vocabulary(launch.gguf.meta), chat_format)

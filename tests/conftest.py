@@ -58,3 +58,10 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
 
 from tests.fixtures.hub_server import fake_hub  # noqa: E402,F401  (the local stand-in for the Hub, as a fixture)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _llama_loads_weights_as_the_engine_does() -> None:
+    from tests.fixtures.llama_peer import match_engine_weights
+
+    match_engine_weights()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -59,19 +60,25 @@ def text_of(events: list) -> str:
     return "".join(e.text for e in events if isinstance(e, TextChunk))
 
 
-def test_greedy_matches_llama_cpp_python(engine: Engine, gguf_path: Path) -> None:
+@pytest.mark.parametrize(("frequency", "presence"), [(0.0, 0.0), (1.5, 0.0), (0.0, 1.5), (0.7, 0.9)])
+def test_greedy_matches_llama_cpp_python(engine: Engine, gguf_path: Path, frequency: float, presence: float) -> None:
     import llama_cpp
 
     prompt = engine.tokenize(TEXT, add_bos=True)
-    events, fin = run(engine, prompt)
+    sampling = Sampling(temperature=0.0, max_tokens=24, frequency_penalty=frequency, presence_penalty=presence)
+    events, fin = run(engine, prompt, sampling)
     ours = completion_tokens(engine, prompt, fin)
+    if frequency or presence:  # the penalties take effect (else the comparison below would not test them)
+        _, plain = run(engine, prompt, replace(sampling, frequency_penalty=0.0, presence_penalty=0.0))
+        assert completion_tokens(engine, prompt, plain) != ours
 
     direct = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=N_CTX, n_threads=2, n_batch=64, n_ubatch=64,
                              flash_attn=False, yarn_attn_factor=-1.0, yarn_beta_fast=-1.0, yarn_beta_slow=-1.0,
                              verbose=False)
     try:
         theirs = []
-        for tok in direct.generate(prompt, temp=0.0, top_k=40, top_p=1.0, min_p=0.05, repeat_penalty=1.0):
+        for tok in direct.generate(prompt, temp=0.0, top_k=40, top_p=1.0, min_p=0.05, repeat_penalty=1.0,
+                                   frequency_penalty=frequency, presence_penalty=presence):
             theirs.append(tok)
             if len(theirs) == len(ours):  # a stop token ends ours and is cached: it is the last of both
                 break
@@ -475,3 +482,42 @@ def test_another_llama_cpp_python_version_warns_once(gguf_path: Path, monkeypatc
     monkeypatch.setattr(llama_cpp, "__version__", runtime.LLAMA_CPP_PYTHON_VERSION)
     Engine(EngineConfig(model_path=gguf_path, n_ctx=256, n_threads=2)).close()
     assert capsys.readouterr().err == ""  # control: the mirrored version says nothing
+
+
+REPACK_SCRIPT = """
+import sys
+from pathlib import Path
+from lcrun.engine.runtime import Engine, EngineConfig, Sampling
+repack = {"auto": None, "on": True, "off": False}[sys.argv[2]]
+with Engine(EngineConfig(model_path=Path(sys.argv[1]), n_ctx=256, n_threads=2, repack=repack)) as engine:
+    events = list(engine.generate(engine.tokenize("hello world " * 20), Sampling(max_tokens=4)))
+print(events[-1].completion_tokens)
+"""
+
+
+def test_quantized_weights_load_and_generate_with_the_default_repacking(tmp_path: Path) -> None:
+    """llama.cpp's AMX matmul crashes on quantized weights (ggml-org/llama.cpp#20824); where this llama.cpp would use
+    it, the engine does not repack unless told to. Each run is its own process: the crash is a segfault."""
+    import subprocess
+    import sys
+
+    from lcrun.engine.runtime import amx_build, model_params
+
+    ck = make_llama_checkpoint(tmp_path / "ckpt", hidden=128, layers=2, heads=4, kv_heads=2, ffn=256)
+    q8 = convert_checkpoint(ck.path, tmp_path / "q8.gguf", outtype="q8_0").paths[0]
+    config = EngineConfig(model_path=q8, n_ctx=256)
+    assert model_params(config).use_extra_bufts is (not amx_build())
+    assert model_params(replace(config, repack=True)).use_extra_bufts is True
+    assert model_params(replace(config, repack=False)).use_extra_bufts is False
+
+    def run(mode: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-c", REPACK_SCRIPT, str(q8), mode], capture_output=True, text=True,
+                              timeout=120)
+
+    for mode in ("auto", "off"):
+        done = run(mode)
+        assert (done.returncode, done.stdout) == (0, "4\n"), done.stderr
+    if amx_build():  # the negative control: forcing the repack into AMX reproduces the crash the default avoids
+        assert run("on").returncode != 0
+    else:
+        assert run("on").stdout == "4\n"

@@ -84,6 +84,7 @@ RUN_ALIASES = [
     (["--ubatch", "128"], ["-ub", "128"], ["--ubatch-size", "256"]),
     (["--rope-theta", "1e6"], ["--rope-freq-base", "1000000"], ["--rope-freq-base", "2e6"]),
     (["--rope-scale", "4"], ["--rope-freq-scale", "0.25"], ["--rope-freq-scale", "0.5"]),
+    (["--no-repack"], ["-nr"], ["--repack"]),
 ]
 
 
@@ -114,6 +115,17 @@ def test_chat_dry_run_plans_the_same(model: Path, ours: list[str], theirs: list[
     b = invoke("chat", str(model), "--dry-run", "--ram", "8G", *theirs)
     assert a.exit_code == b.exit_code == 0, a.output + b.output
     assert a.stdout == b.stdout and "context 2,048" in invoke("chat", str(model), "--dry-run", "-c", "2k").stdout
+
+
+@pytest.mark.parametrize("command", ["chat", "niah", "bench", "serve"])
+def test_repacking_reaches_the_engine_config(model: Path, command: str) -> None:
+    from lcrun.cli_options import overrides_from
+    from lcrun.launch import plan_launch
+
+    def config(*args: str) -> object:
+        return plan_launch(model, overrides_from(_parsed(command, ["--ram", "8G", "-c", "1k", *args]))).config
+
+    assert [config(*a).repack for a in ([], ["--repack"], ["--no-repack"], ["-nr"])] == [None, True, False, False]
 
 
 def test_chat_and_niah_sampling_names() -> None:

@@ -68,6 +68,17 @@ def test_chat_completion(server: LiveServer, engine: FakeSequenceEngine) -> None
     assert (sampling.temperature, sampling.seed) == (0.0, 7)
 
 
+def test_penalties_reach_the_sampler(server: LiveServer, engine: FakeSequenceEngine) -> None:
+    messages = [{"role": "user", "content": "hello"}]
+    server.client().chat.completions.create(model="fake-model", messages=messages, frequency_penalty=0.5,
+                                            presence_penalty=-0.25)
+    penalties = lambda: {(s.frequency_penalty, s.presence_penalty) for s in engine.samplers.values()}  # noqa: E731
+    assert penalties() == {(0.5, -0.25)}
+    engine.samplers.clear()
+    server.client().completions.create(model="fake-model", prompt="x")
+    assert penalties() == {(0.0, 0.0)}
+
+
 def test_chat_completion_streamed(server: LiveServer) -> None:
     stream = server.client().chat.completions.create(
         model="fake-model", messages=[{"role": "user", "content": "stream me"}], stream=True,
@@ -414,3 +425,41 @@ def test_reply_memory_takes_a_remembered_prefix_only_at_a_token_boundary() -> No
     assert memory.tokenize("xay", tokenize) == [7, 8, ord("y")]
     assert memory.tokenize("xab", tokenize) == tokenize("xab")   # "a" + "b" would split the token "ab"
     assert memory.tokenize("zzz", tokenize) == tokenize("zzz")
+
+
+@pytest.mark.parametrize("on_disk", [True, False], ids=["restored-without-a-copy", "negative-control-copied"])
+def test_the_disk_or_another_slot_is_chosen_before_anything_is_copied(tmp_path: Path, on_disk: bool) -> None:
+    import json
+
+    from lcrun.engine.protocol import CHAT_SAMPLING, SequenceState
+    from lcrun.serve.prompt_cache import PromptCache
+    from lcrun.serve.scheduler import Done, Job, Scheduler
+
+    engine = FakeSequenceEngine(n_ctx=8192, n_seq=2, responder=lambda _: "busy " * 80, step_delay_s=0.002)
+    copies: list[tuple] = []
+    copy = engine.seq_copy
+    engine.seq_copy = lambda *args: (copies.append(args), copy(*args))[1]  # type: ignore[method-assign]
+    document = engine.tokenize("Long shared document text. " * 40, add_bos=True)   # 1,081 tokens
+    cache = PromptCache(tmp_path / "cache", "f" * 64, max_bytes=1 << 30, min_tokens=256)
+    if on_disk:  # a saved state holding the whole document (found by its 4 full 256-token blocks)
+        saved = tuple(document + engine.tokenize("earlier question"))
+        cache.store(SequenceState(saved, json.dumps({"fake_sequence_state": list(saved)}).encode()))
+    scheduler = Scheduler(engine, prompt_cache=cache)
+    scheduler.start()
+    try:
+        events: dict[str, list] = {"first": [], "second": []}
+        first = Job(document[:300] + engine.tokenize("other question"), CHAT_SAMPLING, events["first"].append)
+        scheduler.submit(first)  # slot 0 holds 300 tokens of the document and keeps generating
+        assert wait_for(lambda: len(engine.decodes) > 5 and scheduler.busy_slots == 1)
+        second = Job(document + engine.tokenize("question two"), CHAT_SAMPLING, events["second"].append)
+        scheduler.submit(second)
+        assert wait_for(lambda: any(isinstance(e, Done) for e in events["second"]), timeout=30)
+        done = next(e for e in events["second"] if isinstance(e, Done))
+        if on_disk:
+            assert copies == []                                   # the copy would have been overwritten
+            assert done.restored_tokens == done.cached_tokens == len(document)
+        else:
+            assert copies == [(0, 1, 300)]                        # slot 0's share of the document, copied to slot 1
+            assert done.restored_tokens == 0 and done.cached_tokens == 300
+    finally:
+        scheduler.close(grace_s=0.1)

@@ -11,9 +11,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from lcrun.engine.runtime import Finished, PrefillProgress, Sampling, TextChunk
+from lcrun.engine.protocol import EngineProtocol, Finished, PrefillProgress, Sampling, TextChunk
 from lcrun.errors import LcrunError
 
 from .conversation import Conversation, Fitted, Message, document_text, fit_to_context
@@ -22,23 +22,6 @@ from .history import History
 from .prompt_tokens import PromptTokenizer
 from .formats import FormatChoice, choose_format, engine_renderer, engine_vocabulary
 from .template import ChatRenderer, TemplateError
-
-
-class EngineLike(Protocol):
-    n_ctx: int
-    chat_template: str | None
-    add_bos: bool
-    metadata: dict[str, str]
-
-    def tokenize(self, text: str, *, special: bool = True, add_bos: bool = False) -> list[int]: ...
-    def token_text(self, token: int) -> str: ...
-    def special_tokens(self) -> dict[str, int]: ...
-    def generate(self, prompt_tokens: list[int], sampling: Sampling, **kw: Any) -> Iterator[Any]: ...
-    def prefill(self, tokens: list[int], **kw: Any) -> Iterator[PrefillProgress]: ...
-    @property
-    def cached_tokens(self) -> list[int]: ...
-    def save_state(self, path: Path) -> None: ...
-    def load_state(self, path: Path) -> int: ...
 
 
 class ContextFull(LcrunError):
@@ -99,7 +82,7 @@ class SessionStats:
 
 
 class ChatSession:
-    def __init__(self, engine: EngineLike, *, chat_format: FormatChoice | None = None,
+    def __init__(self, engine: EngineProtocol, *, chat_format: FormatChoice | None = None,
                  template: ChatRenderer | None = None, system: str | None = None, sampling: Sampling = Sampling(),
                  max_tokens: int | None = None, history: History | None = None, model_name: str = "",
                  session_path: Path | None = None) -> None:

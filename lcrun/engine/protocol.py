@@ -45,6 +45,10 @@ class EngineConfig:
     # llama_model_params.tensor_split: the offloaded layers' shares per device of `devices` (layer counts work);
     # None splits by free memory, as llama.cpp does
     tensor_split: tuple[float, ...] | None = None
+    # llama.cpp's weight repacking into its extra CPU buffer types (llama_model_params.use_extra_bufts; llama.cpp's
+    # --no-repack turns it off). None: on, unless the build uses AMX, whose matrix multiplication crashes on load or
+    # at the first decode (ggml-org/llama.cpp#20824; seen on every quantized file tried on a Sapphire Rapids VM)
+    repack: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,10 @@ class Sampling:
     repeat_penalty: float = 1.0
     max_tokens: int = 512
     seed: int = 0
+    # OpenAI's (and llama.cpp's) penalties over the last REPEAT_LAST_N tokens: minus frequency × count, minus presence
+    # once a token appeared
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
 
 
 # What a conversation samples with unless the user says otherwise (`lcrun chat` and its options take their defaults

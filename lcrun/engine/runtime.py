@@ -190,6 +190,19 @@ def _device_list(lc: Any, names: tuple[str, ...]) -> ctypes.Array:
 
 
 # -- parameters -------------------------------------------------------------------------------------------------
+def amx_build() -> bool:
+    """Whether this llama.cpp's CPU backend multiplies with AMX (built for, and running on, a CPU that has it)."""
+    import llama_cpp
+
+    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
+
+
+def weight_repacking(requested: bool | None = None) -> bool:
+    """llama_model_params.use_extra_bufts for EngineConfig.repack: what was asked, else on unless AMX would be used
+    (its matmul crashes: ggml-org/llama.cpp#20824)."""
+    return requested if requested is not None else not amx_build()
+
+
 def model_params(config: EngineConfig) -> Any:
     """The llama_model_params the engine loads its model with: what llama-cpp-python's Llama passes, plus the
     device list (kept alive as the struct's `keep` attribute)."""
@@ -201,6 +214,7 @@ def model_params(config: EngineConfig) -> Any:
     params.main_gpu = 0
     params.load_mode = lc.LLAMA_LOAD_MODE_MMAP
     params.vocab_only = False
+    params.use_extra_bufts = weight_repacking(config.repack)
     params.keep = []
     if config.devices is not None:
         devices = _device_list(lc, config.devices)
@@ -259,7 +273,8 @@ def _sampler_chain(lc: Any, n_vocab: int, sampling: Sampling) -> Any:
     def add(sampler: Any) -> None:
         lc.llama_sampler_chain_add(chain, sampler)
 
-    add(lc.llama_sampler_init_penalties(n_vocab, REPEAT_LAST_N, sampling.repeat_penalty, 0.0, 0.0))
+    add(lc.llama_sampler_init_penalties(n_vocab, REPEAT_LAST_N, sampling.repeat_penalty, sampling.frequency_penalty,
+                                        sampling.presence_penalty))
     seed = sampling.seed & 0xFFFFFFFF
     if sampling.temperature < 0:
         add(lc.llama_sampler_init_dist(seed))

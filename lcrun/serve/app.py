@@ -208,6 +208,8 @@ def _sampling(req: oa._Generation) -> Sampling:
         top_k=oa.DEFAULT_TOP_K if req.top_k is None else req.top_k,
         min_p=oa.DEFAULT_MIN_P if req.min_p is None else req.min_p,
         repeat_penalty=1.0 if req.repeat_penalty is None else req.repeat_penalty,
+        frequency_penalty=req.frequency_penalty,
+        presence_penalty=req.presence_penalty,
         seed=random.getrandbits(32) if req.seed is None else req.seed,
     )
 

@@ -105,9 +105,6 @@ class _Generation(_Strict):
     def refuse_unsupported(self) -> None:
         if self.n != 1:
             raise bad_request("only n=1 is supported (one choice per request)", param="n")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                raise bad_request(f"{name} is not supported; use repeat_penalty", param=name)
         if self.logit_bias:
             raise bad_request("logit_bias is not supported", param="logit_bias")
         if len(self.stop_strings()) > 4:

@@ -310,9 +310,13 @@ class Scheduler:
         if held[slot.seq] == 0:
             slot = min(free, key=lambda s: s.last_used)
         source = max(self.slots, key=lambda s: held[s.seq])
-        if held[source.seq] >= held[slot.seq] + COPY_MIN_GAIN:
+        in_memory = max(held[slot.seq], held[source.seq])
+        # the disk, another slot or nothing — decided before anything is copied: a restore replaces the sequence,
+        # so a copy made first would be wasted (and would cost a decode to complete before the restore)
+        hit = self.prompt_cache.lookup(prompt) if self.prompt_cache is not None else None
+        from_disk = hit is not None and self._io is not None and hit[1] > in_memory + COPY_MIN_GAIN
+        if not from_disk and held[source.seq] >= held[slot.seq] + COPY_MIN_GAIN:
             engine.seq_copy(source.seq, slot.seq, held[source.seq])
-            held[slot.seq] = held[source.seq]
         self._admissions += 1
         slot.job, slot.admitted, slot.started_at = job, self._admissions, time.perf_counter()
         slot.generated, slot.held, slot.first_token_at, slot.restored, slot.sampled = 0, "", None, 0, []
@@ -320,11 +324,11 @@ class Scheduler:
         room = self.n_ctx_slot - len(prompt)
         slot.limit = min(job.max_tokens or room, room)
         engine.set_sampler(slot.seq, job.sampling)
-        hit = self.prompt_cache.lookup(prompt) if self.prompt_cache is not None else None
-        if hit is not None and self._io is not None and hit[1] > held[slot.seq] + COPY_MIN_GAIN:
+        if from_disk:
+            assert hit is not None and self._io is not None and self.prompt_cache is not None
             entry, shared = hit
             slot.state, slot.restore_hint = State.LOADING, shared
-            slot.load = self._io.submit(self.prompt_cache.load, entry)  # type: ignore[union-attr]
+            slot.load = self._io.submit(self.prompt_cache.load, entry)
             slot.load.add_done_callback(lambda _: self._notify())
             return
         self._plan(slot)
