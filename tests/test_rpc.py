@@ -174,6 +174,27 @@ def test_split_run_answers_as_a_local_run_and_llama_cpp_allocates_the_plan(model
     assert any(line.endswith("client connected\n") for line in workers[0].stdout)
 
 
+def test_serve_over_workers_answers_as_serve_alone(model: Path, workers: list[Worker]) -> None:
+    from tests.fixtures.serve_support import ServeProcess, metrics
+
+    def served(*extra: str) -> tuple[list[str], str]:
+        with ServeProcess(str(model), "-c", "512", "-fa", "off", "-t", "1", "--ram", "16G", *extra) as server:
+            client = server.client()
+            answers = [client.completions.create(model="split.gguf", prompt=prompt, temperature=0, max_tokens=24)
+                       .choices[0].text for prompt in ("The quick brown fox", "Rivers run to the sea because")]
+            assert metrics(server.url)["lcrun_generated_tokens_total"] == 48
+            banner = "".join(server.stdout_lines)
+            code, _, err = server.stop()
+        assert code == 0, err
+        return answers, banner
+
+    alone, _ = served()
+    assert len(set(alone)) == 2 and all(alone)   # two different, non-empty answers to compare
+    split, banner = served("--rpc", ",".join(w.endpoint for w in workers))
+    assert split == alone
+    assert all(w.endpoint in banner for w in workers)   # the plan panel shows the layers on both workers
+
+
 def test_llama_cpps_dry_run_allocates_the_plans_bytes_on_each_device(model: Path, workers: list[Worker]) -> None:
     result = invoke("plan", str(model), "--ctx", "1k", "-fa", "on", "--ram", "16G", "--verify", "--json",
                     "--rpc", ",".join(w.endpoint for w in workers))
