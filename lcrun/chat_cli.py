@@ -38,6 +38,10 @@ Examples:
 @click.option("--top-k", type=int, default=CHAT_SAMPLING.top_k, show_default=True)
 @click.option("--min-p", type=float, default=CHAT_SAMPLING.min_p, show_default=True)
 @click.option("--repeat-penalty", type=float, default=CHAT_SAMPLING.repeat_penalty, show_default=True)
+@click.option("--presence-penalty", type=float, default=CHAT_SAMPLING.presence_penalty, show_default=True,
+              help="Subtracted from a token's logit once it appeared in the last 64 tokens.")
+@click.option("--frequency-penalty", type=float, default=CHAT_SAMPLING.frequency_penalty, show_default=True,
+              help="Subtracted from a token's logit for each time it appeared in the last 64 tokens.")
 @click.option("-s", "--seed", type=int, default=CHAT_SAMPLING.seed, show_default=True)
 @click.option("-n", "--max-tokens", "--n-predict", "max_tokens", type=int,
               help="Longest reply in tokens (default: until the model stops or the context is full).")
@@ -49,7 +53,8 @@ Examples:
 @click.option("--no-history", is_flag=True, help="Keep no transcript.")
 @click.option("--dry-run", is_flag=True, help="Show the plan and exit without loading the model.")
 def chat(model: str, files: tuple[str, ...], prompt: str | None, system: str | None, temp: float, top_p: float,
-         top_k: int, min_p: float, repeat_penalty: float, seed: int, max_tokens: int | None,
+         top_k: int, min_p: float, repeat_penalty: float, presence_penalty: float, frequency_penalty: float,
+         seed: int, max_tokens: int | None,
          session_file: Path | None, history_file: Path | None, no_history: bool, dry_run: bool,
          **run: Any) -> None:
     """Chat with MODEL (a GGUF file, `demo`, or a Hub GGUF repo as org/repo[:QUANT]), sized to this machine.
@@ -71,7 +76,7 @@ def chat(model: str, files: tuple[str, ...], prompt: str | None, system: str | N
     options = ChatOptions(
         prompt=prompt, system=system, documents=documents,
         sampling=Sampling(temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty,
-                          seed=seed),
+                          presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, seed=seed),
         max_tokens=max_tokens, session_file=session_file,
         history_file=history_file, no_history=no_history, dry_run=dry_run, chat_format=chat_format,
     )
