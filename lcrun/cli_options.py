@@ -38,7 +38,8 @@ RPC_MEM = click.option("--rpc-mem", "rpc_mem", type=RPC_MEMORY, multiple=True, m
                        help="Plan with SIZE free on a worker instead of asking it (estimate and plan: it need not be "
                             "running yet; repeatable).")
 PARALLEL = click.option("-np", "--parallel", type=click.IntRange(1, 256), default=1, show_default=True,
-                        help="Parallel sequences (n_seq): each gets an equal part of the context.")
+                        help="Parallel sequences (n_seq; a server's slots): requests generated at the same time, "
+                             "sharing the context (--ctx is the total; each gets an equal part).")
 
 _RUN_OPTIONS = [
     REVISION,

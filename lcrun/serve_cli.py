@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from .cli_options import chat_template_options, run_options
+from .cli_options import PARALLEL, chat_template_options, run_options
 from .param_types import MEMORY
 
 
@@ -20,9 +20,7 @@ Examples:
 @click.argument("model")
 @run_options
 @chat_template_options
-@click.option("-np", "--parallel", type=click.IntRange(1, 256), default=1, show_default=True,
-              help="Slots: requests generated at the same time, sharing the context (--ctx is the total; each slot "
-                   "gets an equal part).")
+@PARALLEL
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
               help="Port to listen on (0: a free one).")

@@ -205,7 +205,7 @@ def weight_repacking(requested: bool | None = None) -> bool:
 
 def model_params(config: EngineConfig) -> Any:
     """The llama_model_params the engine loads its model with: what llama-cpp-python's Llama passes, plus the
-    device list (kept alive as the struct's `keep` attribute)."""
+    device list (kept alive as the struct's `keep` attribute) and the weight repacking of `weight_repacking`."""
     import llama_cpp as lc
 
     params = lc.llama_model_default_params()

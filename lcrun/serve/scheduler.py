@@ -310,11 +310,10 @@ class Scheduler:
         if held[slot.seq] == 0:
             slot = min(free, key=lambda s: s.last_used)
         source = max(self.slots, key=lambda s: held[s.seq])
-        in_memory = max(held[slot.seq], held[source.seq])
         # the disk, another slot or nothing — decided before anything is copied: a restore replaces the sequence,
         # so a copy made first would be wasted (and would cost a decode to complete before the restore)
         hit = self.prompt_cache.lookup(prompt) if self.prompt_cache is not None else None
-        from_disk = hit is not None and self._io is not None and hit[1] > in_memory + COPY_MIN_GAIN
+        from_disk = hit is not None and self._io is not None and hit[1] > held[source.seq] + COPY_MIN_GAIN
         if not from_disk and held[source.seq] >= held[slot.seq] + COPY_MIN_GAIN:
             engine.seq_copy(source.seq, slot.seq, held[source.seq])
         self._admissions += 1
