@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -49,15 +50,16 @@ def free_port() -> int:
 class Worker:
     """`lcrun worker` in a child process, one CPU thread (the machine's cores are shared with the client)."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, prefix: tuple[str, ...] = ()) -> None:
         self.args = args
+        self.prefix = prefix  # e.g. `ip netns exec NS`: the worker runs in another network namespace
         self._start()
 
     def _start(self) -> None:
         self.port = free_port()
-        self.proc = subprocess.Popen([sys.executable, "-m", "lcrun.cli", "worker", "--port", str(self.port),
-                                      "--threads", "1", *self.args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
+        self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "lcrun.cli", "worker", "--port",
+                                      str(self.port), "--threads", "1", *self.args], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
         self.stdout: list[str] = []
         self.stderr: list[str] = []
         for stream, sink in ((self.proc.stdout, self.stdout), (self.proc.stderr, self.stderr)):
@@ -269,6 +271,107 @@ def test_a_worker_killed_mid_generation_is_one_line_and_the_transcript_keeps_fin
     assert len(kept) == 1 and kept[0]["user"] == questions[0].strip()
     assert kept[0]["assistant"] == turns[0]["assistant"]  # the split run had answered as the local one
     assert len(b"".join(seen)) < len(out)  # it stopped mid-reply: less than the control conversation wrote
+
+
+# The engine generating until killed, over the workers given, in a child process; "off" leaves ggml's connections
+# as ggml makes them (no keepalive): the control of the test below.
+LOOP_RUN = r"""
+import sys
+from pathlib import Path
+from lcrun.engine import rpc
+from lcrun.engine.runtime import Engine, Sampling
+from lcrun.launch import RunOverrides, plan_launch
+if sys.argv[3] == "off":
+    rpc.keep_alive = lambda endpoints: 0
+launch = plan_launch(Path(sys.argv[1]), RunOverrides(ctx=512, flash_attn="off", threads=1, ram=16 << 30,
+                                                     rpc=(sys.argv[2],)))
+engine = Engine(launch.config)
+prompt = engine.tokenize("The quick brown fox", add_bos=True)
+print("generating", flush=True)
+while True:
+    list(engine.generate(prompt, Sampling(temperature=0.0, max_tokens=400), ignore_eog=True))
+"""
+
+
+class Netns:
+    """A network namespace joined to this one by a veth pair: a second machine on a cable that can be cut."""
+
+    def __init__(self) -> None:
+        tag = os.getpid() % 100000
+        self.name, self.here, self.there = f"lcrun-test-{tag}", f"lcv{tag}a", f"lcv{tag}b"
+        net = f"10.251.{tag % 250}"
+        self.address = f"{net}.2"
+        self._ip("netns", "add", self.name)
+        self._ip("link", "add", self.here, "type", "veth", "peer", "name", self.there)
+        self._ip("link", "set", self.there, "netns", self.name)
+        self._ip("addr", "add", f"{net}.1/24", "dev", self.here)
+        self._ip("link", "set", self.here, "up")
+        self._ip("-n", self.name, "addr", "add", f"{self.address}/24", "dev", self.there)
+        self._ip("-n", self.name, "link", "set", self.there, "up")
+        self._ip("-n", self.name, "link", "set", "lo", "up")
+
+    @staticmethod
+    def _ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+    def cut(self) -> None:
+        """The other machine goes away without a word: its end of the cable goes down, packets are lost."""
+        self._ip("-n", self.name, "link", "set", self.there, "down")
+
+    def close(self) -> None:
+        subprocess.run(["ip", "link", "del", self.here], capture_output=True, timeout=30)
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=30)
+
+
+def _network_namespaces() -> str | None:
+    """Why this machine cannot make network namespaces, or None when it can."""
+    if shutil.which("ip") is None:
+        return "no `ip` command (Debian's iproute2)"
+    probe = subprocess.run(["ip", "netns", "add", f"lcrun-probe-{os.getpid()}"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"`ip netns add` refused: {probe.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", f"lcrun-probe-{os.getpid()}"], capture_output=True)
+    return None
+
+
+@pytest.mark.slow
+def test_a_worker_whose_machine_vanishes_ends_the_run_in_one_line(model: Path) -> None:
+    """A worker that vanishes without closing its connection (cable cut, power off) used to hang the run inside ggml,
+    which sets no timeout. With keepalive on ggml's connections the run ends in about half a minute with one line;
+    the control, the same run with ggml's connections left as ggml makes them, is still waiting then."""
+    why_not = _network_namespaces()
+    if why_not:
+        pytest.skip(f"needs network namespaces to cut a worker off: {why_not}")
+    net = Netns()
+    workers: list[Worker] = []
+    runs: dict[str, subprocess.Popen] = {}
+    try:
+        workers = [Worker("--host", net.address, prefix=("ip", "netns", "exec", net.name)).wait_listening()
+                   for _ in range(2)]
+        for mode, worker in zip(("keepalive", "off"), workers):
+            runs[mode] = subprocess.Popen([sys.executable, "-c", LOOP_RUN, str(model), worker.endpoint, mode],
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for run in runs.values():
+            assert run.stdout is not None and run.stdout.readline() == "generating\n", run.stderr
+        time.sleep(1)
+        net.cut()
+        cut_at = time.monotonic()
+        _, err = runs["keepalive"].communicate(timeout=120)
+        ended_after = time.monotonic() - cut_at
+        assert runs["keepalive"].returncode == 1
+        assert err.strip().splitlines() == [err.strip()] and err.startswith(
+            f"error: worker {workers[0].endpoint} went away"), err
+        assert runs["off"].poll() is None, "the control ended too: the check above proves nothing"
+        assert ended_after < 90
+    finally:
+        for run in runs.values():
+            if run.poll() is None:
+                run.kill()
+            run.wait()
+        for worker in workers:
+            worker.proc.kill()
+            worker.proc.wait()
+        net.close()
 
 
 def test_an_unreachable_worker_is_named_in_one_line(model: Path) -> None:

@@ -185,6 +185,13 @@ def device_name(endpoint: str, index: int) -> str:
     return f"RPC{index}[{endpoint}]"
 
 
+def endpoint_of(device: str) -> str | None:
+    """The worker endpoint of a device name from `device_name`; None for a local device."""
+    if device.startswith("RPC") and device.endswith("]") and "[" in device:
+        return device[:-1].partition("[")[2]
+    return None
+
+
 def worker_memory(endpoint: str) -> list[WorkerDevice]:
     """The devices a worker offers and their memory, asked over RPC (ggml_backend_rpc_get_device_memory). Probe first:
     ggml aborts on a worker it cannot reach."""
@@ -216,6 +223,50 @@ def device_handle(name: str) -> int | None:
 
 
 # -- a worker lost mid-run -----------------------------------------------------------------------------------------
+# ggml sets no timeout on its connections: a worker whose machine goes away without closing them (power, network,
+# sleep) would leave the run waiting forever. Keepalive probes and a user timeout make the kernel give such a
+# connection up after about half a minute; ggml then aborts, and `watch_workers` names the worker in one line.
+KEEPALIVE_IDLE_S = 10        # a connection quiet this long is probed (a worker busy computing still answers probes)
+KEEPALIVE_INTERVAL_S = 5
+KEEPALIVE_PROBES = 3
+USER_TIMEOUT_S = 30          # data sent and not acknowledged this long ends the connection
+
+
+def keep_alive(endpoints: list[str]) -> int:
+    """Turn on TCP keepalive and a user timeout on this process's connections to `endpoints` (ggml's, found among
+    the open file descriptors; Linux only) and return how many were set."""
+    if not os.path.isdir("/proc/self/fd") or not hasattr(socket, "TCP_KEEPIDLE"):
+        return 0
+    wanted = set()
+    for endpoint in endpoints:
+        host, port = split_endpoint(endpoint)
+        try:
+            wanted |= {(info[4][0], port) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
+        except OSError:
+            continue
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                continue
+            sock = socket.socket(fileno=os.dup(int(name)))  # a duplicate: options set on it are the connection's
+        except (OSError, ValueError):
+            continue
+        with sock:
+            try:
+                if sock.type != socket.SOCK_STREAM or tuple(sock.getpeername()[:2]) not in wanted:
+                    continue
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+                if hasattr(socket, "TCP_USER_TIMEOUT"):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_S * 1000)
+            except OSError:
+                continue
+            count += 1
+    return count
+
 _watched: list[str] = []
 _loss_note = ["the turn in progress is lost; finished chat turns (the transcript) and niah cells (the results file) are kept"]
 _callback_keepalive: list[Any] = []
@@ -266,7 +317,7 @@ def _on_abort(message: bytes | None) -> None:
     named = [endpoint for endpoint in _watched if endpoint in text]
     gone = named or gone_workers(_watched)
     if gone:
-        line = (f"error: worker {', '.join(gone)} went away (its connection closed mid-run); "
+        line = (f"error: worker {', '.join(gone)} went away (its connection closed or stopped answering mid-run); "
                 f"{_loss_note[0]}\n")
     else:
         line = f"error: a worker stopped answering ({', '.join(_watched)}: {text.rpartition(': ')[2]}); " \

@@ -384,6 +384,11 @@ class Engine:
             detail = _log.detail("no reason given")
             self.close()
             raise EngineError(str(path), f"llama.cpp could not create a {config.n_ctx:,}-token context ({detail})")
+        if config.devices:
+            from .rpc import endpoint_of, keep_alive
+
+            # a worker whose machine vanishes ends the run (one line) instead of hanging it
+            keep_alive([e for e in map(endpoint_of, config.devices) if e is not None])
         self._vocab = lc.llama_model_get_vocab(self._model)
         self._mem = lc.llama_get_memory(self._ctx)
         self.n_ctx: int = lc.llama_n_ctx(self._ctx)
