@@ -12,12 +12,10 @@ from .param_types import CONTEXT, MEMORY, RPC_ENDPOINTS, RPC_MEMORY, kv_type_fro
 
 # Each option is declared once; the lists below pick them for each kind of command. lcrun's names come first,
 # llama.cpp's (and llama-server's) spellings beside them as aliases of the same option.
-HUB_FILE = click.option("--hf-file", "--file", "hub_file", metavar="NAME.gguf",
-                        help="When MODEL is a Hub repo and its :QUANT does not pick one file: the GGUF in it "
-                             "(llama.cpp's -hff).")
-HUB_FILE_ONLY = click.option("--hf-file", "hub_file", metavar="NAME.gguf",
-                             help="When MODEL is a Hub repo and its :QUANT does not pick one file: the GGUF in it "
-                                  "(llama.cpp's -hff).")
+_HUB_FILE_HELP = "When MODEL is a Hub repo and its :QUANT does not pick one file: the GGUF in it (llama.cpp's -hff)."
+HUB_FILE = click.option("--hf-file", "--file", "hub_file", metavar="NAME.gguf", help=_HUB_FILE_HELP)
+# chat, where --file adds a document
+HUB_FILE_ONLY = click.option("--hf-file", "hub_file", metavar="NAME.gguf", help=_HUB_FILE_HELP)
 REVISION = click.option("--revision", help="Hub revision (branch, tag or commit).")
 CACHE_TYPE_K = click.option("-ctk", "--cache-type-k", metavar="TYPE",
                             help="llama.cpp's way: the K cache type (V stays f16 unless -ctv).")
