@@ -156,7 +156,7 @@ Examples:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def inspect(path: Path, as_json: bool) -> None:
     """Show what a GGUF file holds: architecture, RoPE, tokenizer, tensor types — and what looks wrong."""
-    from .gguf_info import inspect_gguf
+    from .gguf_inspect import inspect_gguf
 
     if str(path) == "demo" and not path.exists():
         from .launch import demo_gguf

@@ -52,7 +52,7 @@ def quantize_file(src: Path, dst: Path, qtype: str, *, force: bool = False, thre
                   progress: Callable[[int, int], None] | None = None) -> Path:
     """Re-quantize a GGUF through llama.cpp's quantizer; `dst` appears only when complete."""
     from .engine import quantize_gguf
-    from .gguf_info import inspect_gguf
+    from .gguf_inspect import inspect_gguf
 
     if src.resolve() == dst.resolve():
         raise LcrunError(dst, "output would overwrite the input")

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import HubError, HubUnreachable
 
 if TYPE_CHECKING:
-    from .gguf_header import GGUFHeader
+    from .gguf_reader import GGUFHeader
 
 # What a checkpoint needs, and nothing else: no .bin/.pth duplicates of the weights, no `original/` folder, no
 # consolidated single-file copies (Mistral ships both, which would double the download).
@@ -153,7 +153,7 @@ def fetch_gguf_header(repo_id: str, filename: str, revision: str | None = None, 
     from huggingface_hub import get_token, hf_hub_url
     from huggingface_hub.errors import EntryNotFoundError
 
-    from .gguf_header import HeaderError, NeedMoreBytes, parse_gguf_header
+    from .gguf_reader import HeaderError, NeedMoreBytes, parse_gguf_header
 
     endpoint = _endpoint()
     token = get_token()

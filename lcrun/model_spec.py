@@ -11,7 +11,7 @@ from .errors import HubError, HubUnreachable, LcrunError
 if TYPE_CHECKING:
     from lcrun.convert.arch import ModelAdapter
 
-    from .gguf_header import GGUFHeader, GGUFSet
+    from .gguf_reader import GGUFHeader, GGUFSet
 
 
 @dataclass
@@ -57,14 +57,14 @@ def spec_from_checkpoint_dir(model_dir: Path) -> ModelSpec:
 def spec_from_gguf(path: Path, gguf_set: GGUFSet | None = None) -> ModelSpec:
     """Exact tensor sizes from the file (all splits); shapes and hyper-parameters from its metadata. Pass `gguf_set`
     when the headers are already read (each command reads a file once)."""
-    from .gguf_header import read_gguf_set
+    from .gguf_reader import read_gguf_set
 
     files = gguf_set or read_gguf_set(path)  # validates the file (and its splits) with one-line errors
     return _spec_from_headers([h for _, h in files.headers], files.meta, path.stem, str(path))
 
 
 def _spec_from_headers(headers: list[GGUFHeader], meta: GGUFHeader, fallback_name: str, where: str) -> ModelSpec:
-    from .gguf_info import file_type_name
+    from .gguf_inspect import file_type_name
 
     fields: dict[str, Any] = {}
     for header in headers:

@@ -7,7 +7,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from lcrun.gguf_info import GGUFReport, TokenRef
+from lcrun.gguf_inspect import GGUFReport, TokenRef
 
 # provenance keys worth a line, in order; the rest stay in --json
 _PROVENANCE = ("general.source.repo_url", "general.source.url", "general.base_model.0.repo_url",

@@ -1,4 +1,4 @@
-"""lcrun.gguf_header: the one GGUF header reader. Equivalence with gguf-py's GGUFReader on files of real vocabulary
+"""lcrun.gguf_reader: the one GGUF header reader. Equivalence with gguf-py's GGUFReader on files of real vocabulary
 shape, the two ways of stepping over string arrays, big-endian files, ≥ 1,000 damaged headers (one-line errors, no
 hang, no big allocation), bounded memory on a 262K-token header, and Hub prefixes."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from lcrun.errors import GGUFFileError
-from lcrun.gguf_header import (STRING, GGUFArray, HeaderError, NeedMoreBytes, _Cursor, _string_starts_fast,
+from lcrun.gguf_reader import (STRING, GGUFArray, HeaderError, NeedMoreBytes, _Cursor, _string_starts_fast,
                                parse_gguf_header, read_gguf_header, read_gguf_set)
 from tests.fixtures.cli import run_lcrun
 from tests.fixtures.gguf_equivalence import assert_same_as_gguf_reader
@@ -220,7 +220,7 @@ def test_giant_claims_are_refused_at_once(tmp_path: Path) -> None:
 
 RSS_PROBE = """
 import json, sys, psutil
-from lcrun.gguf_header import read_gguf_set
+from lcrun.gguf_reader import read_gguf_set
 process = psutil.Process()
 before = process.memory_info().rss
 files = read_gguf_set(sys.argv[1])

@@ -1,6 +1,6 @@
 """What a GGUF file (or a split set) says about itself, and what in it will quietly hurt long-context use.
 
-Read with lcrun's one header reader (`lcrun.gguf_header`), memory-mapped: only the header is parsed, the tokenizer's
+Read with lcrun's one header reader (`lcrun.gguf_reader`), memory-mapped: only the header is parsed, the tokenizer's
 big arrays are not decoded (a few token texts are looked up), and the one small tensor we look into
 (`rope_freqs.weight`) is read. Anything malformed becomes a one-line `GGUFFileError` naming the file.
 """
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from gguf import Keys, LlamaFileType, size_label
 
-from .gguf_header import GGUFArray, GGUFHeader, GGUFSet, TensorInfo, read_gguf_set, read_tensor_data
+from .gguf_reader import GGUFArray, GGUFHeader, GGUFSet, TensorInfo, read_gguf_set, read_tensor_data
 
 ROPE_FREQS = "rope_freqs.weight"
 GGML_F32, GGML_F16 = 0, 1  # ggml_type numbers
