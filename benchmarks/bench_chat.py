@@ -42,7 +42,7 @@ from typing import Any
 
 from lcrun.chat.session import ChatSession
 from lcrun.engine.runtime import Engine, EngineConfig, Finished, Sampling
-from lcrun.launch import Launch, RunOverrides, demo_gguf, plan_launch
+from lcrun.launch import Launch, RunOverrides, demo_gguf, decide_launch
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH_WORK = REPO / "bench-work"
@@ -212,7 +212,7 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 def bench_model(setup: ModelSetup, rounds: int, threads: int | None, workdir: Path) -> dict[str, Any]:
-    launch: Launch = plan_launch(setup.path, RunOverrides(ctx=setup.ctx, threads=threads))
+    launch: Launch = decide_launch(setup.path, RunOverrides(ctx=setup.ctx, threads=threads))
     config = launch.config
     print(f"[{setup.name}] {setup.path.name}: ctx {config.n_ctx}, KV {config.type_k}/{config.type_v}, flash "
           f"{config.flash_attn}, n_batch {config.n_batch}, n_ubatch {config.n_ubatch}, threads "

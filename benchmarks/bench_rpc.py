@@ -40,7 +40,7 @@ import psutil
 from lcrun.bench import bench_tokens, fill_cache, measure, prompt_after
 from lcrun.engine import rpc
 from lcrun.engine.runtime import Engine
-from lcrun.launch import RunOverrides, find_model_file, plan_launch
+from lcrun.launch import RunOverrides, find_model_file, decide_launch
 
 PROMPT_SPARE = 64
 
@@ -112,10 +112,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     samples: dict[int, dict[str, dict[str, list[float]]]] = {}
     load_before = os.getloadavg()
     try:
-        local = plan_launch(path, base)
-        split = plan_launch(path, RunOverrides(**{**base.__dict__, "rpc": endpoints}))
+        local = decide_launch(path, base)
+        split = decide_launch(path, RunOverrides(**{**base.__dict__, "rpc": endpoints}))
         placement = [{"host": d.host or "this machine", "device": d.name, "layers": d.layers,
-                      "output_layer": d.output_layer, "bytes": d.bytes} for d in split.choice.plan.devices]
+                      "output_layer": d.output_layer, "bytes": d.bytes} for d in split.choice.estimate.devices]
         print("split: " + ", ".join(f"{p['host']} {p['layers']} layers{' + output' if p['output_layer'] else ''}"
                                     for p in placement), file=sys.stderr)
         engines = {"local": Engine(local.config), "split": Engine(split.config)}

@@ -43,7 +43,7 @@ def bench(model: str, depths: tuple[str, ...], pp: int, tg: int, repetitions: in
     Without --ctx the context is the smallest that holds the deepest measurement. The cache is filled untimed with
     each depth (smallest first); tokens are the model's own, from seeded random words.
     """
-    from .bench import bench_report, check_counts, plan_bench, run_bench
+    from .bench import bench_report, check_counts, set_up_bench, run_bench
     from .ui.bench_view import bench_progress, render_bench
     from .ui.console import make_console
     from .ui.model_loading import loaded_engine, locate_model
@@ -53,11 +53,11 @@ def bench(model: str, depths: tuple[str, ...], pp: int, tg: int, repetitions: in
     check_counts(depth_list, pp, tg, repetitions)  # before a download
     overrides = overrides_from(run)
     path = locate_model(err, model, run.get("hub_file"), run.get("revision"))
-    plan = plan_bench(path, overrides, depth_list, pp=pp, tg=tg, repetitions=repetitions)
+    setup = set_up_bench(path, overrides, depth_list, pp=pp, tg=tg, repetitions=repetitions)
 
-    with loaded_engine(err, plan.launch) as engine, bench_progress(err) as step:
-        results = run_bench(engine, plan.depths, pp=pp, tg=tg, repetitions=repetitions, progress=step)
-    report = bench_report(plan, results, pp=pp, tg=tg, repetitions=repetitions)
+    with loaded_engine(err, setup.launch) as engine, bench_progress(err) as step:
+        results = run_bench(engine, setup.depths, pp=pp, tg=tg, repetitions=repetitions, progress=step)
+    report = bench_report(setup, results, pp=pp, tg=tg, repetitions=repetitions)
     if as_json:
         for warning in report.warnings:
             err.print(f"warning: {warning}")

@@ -244,7 +244,7 @@ def estimate(model: str, quants: tuple[str, ...], ctxs: tuple[int, ...], kv_type
                 for k in ((ll_kv,) if ll_kv else kv_types or ("f16",))]
     devices = _devices(gpu_mem, ram, rpc, rpc_mem)
     try:
-        plans, largest = estimate_grid(spec, quants, contexts, kv_pairs, devices, flash_attn=flash_attn != "off",
+        estimates, largest = estimate_grid(spec, quants, contexts, kv_pairs, devices, flash_attn=flash_attn != "off",
                                        n_ubatch=ubatch, n_seq=parallel, n_gpu_layers=gpu_layers,
                                        max_ctx=max(spec.n_ctx_train, *contexts))
     except ValueError as exc:
@@ -255,14 +255,14 @@ def estimate(model: str, quants: tuple[str, ...], ctxs: tuple[int, ...], kv_type
         click.echo(json.dumps({
             "model": spec.name, "source": spec.source, "notes": spec.notes,
             "devices": [asdict(d) for d in devices],
-            "plans": [plan.to_dict() for plan in plans],
+            "plans": [estimate.to_dict() for estimate in estimates],  # the JSON key predates the rename
             "largest_fitting_context": [{"quant": q, "kv_type": kv, "ctx": n} for (q, kv), n in largest.items()],
         }, indent=2))
         return
     from .ui.console import make_console
     from .ui.estimate_view import render_estimate
 
-    render_estimate(spec.name, "; ".join(spec.notes) or spec.source, devices, plans, largest, make_console())
+    render_estimate(spec.name, "; ".join(spec.notes) or spec.source, devices, estimates, largest, make_console())
 
 
 def _devices(gpu_mem: tuple[int, ...], ram: int | None, rpc: list[str] | None,
@@ -305,13 +305,13 @@ def plan(model: str, quant: str, ctx: str, kv_type: str | None, cache_type_k: st
     kv = kv_type_from(None if kv_type in (None, "auto") else kv_type.lower(), cache_type_k, cache_type_v)
     choice = choose(spec, quant_name, devices, ctx=None if ctx == "auto" else parse_ctx(ctx), kv_type=kv, flash_attn=flash_attn, n_gpu_layers=gpu_layers,
                     n_ubatch=ubatch, n_seq=parallel)
-    result = {**choice.plan.to_dict(), "why": choice.why}
+    result = {**choice.estimate.to_dict(), "why": choice.why}
     if verify:
         if spec.source != "gguf":
             raise LcrunError(model, "--verify needs a local GGUF file (llama.cpp's dry run reads its header)")
         from .engine.allocations import measure_allocations_isolated
 
-        p = choice.plan
+        p = choice.estimate
         not_running = [d.host for d in devices if d.host and d.host not in (rpc or [])]
         if not_running:
             raise LcrunError(not_running[0], "--verify loads the model on the workers: they must be running "

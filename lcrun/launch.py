@@ -98,7 +98,7 @@ def default_threads() -> int:
     return max(1, min(psutil.cpu_count(logical=False) or usable, usable))
 
 
-def plan_launch(model_path: Path, overrides: RunOverrides = RunOverrides(), *,
+def decide_launch(model_path: Path, overrides: RunOverrides = RunOverrides(), *,
                 devices: list[Device] | None = None, n_seq: int = 1, files: GGUFSet | None = None) -> Launch:
     """The planner's choices for `model_path` with the user's overrides, and the EngineConfig that carries them out.
     `files`: the GGUF's headers when already read."""
@@ -116,7 +116,7 @@ def plan_launch(model_path: Path, overrides: RunOverrides = RunOverrides(), *,
     choice = choose(spec, spec.file_type or "file", devices, ctx=overrides.ctx, kv_type=overrides.kv_type,
                     flash_attn=overrides.flash_attn, n_gpu_layers=overrides.gpu_layers, n_ubatch=overrides.ubatch,
                     n_seq=n_seq)
-    plan = choice.plan
+    plan = choice.estimate
     warnings = []
     if overrides.rope_theta is not None:
         was = f"{spec.rope_theta:g}" if spec.rope_theta else "unset"
@@ -148,7 +148,7 @@ def no_larger_than_needed(launch: Launch, needed_ctx: int) -> Launch:
     from dataclasses import replace
 
     wanted = -(-needed_ctx // 256) * 256
-    if launch.overrides.ctx is not None or launch.choice.plan.ctx <= wanted:
+    if launch.overrides.ctx is not None or launch.choice.estimate.ctx <= wanted:
         return launch
-    return plan_launch(launch.model_path, replace(launch.overrides, ctx=wanted), devices=launch.devices,
+    return decide_launch(launch.model_path, replace(launch.overrides, ctx=wanted), devices=launch.devices,
                        n_seq=launch.n_seq, files=launch.gguf)

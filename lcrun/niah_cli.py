@@ -94,12 +94,12 @@ def _run(model: str, params: NiahParams, overrides: RunOverrides, hub_file: str 
          haystack_file: Path | None, output: Path | None, *, resume: bool, force: bool, as_json: bool,
          svg: Path | None, html: Path | None, chat_format: FormatChoice | None = None) -> int:
     from .chat.formats import choose_format, header_vocabulary
-    from .launch import no_larger_than_needed, plan_launch
+    from .launch import no_larger_than_needed, decide_launch
     from .niah.haystack import read_haystack
     from .niah.results import ResultsLog
     from .niah.run import prepare_run, run_cells, run_identity
     from .niah.summary import summarize, summary_path, write_summary
-    from .ui.chat_view import render_plan_panel
+    from .ui.chat_view import render_launch
     from .ui.console import make_console
     from .ui.model_loading import loaded_engine, locate_model
     from .ui.niah_view import NiahProgress, export_picture, render_heatmap
@@ -108,17 +108,17 @@ def _run(model: str, params: NiahParams, overrides: RunOverrides, hub_file: str 
     params.check()
     haystack = read_haystack(haystack_file)
     path = locate_model(err, model, hub_file, revision)
-    launch = no_larger_than_needed(plan_launch(path, overrides), params.max_ctx + _PLAN_ROOM)
+    launch = no_larger_than_needed(decide_launch(path, overrides), params.max_ctx + _PLAN_ROOM)
     if launch.gguf is not None:  # decided from the header, before loading; else by prepare_run from the engine
         chat_format = choose_format(header_vocabulary(launch.gguf.meta), chat_format)
-    plan = launch.choice.plan
+    plan = launch.choice.estimate
     settings = {"type_k": plan.type_k, "type_v": plan.type_v, "flash_attn": plan.flash_attn,
                 "rope_theta": overrides.rope_theta, "rope_scale": overrides.rope_scale,
                 "chat_format": chat_format.key if chat_format is not None else None}
     kv = plan.type_k if plan.type_k == plan.type_v else f"{plan.type_k}-{plan.type_v}"
     output = output or Path(f"niah-{path.stem}-{kv}.jsonl")
     log = ResultsLog(output, run_identity(path, haystack, params, settings), resume=resume, force=force)
-    render_plan_panel(launch, err, chat_format=chat_format)
+    render_launch(launch, err, chat_format=chat_format)
 
     try:
         with loaded_engine(err, launch) as engine:

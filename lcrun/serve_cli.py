@@ -53,21 +53,21 @@ def serve(model: str, parallel: int, host: str, port: int, api_key: str | None, 
 
     from .chat.formats import choose_format, header_vocabulary
     from .cli_options import chat_format_from, overrides_from
-    from .launch import plan_launch
+    from .launch import decide_launch
     from .serve.server import ServeOptions, bind, is_loopback, prepare
     from .serve.server import serve as run_server
-    from .ui.chat_view import render_plan_panel
+    from .ui.chat_view import render_launch
     from .ui.console import make_console
     from .ui.model_loading import load_engine, locate_model
 
     out, err = make_console(), make_console(stderr=True)
     path = locate_model(err, model, run.get("hub_file"), run.get("revision"))
-    launch = plan_launch(path, overrides_from(run), n_seq=parallel)
+    launch = decide_launch(path, overrides_from(run), n_seq=parallel)
     config = replace(launch.config, n_threads_batch=threads_batch or launch.config.n_threads_batch)
     chat_format = chat_format_from(run)
     if launch.gguf is not None:  # decided from the header, before loading, as chat does
         chat_format = choose_format(header_vocabulary(launch.gguf.meta), chat_format)
-    render_plan_panel(launch, out, chat_format=chat_format)
+    render_launch(launch, out, chat_format=chat_format)
     out.print(f"{parallel} slot{'s' if parallel > 1 else ''} · {config.n_ctx // parallel:,} tokens each"
               + (f" (the {config.n_ctx:,}-token context split {parallel} ways)" if parallel > 1 else ""),
               highlight=False)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lcrun.bench import (BenchError, bench_tokens, context_for, default_depths, fill_cache, measure,
-                         plan_bench, run_bench)
+                         set_up_bench, run_bench)
 from lcrun.convert.convert import convert_checkpoint
 from lcrun.engine.runtime import Engine, EngineConfig
 from lcrun.launch import RunOverrides
@@ -112,10 +112,10 @@ def test_default_depths_and_context() -> None:
 
 
 def test_plan_sizes_the_context_to_the_deepest_measurement(gguf_path: Path) -> None:
-    plan = plan_bench(gguf_path, RunOverrides(), [], pp=512, tg=128, repetitions=1)
+    plan = set_up_bench(gguf_path, RunOverrides(), [], pp=512, tg=128, repetitions=1)
     assert plan.depths == [0, 1024]
     assert plan.launch.config.n_ctx == 1792
-    forced = plan_bench(gguf_path, RunOverrides(ctx=2048, kv_type="q8_0"), [0], pp=512, tg=128, repetitions=1)
+    forced = set_up_bench(gguf_path, RunOverrides(ctx=2048, kv_type="q8_0"), [0], pp=512, tg=128, repetitions=1)
     assert forced.launch.config.n_ctx == 2048 and forced.launch.config.type_k == "q8_0"
 
 
@@ -180,7 +180,7 @@ def test_bad_input_is_one_line_before_loading(gguf_path: Path, no_engine: None, 
 
 def test_depth_that_does_not_fit_in_memory_names_the_kv_type(gguf_path: Path) -> None:
     with pytest.raises(BenchError, match=r"most that fits in memory here; lower the depth or use a smaller --kv-type"):
-        plan_bench(gguf_path, RunOverrides(ram=3 << 20), [1024], pp=256, tg=64, repetitions=1)
+        set_up_bench(gguf_path, RunOverrides(ram=3 << 20), [1024], pp=256, tg=64, repetitions=1)
 
 
 def test_unparsable_depth_is_a_usage_error(gguf_path: Path, no_engine: None) -> None:

@@ -120,10 +120,10 @@ def test_chat_dry_run_plans_the_same(model: Path, ours: list[str], theirs: list[
 @pytest.mark.parametrize("command", ["chat", "niah", "bench", "serve"])
 def test_repacking_reaches_the_engine_config(model: Path, command: str) -> None:
     from lcrun.cli_options import overrides_from
-    from lcrun.launch import plan_launch
+    from lcrun.launch import decide_launch
 
     def config(*args: str) -> object:
-        return plan_launch(model, overrides_from(_parsed(command, ["--ram", "8G", "-c", "1k", *args]))).config
+        return decide_launch(model, overrides_from(_parsed(command, ["--ram", "8G", "-c", "1k", *args]))).config
 
     assert [config(*a).repack for a in ([], ["--repack"], ["--no-repack"], ["-nr"])] == [None, True, False, False]
 

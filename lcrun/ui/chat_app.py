@@ -11,9 +11,9 @@ from lcrun.chat.documents import read_document
 from lcrun.chat.formats import FormatChoice, choose_format, header_vocabulary
 from lcrun.engine.protocol import CHAT_SAMPLING, Sampling
 from lcrun.errors import LcrunError
-from lcrun.launch import RunOverrides, plan_launch
+from lcrun.launch import RunOverrides, decide_launch
 
-from .chat_view import render_plan_panel
+from .chat_view import render_launch
 from .console import make_console
 from .model_loading import locate_model
 
@@ -40,12 +40,12 @@ def run_chat(model: str, hub_file: str | None, revision: str | None, overrides: 
     for document in options.documents:
         read_document(document)  # a bad --file fails now, before the model loads
     path = locate_model(err, model, hub_file, revision)
-    launch = plan_launch(path, overrides)
+    launch = decide_launch(path, overrides)
     chat_format = options.chat_format
     if launch.gguf is not None:  # decided from the header, before loading; else by the session from the engine
         chat_format = choose_format(header_vocabulary(launch.gguf.meta), chat_format)
     if options.dry_run:
-        render_plan_panel(launch, out, chat_format=chat_format)
+        render_launch(launch, out, chat_format=chat_format)
         return 0
     if one_shot:
         for warning in launch.warnings:
@@ -53,7 +53,7 @@ def run_chat(model: str, hub_file: str | None, revision: str | None, overrides: 
         if chat_format is not None:
             err.print(f"chat format: {chat_format.describe()}", style="dim", highlight=False, markup=False)
     else:
-        render_plan_panel(launch, out, chat_format=chat_format)
+        render_launch(launch, out, chat_format=chat_format)
 
     from .chat_loaded import chat_with_engine  # the session, the loop and their imports: not for --dry-run
 

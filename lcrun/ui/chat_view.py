@@ -62,9 +62,9 @@ def _status(used: int, n_ctx: int, tokens_per_s: float | None, ttft_s: float | N
 
 
 # -- the plan ---------------------------------------------------------------------------------------------------
-def render_plan_panel(launch: Any, console: Console, *, chat_format: Any = None) -> None:
+def render_launch(launch: Any, console: Console, *, chat_format: Any = None) -> None:
     """The plan; `chat_format` (a lcrun.chat.formats.FormatChoice) adds the format the model will be prompted in."""
-    plan, spec, cfg = launch.choice.plan, launch.spec, launch.config
+    plan, spec, cfg = launch.choice.estimate, launch.spec, launch.config
     kv = plan.type_k if plan.type_k == plan.type_v else f"{plan.type_k}/{plan.type_v}"
     where = ", ".join(f"{d.name} {_size(d.bytes)} of {_size(d.free_bytes)} free" for d in plan.devices if d.bytes)
     lines = [
