@@ -173,9 +173,6 @@ def chat_format_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return chat_template_options(RAW_OPTION(func))
 
 
-CHAT_FORMAT_OPTION_NAMES = ("chat_template", "chat_template_file", "raw")
-
-
 def chat_format_from(options: dict[str, Any]) -> Any:
     """The FormatChoice the user asked for (None: the model's own), from the parsed options."""
     from .chat.formats import RAW
