@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 from gguf import Keys, LlamaFileType, size_label
 
-from .gguf_reader import GGUFArray, GGUFHeader, GGUFSet, TensorInfo, read_gguf_set, read_tensor_data
+from .gguf_reader import GGUFHeader, TensorInfo, read_tensor_data
+from .gguf_split import GGUFSet, read_gguf_set
+from .gguf_values import GGUFArray
 
 ROPE_FREQS = "rope_freqs.weight"
 GGML_F32, GGML_F16 = 0, 1  # ggml_type numbers

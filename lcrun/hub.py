@@ -153,7 +153,8 @@ def fetch_gguf_header(repo_id: str, filename: str, revision: str | None = None, 
     from huggingface_hub import get_token, hf_hub_url
     from huggingface_hub.errors import EntryNotFoundError
 
-    from .gguf_reader import HeaderError, NeedMoreBytes, parse_gguf_header
+    from .gguf_reader import parse_gguf_header
+    from .gguf_values import HeaderError, NeedMoreBytes
 
     endpoint = _endpoint()
     token = get_token()
@@ -433,23 +434,15 @@ def _hub_cache_dir() -> Path:
     return Path(os.path.expandvars(home)).expanduser() / "hub"
 
 
-def gguf_split_names(filename: str) -> list[str]:
-    """Every file of the split set `filename` belongs to (NAME-0000i-of-0000N.gguf), or just `filename`."""
-    import re
-
-    match = re.match(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$", filename)
-    if not match:
-        return [filename]
-    return [f"{match.group(1)}-{i:05d}-of-{match.group(3)}.gguf" for i in range(1, int(match.group(3)) + 1)]
-
-
 def download_gguf(repo_id: str, filename: str, revision: str | None = None, *,
                   progress: Callable[[int, int], None] | None = None) -> Path:
     """Download a GGUF (every split of a split set) from a Hub repo into the HF cache; returns the first file."""
     from huggingface_hub import HfApi, get_token, hf_hub_download
 
     endpoint, cache_dir, offline, token = _endpoint(), _hub_cache_dir(), _offline(), get_token()
-    names = gguf_split_names(filename)
+    from .gguf_split import split_set_names
+
+    names = split_set_names(filename)
     with _hub_errors(repo_id, revision, endpoint=endpoint, token_sent=bool(token), cache_may_answer=True):
         sizes: dict[str, int] = {}
         if not offline:
@@ -475,8 +468,9 @@ def download_gguf(repo_id: str, filename: str, revision: str | None = None, *,
 
 # llama.cpp's -hf form: org/repo[:QUANT]; a quant name as GGUF file names spell it (Q4_K_M, IQ4_XS, q8_0, F16, BF16, …)
 _QUANT_SUFFIX = re.compile(r"^(?P<repo>[^:]+):(?P<quant>[A-Za-z0-9_]+)$")
+# (a quant ends where a `-` or a `.` follows: `-Q4_K_M.gguf`, `-Q4_K_M-00001-of-00002.gguf`, `.Q8_0.gguf`)
 _QUANT_IN_NAME = re.compile(r"(?<![A-Za-z0-9])((?:I?Q\d+_[A-Z0-9_]*?|Q\d+_\d|Q\d+|BF16|F16|F32|TQ\d_\d|MXFP4))"
-                            r"(?=[-.](?:\d{5}-of-\d{5}\.)?gguf$|[-.])", re.IGNORECASE)
+                            r"(?=[-.])", re.IGNORECASE)
 
 
 def split_model_ref(text: str) -> tuple[str, str | None]:
@@ -494,11 +488,6 @@ def _quant_of(filename: str) -> str | None:
     return found[-1].upper() if found else None
 
 
-def _first_of_split_set(filename: str) -> bool:
-    match = re.search(r"-(\d{5})-of-\d{5}\.gguf$", filename)
-    return match is None or match[1] == "00001"
-
-
 def list_gguf_files(repo_id: str, revision: str | None = None) -> list[str]:
     """Every .gguf in a Hub repo (sub-folders included), sorted."""
     from huggingface_hub import HfApi, get_token
@@ -512,8 +501,10 @@ def list_gguf_files(repo_id: str, revision: str | None = None) -> list[str]:
 def choose_gguf(repo_id: str, files: list[str], quant: str | None) -> str:
     """The GGUF (the first file of a split set) that `org/repo[:QUANT]` means among `files`, or a one-line HubError
     listing what the repo has."""
+    from .gguf_split import is_first_split
+
     # the first file of each split set; vision projectors (mmproj) are not models to chat with
-    models = [f for f in files if f.lower().endswith(".gguf") and _first_of_split_set(f) and "mmproj" not in f.lower()]
+    models = [f for f in files if f.lower().endswith(".gguf") and is_first_split(f) and "mmproj" not in f.lower()]
     if not models:
         raise HubError(repo_id, "has no .gguf files (for a safetensors repo, run `lcrun convert` first)")
     quants = sorted({q for q in (_quant_of(f) for f in models) if q})

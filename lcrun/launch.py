@@ -10,7 +10,7 @@ from pathlib import Path
 from .devices import Device, machine_devices, worker_devices
 from .engine.protocol import EngineConfig
 from .errors import LcrunError
-from .gguf_reader import GGUFSet, read_gguf_set
+from .gguf_split import GGUFSet, read_gguf_set
 from .model_spec import ModelSpec, spec_from_gguf
 from .planner import Choice, choose
 

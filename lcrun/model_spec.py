@@ -11,7 +11,8 @@ from .errors import HubError, HubUnreachable, LcrunError
 if TYPE_CHECKING:
     from lcrun.convert.arch import ModelAdapter
 
-    from .gguf_reader import GGUFHeader, GGUFSet
+    from .gguf_reader import GGUFHeader
+    from .gguf_split import GGUFSet
 
 
 @dataclass
@@ -57,7 +58,7 @@ def spec_from_checkpoint_dir(model_dir: Path) -> ModelSpec:
 def spec_from_gguf(path: Path, gguf_set: GGUFSet | None = None) -> ModelSpec:
     """Exact tensor sizes from the file (all splits); shapes and hyper-parameters from its metadata. Pass `gguf_set`
     when the headers are already read (each command reads a file once)."""
-    from .gguf_reader import read_gguf_set
+    from .gguf_split import read_gguf_set
 
     files = gguf_set or read_gguf_set(path)  # validates the file (and its splits) with one-line errors
     return _spec_from_headers([h for _, h in files.headers], files.meta, path.stem, str(path))
@@ -166,8 +167,9 @@ def resolve_model(text: str, *, revision: str | None = None, gguf_file: str | No
 def _spec_from_remote_gguf(repo_id: str, filename: str, revision: str | None) -> ModelSpec:
     """A GGUF on the Hub, from its header alone (range requests); split sets are read split by split."""
     from . import hub
+    from .gguf_split import split_set_names
 
-    headers = [hub.fetch_gguf_header(repo_id, name, revision) for name in hub.gguf_split_names(filename)]
+    headers = [hub.fetch_gguf_header(repo_id, name, revision) for name in split_set_names(filename)]
     where = f"{repo_id}/{filename}"
     spec = _spec_from_headers(headers, headers[0], where, where)
     spec.source = "hub"

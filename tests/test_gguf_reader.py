@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from lcrun.errors import GGUFFileError
-from lcrun.gguf_reader import (STRING, GGUFArray, HeaderError, NeedMoreBytes, _Cursor, _string_starts_fast,
-                               parse_gguf_header, read_gguf_header, read_gguf_set)
+from lcrun.gguf_reader import parse_gguf_header, read_gguf_header
+from lcrun.gguf_split import read_gguf_set
+from lcrun.gguf_values import STRING, GGUFArray, HeaderError, NeedMoreBytes, _Cursor, _string_starts_fast
 from tests.fixtures.cli import run_lcrun
 from tests.fixtures.gguf_equivalence import assert_same_as_gguf_reader
 from tests.fixtures.realistic_gguf import FAMILIES, write_realistic_gguf
@@ -220,7 +221,7 @@ def test_giant_claims_are_refused_at_once(tmp_path: Path) -> None:
 
 RSS_PROBE = """
 import json, sys, psutil
-from lcrun.gguf_reader import read_gguf_set
+from lcrun.gguf_split import read_gguf_set
 process = psutil.Process()
 before = process.memory_info().rss
 files = read_gguf_set(sys.argv[1])
