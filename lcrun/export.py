@@ -9,6 +9,7 @@ from pathlib import Path
 from lcrun.convert.convert import OUTTYPES, ConvertResult, SourceInfo, convert_checkpoint
 from lcrun.convert.gguf_out import partial_path
 
+from .atomic_files import atomic_output
 from .errors import GGUFFileError, LcrunError
 
 # a phase name ("download", "convert", "quantize") → a progress callback (done, total)
@@ -60,14 +61,8 @@ def quantize_file(src: Path, dst: Path, qtype: str, *, force: bool = False, thre
     check_not_existing(dst, force)
     if not dst.parent.is_dir() or not os.access(dst.parent, os.W_OK):
         raise LcrunError(dst.parent, "output directory does not exist or is not writable")
-    tmp = partial_path(dst)
-    try:
-        quantize_gguf(src, tmp, qtype, threads=threads, progress=progress)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_output(dst) as partial:
+        quantize_gguf(src, partial, qtype, threads=threads, progress=progress)
     try:
         inspect_gguf(dst)
     except GGUFFileError:
