@@ -54,7 +54,8 @@ def serve(model: str, parallel: int, host: str, port: int, api_key: str | None, 
     from .chat.formats import choose_format, header_vocabulary
     from .cli_options import chat_format_from, overrides_from
     from .launch import decide_launch
-    from .serve.server import ServeOptions, bind, is_loopback, prepare
+    from .net import is_loopback
+    from .serve.server import ServeOptions, bind, prepare
     from .serve.server import serve as run_server
     from .ui.chat_view import render_launch
     from .ui.console import make_console

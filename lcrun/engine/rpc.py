@@ -12,7 +12,6 @@ loading `libggml-rpc.so` by name would start a second ggml with its own state.
 from __future__ import annotations
 
 import ctypes
-import ipaddress
 import os
 import socket
 import struct
@@ -77,15 +76,6 @@ def parse_endpoint(text: str) -> str:
 def split_endpoint(endpoint: str) -> tuple[str, int]:
     host, _, port = endpoint.rpartition(":")
     return host, int(port)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` (an address or a name) is this machine's loopback only."""
-    try:
-        infos = socket.getaddrinfo(host, None, family=socket.AF_INET)
-    except socket.gaierror:
-        return False
-    return bool(infos) and all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
 
 
 # -- the handshake, in Python ----------------------------------------------------------------------------------------
