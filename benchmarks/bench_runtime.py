@@ -32,9 +32,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lcrun.bench import bench_tokens, fill_cache, measure, set_up_bench, prompt_after
+from lcrun.bench import bench_tokens, fill_cache, measure, prompt_after, set_up_bench
 from lcrun.engine.runtime import Engine, EngineConfig
-from lcrun.launch import RunOverrides, find_model_file
+from lcrun.launch.decide import decide_launch
+from lcrun.launch.options import LaunchOptions
 
 PROMPT_SPARE = 64
 
@@ -104,9 +105,10 @@ def machine() -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    path = find_model_file(args.model)
-    overrides = RunOverrides(threads=args.threads, kv_type=args.kv_type, flash_attn=args.flash_attn)
-    setup = set_up_bench(path, overrides, args.depth, pp=args.pp, tg=args.tg, repetitions=args.rounds)
+    launch = decide_launch(LaunchOptions(args.model, threads=args.threads, kv_type=args.kv_type,
+                                         flash_attn=args.flash_attn, chat=False))
+    path = launch.model_path
+    setup = set_up_bench(launch, args.depth, pp=args.pp, tg=args.tg, repetitions=args.rounds)
     config = setup.launch.config
     depths = setup.depths
     engine = Engine(config)

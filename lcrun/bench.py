@@ -31,7 +31,7 @@ from .engine.runtime import Finished, PrefillProgress, Sampling
 from .errors import LcrunError
 
 if TYPE_CHECKING:
-    from .launch import Launch, RunOverrides
+    from .launch.decide import Launch
 
 CTX_STEP = 256                  # a context chosen for the depths is rounded up to this
 DEPTH_LADDER_BASE = 1024        # default depths: 0 and 1k, 4k, 16k, 64k, … (×4) that fit
@@ -182,20 +182,19 @@ def _refuse_misfit(depths: Sequence[int], pp: int, tg: int, n_ctx: int, limit: C
                                                f"+ {max(tg, 1):,} generated), {limit(context_for([depth], pp, tg))}")
 
 
-def set_up_bench(model_path: Path, overrides: RunOverrides, depths: Sequence[int], *, pp: int, tg: int,
-                 repetitions: int) -> BenchSetup:
-    """The depths (the default ladder when none are given) and the plan to run them with. Without --ctx the context
-    is the smallest that holds the deepest measurement, since a smaller context allocates less and runs as fast."""
-    from .launch import no_larger_than_needed, decide_launch
+def set_up_bench(launch: Launch, depths: Sequence[int], *, pp: int, tg: int, repetitions: int) -> BenchSetup:
+    """The depths (the default ladder when none are given) and the launch to run them with, from the launch decided
+    for the options. Without --ctx the context is the smallest that holds the deepest measurement, since a smaller
+    context allocates less and runs as fast."""
+    from .launch.decide import no_larger_than_needed
 
     check_counts(depths, pp, tg, repetitions)
-    if overrides.ctx is not None:
-        launch = decide_launch(model_path, overrides)
+    if launch.options.ctx is not None:
         chosen = sorted(set(depths)) or default_depths(launch.choice.estimate.ctx, pp, tg)
         _refuse_misfit(chosen, pp, tg, launch.choice.estimate.ctx, lambda ctx: (
             f"more than --ctx {launch.choice.estimate.ctx:,}; lower the depth or raise --ctx to {ctx}"))
         return BenchSetup(chosen, launch)
-    widest = decide_launch(model_path, overrides)
+    widest = launch
     largest = widest.choice.estimate.ctx
     chosen = sorted(set(depths)) or default_depths(largest, pp, tg)
     if largest >= widest.spec.n_ctx_train:

@@ -10,8 +10,8 @@ from typing import Any, NoReturn
 import click
 
 from . import __version__
-from .cli_options import machine_options
-from .param_types import CONTEXT, SIZE, kv_type_from, parse_ctx, worker_memory_map
+from .cli_options import KV_TYPE_HELP, context_option, machine_options
+from .param_types import KV_TYPE, SIZE, kv_type_from, worker_memory_map
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -91,8 +91,7 @@ Examples:
 @click.option("--revision", help="Hub revision (branch, tag or commit) when SRC is a repo id.")
 @click.option("--rope-theta", "--rope-freq-base", "rope_theta", type=float,
               help="Override the RoPE base (recorded in the file's metadata).")
-@click.option("-c", "--ctx", "--ctx-size", "ctx", type=CONTEXT, metavar="N",
-              help="Override the context length the file declares, e.g. 1M (recorded in metadata).")
+@context_option("Override the context length the file declares, e.g. 1M (recorded in metadata).")
 @click.option("--split-max-size", type=SIZE, metavar="SIZE",
               help="Write standard -0000N-of-0000M.gguf splits of at most SIZE (e.g. 4G).")
 @click.option("-t", "--threads", type=int,
@@ -159,7 +158,7 @@ def inspect(path: Path, as_json: bool) -> None:
     from .gguf_inspect import inspect_gguf
 
     if str(path) == "demo" and not path.exists():
-        from .launch import demo_gguf
+        from .launch.model_file import demo_gguf
 
         path = demo_gguf()
     report = inspect_gguf(path)
@@ -205,9 +204,10 @@ Examples:
 @click.argument("model")
 @click.option("--quant", "quants", multiple=True, metavar="TYPE",
               help="Quant type(s) to plan for (repeatable; default Q8_0 and Q4_K_M; a GGUF file has its own).")
-@click.option("-c", "--ctx", "--ctx-size", "ctxs", type=CONTEXT, multiple=True, metavar="N",
-              help="Context length(s), e.g. 32k, 128k, 1M (default: a ladder up to the model's maximum).")
-@click.option("--kv-type", "kv_types", multiple=True, metavar="K[/V]", help="KV cache type(s): f16, q8_0, q4_0, … or K/V separately, e.g. q8_0/q4_0 (repeatable; default f16).")
+@context_option("Context length(s), e.g. 32k, 128k, 1M (repeatable; default: a ladder up to the model's "
+                "maximum).", dest="ctxs", multiple=True)
+@click.option("--kv-type", "kv_types", type=KV_TYPE, multiple=True, metavar="K[/V]",
+              help=f"{KV_TYPE_HELP} (repeatable; default f16).")
 @machine_options
 @click.option("--allow-ctx-extension", is_flag=True, help="Allow contexts above the model's maximum.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document: the model, devices, every plan and "
@@ -222,12 +222,14 @@ def estimate(model: str, quants: tuple[str, ...], ctxs: tuple[int, ...], kv_type
     MODEL is a Hub repo id (only config.json and safetensors headers are read), a local checkpoint folder, a local
     GGUF (splits included), or a built-in profile (`lcrun models`).
     """
+    from .devices import run_devices
     from .errors import LcrunError
     from .estimate import context_ladder, estimate_grid
+    from .memory_model import parse_kv_type
     from .model_spec import resolve_model
 
     spec = resolve_model(model, revision=revision, gguf_file=hub_file)
-    contexts = list(ctxs) or context_ladder(spec.n_ctx_train)
+    contexts = [c for c in ctxs if c is not None] or context_ladder(spec.n_ctx_train)
     too_long = [c for c in contexts if c > spec.n_ctx_train]
     if too_long and not allow_ctx_extension:
         raise LcrunError(model, f"context {too_long[0]:,} is above the model's maximum of {spec.n_ctx_train:,} "
@@ -240,9 +242,8 @@ def estimate(model: str, quants: tuple[str, ...], ctxs: tuple[int, ...], kv_type
     ll_kv = kv_type_from(None, cache_type_k, cache_type_v)
     if ll_kv and kv_types:
         raise click.UsageError("give the KV cache types once: --kv-type K[/V], or -ctk/-ctv")
-    kv_pairs = [(k.partition("/")[0].lower(), (k.partition("/")[2] or k).lower())
-                for k in ((ll_kv,) if ll_kv else kv_types or ("f16",))]
-    devices = _devices(gpu_mem, ram, rpc, rpc_mem)
+    kv_pairs = [parse_kv_type(k) for k in ((ll_kv,) if ll_kv else [k for k in kv_types if k] or ["f16"])]
+    devices = run_devices(gpu_mem, ram, rpc or (), worker_memory_map(rpc_mem))
     try:
         estimates, largest = estimate_grid(spec, quants, contexts, kv_pairs, devices, flash_attn=flash_attn != "off",
                                        n_ubatch=ubatch, n_seq=parallel, n_gpu_layers=gpu_layers,
@@ -265,14 +266,6 @@ def estimate(model: str, quants: tuple[str, ...], ctxs: tuple[int, ...], kv_type
     render_estimate(spec.name, "; ".join(spec.notes) or spec.source, devices, estimates, largest, make_console())
 
 
-def _devices(gpu_mem: tuple[int, ...], ram: int | None, rpc: list[str] | None,
-             rpc_mem: tuple[tuple[str, int], ...]) -> list[Any]:
-    """This machine's devices (or --gpu-mem/--ram), then the RPC workers' (asked, or --rpc-mem)."""
-    from .devices import machine_devices, worker_devices
-
-    return [*machine_devices(list(gpu_mem) or None, ram), *worker_devices(rpc or [], worker_memory_map(rpc_mem))]
-
-
 @cli.command(epilog="""\b
 Examples:
   lcrun plan Llama-3.1-8B-Instruct-Q4_K_M.gguf                 # the largest context that fits, KV type chosen
@@ -282,28 +275,28 @@ Examples:
 """)
 @click.argument("model")
 @click.option("--quant", default="Q4_K_M", show_default=True, help="Quant type, when MODEL is not a GGUF file.")
-@click.option("-c", "--ctx", "--ctx-size", "ctx", default="auto", show_default=True, metavar="N",
-              help="Context length (32k, 128k, …) or auto: the largest that fits.")
-@click.option("--kv-type", help="KV cache type (f16, q8_0, q4_0, K/V); default: the least lossy that reaches the "
-              "context.")
+@context_option("Context length (32k, 128k, …) or auto: the largest that fits.", default="auto")
+@click.option("--kv-type", type=KV_TYPE, metavar="K[/V]",
+              help=f"{KV_TYPE_HELP}; default: the least lossy that reaches the context.")
 @machine_options
 @click.option("--verify", is_flag=True, help="Run llama.cpp's allocation dry run (no_alloc) on the GGUF and compare.")
 @click.option("--json", "as_json", is_flag=True)
-def plan(model: str, quant: str, ctx: str, kv_type: str | None, cache_type_k: str | None, cache_type_v: str | None,
+def plan(model: str, quant: str, ctx: int | None, kv_type: str | None, cache_type_k: str | None, cache_type_v: str | None,
          flash_attn: str, gpu_layers: int | None, ubatch: int, parallel: int, gpu_mem: tuple[int, ...],
          ram: int | None, rpc: list[str] | None, rpc_mem: tuple[tuple[str, int], ...], hub_file: str | None,
          revision: str | None, verify: bool, as_json: bool) -> None:
     """Choose context, KV type, flash attention and GPU layers for MODEL on this machine (and RPC workers), and
     explain the choice."""
+    from .devices import run_devices
     from .errors import LcrunError
     from .model_spec import resolve_model
     from .planner import choose
 
     spec = resolve_model(model, revision=revision, gguf_file=hub_file)
-    devices = _devices(gpu_mem, ram, rpc, rpc_mem)
+    devices = run_devices(gpu_mem, ram, rpc or (), worker_memory_map(rpc_mem))
     quant_name = (spec.file_type or quant) if spec.file_tensor_bytes is not None else quant
-    kv = kv_type_from(None if kv_type in (None, "auto") else kv_type.lower(), cache_type_k, cache_type_v)
-    choice = choose(spec, quant_name, devices, ctx=None if ctx == "auto" else parse_ctx(ctx), kv_type=kv, flash_attn=flash_attn, n_gpu_layers=gpu_layers,
+    kv = kv_type_from(kv_type, cache_type_k, cache_type_v)
+    choice = choose(spec, quant_name, devices, ctx=ctx, kv_type=kv, flash_attn=flash_attn, n_gpu_layers=gpu_layers,
                     n_ubatch=ubatch, n_seq=parallel)
     result = {**choice.estimate.to_dict(), "why": choice.why}
     if verify:

@@ -8,8 +8,8 @@ from itertools import accumulate
 from typing import Any
 
 from .devices import Device
-from .memory_model import (ModelShape, compute_buffer_bytes, kv_cache_bytes_per_layer, output_buffer_bytes,
-                           validate_kv, weights_bytes)
+from .memory_model import (ModelShape, compute_buffer_bytes, kv_cache_bytes_per_layer, kv_type_name,
+                           output_buffer_bytes, validate_kv, weights_bytes)
 from .model_spec import ModelSpec
 from .quant_mix import llama_tensor_types, quantized_nbytes
 
@@ -367,7 +367,7 @@ def estimate_grid(spec: ModelSpec, quants: Sequence[str], contexts: Sequence[int
         for type_k, type_v in kv_pairs:
             kv_options = dict(options, type_k=type_k, type_v=type_v)
             estimates += [estimate_memory(spec, quant, ctx, devices, **kv_options) for ctx in contexts]
-            kv = type_k if type_k == type_v else f"{type_k}/{type_v}"
+            kv = kv_type_name(type_k, type_v)
             largest[(quant.upper(), kv)] = largest_fitting_ctx(spec, quant, devices, max_ctx=max_ctx, **kv_options)
     return estimates, largest
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from .devices import Device
 from .errors import LcrunError
 from .estimate import CTX_STEP, GIB, MemoryEstimate, largest_fitting_ctx, estimate_memory
-from .memory_model import validate_kv
+from .memory_model import parse_kv_type, validate_kv
 from .model_spec import ModelSpec
 
 KV_LADDER = ("f16", "q8_0", "q4_0")  # least lossy first
@@ -28,8 +28,7 @@ def _kv_candidates(spec: ModelSpec, kv_type: str | None, flash_attn: bool) -> li
     from .estimate import model_shape
 
     if kv_type:
-        k, _, v = kv_type.partition("/")
-        return [(k.lower(), (v or k).lower())]
+        return [parse_kv_type(kv_type)]
     shape = model_shape(spec)
     legal = []
     for kv in KV_LADDER:

@@ -41,7 +41,7 @@ def worker(host: str | None, port: int, devices: tuple[str, ...], threads: int |
     """Serve this machine's devices to an lcrun elsewhere (`--rpc HOST:PORT` there) until Ctrl-C."""
     from .engine import rpc
     from .errors import LcrunError
-    from .launch import default_threads
+    from .devices import default_threads
     from .net import is_loopback
 
     rpc.require_rpc("lcrun worker")

@@ -57,7 +57,9 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             f"{_EQUIVALENCE['left_to_dedicated_tests']} with big vocabularies left to tests/test_gguf_reader.py")
 
 
+from tests.fixtures.engines import engines  # noqa: E402,F401  (the one way tests put engines into the launch)
 from tests.fixtures.hub_server import fake_hub  # noqa: E402,F401  (the local stand-in for the Hub, as a fixture)
+from tests.fixtures.tiny_gguf import demo_gguf_file, tiny_gguf  # noqa: E402,F401  (tiny real GGUFs, made once a session)
 
 
 @pytest.fixture(autouse=True, scope="session")

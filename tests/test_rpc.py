@@ -123,9 +123,10 @@ GREEDY_RUN = r"""
 import json, sys
 from pathlib import Path
 from lcrun.engine.runtime import Engine, Sampling
-from lcrun.launch import RunOverrides, decide_launch
+from lcrun.launch.decide import decide_launch
+from lcrun.launch.options import LaunchOptions
 rpc = tuple(sys.argv[2].split(",")) if sys.argv[2] else ()
-launch = decide_launch(Path(sys.argv[1]), RunOverrides(ctx=512, flash_attn="off", threads=1, ram=16 << 30, rpc=rpc))
+launch = decide_launch(LaunchOptions(sys.argv[1], ctx=512, flash_attn="off", threads=1, ram=16 << 30, rpc=rpc))
 engine = Engine(launch.config)
 prompt = engine.tokenize("The quick brown fox jumps over the lazy dog, again and again.", add_bos=True)
 list(engine.generate(prompt, Sampling(temperature=0.0, max_tokens=48), ignore_eog=True))
@@ -280,11 +281,12 @@ import sys
 from pathlib import Path
 from lcrun.engine import rpc
 from lcrun.engine.runtime import Engine, Sampling
-from lcrun.launch import RunOverrides, decide_launch
+from lcrun.launch.decide import decide_launch
+from lcrun.launch.options import LaunchOptions
 if sys.argv[3] == "off":
     rpc.keep_alive = lambda endpoints: 0
-launch = decide_launch(Path(sys.argv[1]), RunOverrides(ctx=512, flash_attn="off", threads=1, ram=16 << 30,
-                                                     rpc=(sys.argv[2],)))
+launch = decide_launch(LaunchOptions(sys.argv[1], ctx=512, flash_attn="off", threads=1, ram=16 << 30,
+                                     rpc=(sys.argv[2],)))
 engine = Engine(launch.config)
 prompt = engine.tokenize("The quick brown fox", add_bos=True)
 print("generating", flush=True)

@@ -9,6 +9,7 @@ from rich.text import Text
 
 from lcrun.devices import Device
 from lcrun.estimate import MemoryEstimate
+from lcrun.memory_model import kv_type_name
 
 GIB = 1 << 30
 
@@ -19,7 +20,7 @@ def _gib(n: int) -> str:
 
 def render_estimate(model: str, source_note: str, devices: Sequence[Device], estimates: Sequence[MemoryEstimate],
                     largest: dict[tuple[str, str], int], console: Console) -> None:
-    kv_types = list(dict.fromkeys(_kv_name(e) for e in estimates))
+    kv_types = list(dict.fromkeys(kv_type_name(e.type_k, e.type_v) for e in estimates))
     machine = ", ".join(f"{d.name} {_gib(d.free_bytes)} GiB free{'' if d.detected else ' (given)'}"
                         for d in devices if not d.host)
     console.print(Text(f"{model}  ·  {source_note}", style="bold"))
@@ -39,7 +40,7 @@ def render_estimate(model: str, source_note: str, devices: Sequence[Device], est
         table.add_column(f"total ({kv})", justify="right")
     rows: dict[tuple[str, int], dict[str, MemoryEstimate]] = {}
     for estimate in estimates:
-        rows.setdefault((estimate.quant, estimate.ctx), {})[_kv_name(estimate)] = estimate
+        rows.setdefault((estimate.quant, estimate.ctx), {})[kv_type_name(estimate.type_k, estimate.type_v)] = estimate
     for (quant, ctx), by_kv in rows.items():
         first = next(iter(by_kv.values()))
         cells: list[Text | str] = [quant, f"{ctx:,}", _gib(first.weights_bytes)]
@@ -59,16 +60,12 @@ def render_estimate(model: str, source_note: str, devices: Sequence[Device], est
         render_spread(estimates, console)
 
 
-def _kv_name(estimate: MemoryEstimate) -> str:
-    return estimate.type_k if estimate.type_k == estimate.type_v else f"{estimate.type_k}/{estimate.type_v}"
-
-
 def render_spread(estimates: Sequence[MemoryEstimate], console: Console) -> None:
     """How each quant × KV type spreads over the hosts at the longest context that fits (else the shortest asked,
     with what is missing): llama.cpp's -ngl and tensor split, and what each host holds."""
     chosen: dict[tuple[str, str], MemoryEstimate] = {}
     for estimate in estimates:
-        key = (estimate.quant, _kv_name(estimate))
+        key = (estimate.quant, kv_type_name(estimate.type_k, estimate.type_v))
         best = chosen.get(key)
         if best is None or (estimate.fits and (not best.fits or estimate.ctx > best.ctx)) or \
                 (not estimate.fits and not best.fits and estimate.ctx < best.ctx):
