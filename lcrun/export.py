@@ -37,8 +37,8 @@ def resolve_source(src: str, revision: str | None, progress: ProgressFactory) ->
     if src == "demo":
         from lcrun.models import demo_checkpoint
         return demo_checkpoint(), SourceInfo()
-    from . import hub
-    if not hub.looks_like_repo_id(src):
+    from . import hub, model_ref
+    if not model_ref.looks_like_repo_id(src):
         raise LcrunError(src, "no such file or directory, and not a Hugging Face repo id (org/name)")
     snapshot, commit = hub.download_checkpoint(src, revision, progress=progress("download"))
     return snapshot, SourceInfo(repo_id=src, revision=commit)

@@ -130,11 +130,11 @@ def resolve_model(text: str, *, revision: str | None = None, gguf_file: str | No
         spec = spec_from_checkpoint_dir(demo_checkpoint())
         spec.name = "demo"
         return spec
-    from . import hub
+    from . import hub, model_ref
 
-    repo_id, quant = hub.split_model_ref(text)
+    repo_id, quant = model_ref.split_model_ref(text)
     profile = spec_from_profile(repo_id)
-    if not hub.looks_like_repo_id(repo_id):
+    if not model_ref.looks_like_repo_id(repo_id):
         if profile is not None:
             profile.notes.append("built-in profile")
             return profile
@@ -143,7 +143,7 @@ def resolve_model(text: str, *, revision: str | None = None, gguf_file: str | No
         raise LcrunError(text, f"both :{quant} and --file {gguf_file} say which GGUF to read; give one")
     try:
         if gguf_file or quant:
-            filename = gguf_file or hub.choose_gguf(repo_id, hub.list_gguf_files(repo_id, revision), quant)
+            filename = gguf_file or model_ref.choose_gguf(repo_id, hub.list_gguf_files(repo_id, revision), quant)
             return _spec_from_remote_gguf(repo_id, filename, revision)
         try:
             remote = hub.fetch_checkpoint_metadata(repo_id, revision)
@@ -153,7 +153,7 @@ def resolve_model(text: str, *, revision: str | None = None, gguf_file: str | No
             ggufs = hub.list_gguf_files(repo_id, revision)
             if not ggufs:
                 raise
-            return _spec_from_remote_gguf(repo_id, hub.choose_gguf(repo_id, ggufs, None), revision)
+            return _spec_from_remote_gguf(repo_id, model_ref.choose_gguf(repo_id, ggufs, None), revision)
     except HubUnreachable as exc:
         if profile is None:
             raise

@@ -38,12 +38,12 @@ def find_model_file(model: str, *, hub_file: str | None = None, revision: str | 
     if path.is_dir():
         raise LcrunError(model, "a folder, not a GGUF file (convert a checkpoint first: lcrun convert "
                                 f"{model} --outtype q8_0)")
-    from lcrun import hub
+    from lcrun import hub, model_ref
 
-    repo_id, quant = hub.split_model_ref(model)
-    if not hub.looks_like_repo_id(repo_id):
+    repo_id, quant = model_ref.split_model_ref(model)
+    if not model_ref.looks_like_repo_id(repo_id):
         raise LcrunError(model, "no such file (give a .gguf path, `demo`, or a Hub GGUF repo as org/repo:QUANT)")
     if quant and hub_file:
         raise LcrunError(model, f"both :{quant} and --file {hub_file} say which GGUF to run; give one")
-    filename = hub_file or hub.choose_gguf(repo_id, hub.list_gguf_files(repo_id, revision), quant)
+    filename = hub_file or model_ref.choose_gguf(repo_id, hub.list_gguf_files(repo_id, revision), quant)
     return hub.download_gguf(repo_id, filename, revision, progress=progress)
