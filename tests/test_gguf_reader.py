@@ -278,3 +278,19 @@ def test_split_set_read_once_per_file(tmp_path: Path) -> None:
     (files.paths[-1]).unlink()
     partial = read_gguf_set(first)
     assert partial.missing == [files.paths[-1]] and "split set incomplete" in partial.warnings[0]
+
+
+def test_the_one_split_name_pattern_matches_what_the_converter_writes(tmp_path: Path) -> None:
+    from lcrun.convert.convert import convert_checkpoint
+    from lcrun.gguf_split import is_first_split, split_set_names
+    from lcrun.models import demo_checkpoint
+
+    written = convert_checkpoint(demo_checkpoint(), tmp_path / "demo.gguf", outtype="f16", split_max_size=100_000).paths
+    names = [p.name for p in written]
+    assert len(names) > 1 and all(split_set_names(name) == names for name in names)
+    assert [is_first_split(name) for name in names] == [True] + [False] * (len(names) - 1)
+    # a Hub path keeps its folder; a whole file is its own set (negative controls: no split suffix, 5 digits only)
+    assert split_set_names("q4/M-Q4_K_M-00002-of-00002.gguf") == ["q4/M-Q4_K_M-00001-of-00002.gguf",
+                                                                  "q4/M-Q4_K_M-00002-of-00002.gguf"]
+    assert split_set_names("M-Q4_K_M.gguf") == ["M-Q4_K_M.gguf"] and is_first_split("M-Q4_K_M.gguf")
+    assert split_set_names("M-0001-of-0002.gguf") == ["M-0001-of-0002.gguf"]
