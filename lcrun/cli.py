@@ -234,7 +234,7 @@ def estimate(model: str, quants: tuple[str, ...], ctxs: tuple[int, ...], kv_type
                                 "(pass --allow-ctx-extension if you extend it with RoPE overrides)")
     if spec.file_tensor_bytes is not None:
         if quants:
-            raise LcrunError(model, f"a GGUF file has its own quantization ({spec.file_type}); drop --quant")
+            raise LcrunError(model, f"this model has its own quantization ({spec.file_type}); drop --quant")
         quants = (spec.file_type or "file",)
     quants = quants or ("Q8_0", "Q4_K_M")
     ll_kv = kv_type_from(None, cache_type_k, cache_type_v)
