@@ -14,7 +14,6 @@ pass on the checkpoint's own dequantized weights, `f32` llama.cpp on an F32 GGUF
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import gguf
@@ -33,7 +32,7 @@ from tests.fixtures import ggml_ref
 from tests.fixtures.cli import assert_one_line_error, invoke
 from tests.fixtures.fidelity import ROPES, compare, llama_cpp_logits, probe_tokens, reference_logits
 from tests.fixtures.hub_server import FakeHub
-from tests.fixtures.quant_factory import make_quantized_checkpoint
+from tests.fixtures.quant_factory import dequantized_twin, make_quantized_checkpoint
 from tests.fixtures.safetensors_writer import save_safetensors
 
 SMALL = {"hidden": 128, "ffn": 256, "heads": 4, "kv_heads": 2, "layers": 2}
@@ -110,17 +109,6 @@ def test_modelopt_mixed_precision_keeps_each_layer_as_it_is(tmp_path: Path) -> N
 
 # ---- llama.cpp runs them, as faithfully as the same weights in F32 ---------------------------------------------------
 
-def _f32_twin(ck, where: Path) -> Path:
-    """The same dequantized weights as a plain F32 checkpoint (config without its quantization)."""
-    shutil.copytree(ck.path, where)
-    for stale in (*where.glob("*.safetensors"), where / "hf_quant_config.json"):
-        stale.unlink(missing_ok=True)
-    config = {k: v for k, v in ck.config.items() if k != "quantization_config"}
-    (where / "config.json").write_text(json.dumps(config), encoding="utf-8")
-    save_safetensors(where / "model.safetensors", {k: v.astype(np.float32) for k, v in ck.weights.items()})
-    return where
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["modelopt-nvfp4", "ct-mxfp4", "gptq", "awq"])
 def test_llama_cpp_runs_the_file_as_faithfully_as_an_f32_copy(tmp_path: Path, fmt: str) -> None:
@@ -130,7 +118,7 @@ def test_llama_cpp_runs_the_file_as_faithfully_as_an_f32_copy(tmp_path: Path, fm
     tokens = probe_tokens(ck.config["vocab_size"])
     ref = reference_logits(ck, tokens)
     logits = llama_cpp_logits(convert_checkpoint(ck.path, tmp_path / "q.gguf").paths[0], tokens)
-    f32 = llama_cpp_logits(convert_checkpoint(_f32_twin(ck, tmp_path / "twin"), tmp_path / "f.gguf",
+    f32 = llama_cpp_logits(convert_checkpoint(dequantized_twin(ck, tmp_path / "twin"), tmp_path / "f.gguf",
                                               outtype="f32").paths[0], tokens)
     assert compare(f32, ref).passes(0.001)
     # llama.cpp rounds activations to Q8_0 for 4-bit weights on the CPU: ~1 %, measured above
@@ -270,3 +258,12 @@ def test_inspect_says_where_each_tensor_came_from(tmp_path: Path) -> None:
     assert report["lcrun"]["lcrun.source.quantization"] == "AWQ int4 g64"
     text = invoke("inspect", str(path)).stdout
     assert "AWQ int4 g64 asym, carried as Q4_1" in text and "14" in text
+
+
+def test_a_llama_cpp_quant_type_starts_from_the_decoded_weights(tmp_path: Path) -> None:
+    """llama.cpp's quantizer refuses to re-quantize Q4_0/NVFP4 input: the intermediate file is F16."""
+    ck = make_quantized_checkpoint(tmp_path / "hf", "gptq", **SMALL)
+    run = invoke("convert", str(ck.path), "-o", str(tmp_path / "m.gguf"), "--outtype", "Q5_0", "--quiet")
+    assert run.exit_code == 0, run.stderr
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
+    assert types["blk.0.ffn_up.weight"] == Q.Q5_0
