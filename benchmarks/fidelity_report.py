@@ -41,7 +41,7 @@ def row(label: str, c: Comparison) -> str:
     return f"| {label} | {below:.3%} | {beyond:.3%} | {top1} |"
 
 
-QUANTIZED = ["modelopt-nvfp4", "modelopt-mixed", "ct-nvfp4", "ct-mxfp4", "ct-int4", "ct-int4-asym", "ct-int8",
+QUANTIZED = [a for a in sys.argv[2:]] or ["modelopt-nvfp4", "modelopt-mixed", "ct-nvfp4", "ct-mxfp4", "ct-int4", "ct-int4-asym", "ct-int8",
              "gptq", "gptq-asym", "gptq-desc-act", "awq"]
 REPO = Path(__file__).resolve().parent.parent
 PEER = [str(REPO / "bench-work" / "peer-venv" / "bin" / "python"), str(REPO / "benchmarks" / "run_peer.py")]
@@ -52,8 +52,8 @@ def quantized() -> None:
     from tests.fixtures.quant_factory import dequantized_twin, make_quantized_checkpoint
 
     print("| checkpoint → lcrun's GGUF | vs reference, pos < 256 | pos 600/1000 | vs F32 GGUF of the same weights "
-          "| llama.cpp's converter: vs reference (its types) |")
-    print("|---|---|---|---|---|")
+          "| lcrun `--outtype f16`: vs reference | llama.cpp's converter: vs reference (its types) |")
+    print("|---|---|---|---|---|---|")
     rope, theta = ROPES["llama3"]
     for fmt in QUANTIZED:
         with tempfile.TemporaryDirectory() as tmp:
@@ -66,11 +66,13 @@ def quantized() -> None:
             twin = convert_checkpoint(dequantized_twin(ck, Path(tmp) / "twin"), Path(tmp) / "f.gguf", outtype="f32")
             f32 = compare(ours, llama_cpp_logits(twin.paths[0], tokens))
             c = compare(ours, ref)
+            f16 = compare(llama_cpp_logits(convert_checkpoint(ck.path, Path(tmp) / "h.gguf", outtype="f16").paths[0],
+                                           tokens), ref)
             kinds = "/".join(sorted(t for t in result.tensor_types if t not in ("F32", "BF16")))
             peer = _peer(ck.path, Path(tmp) / "p.gguf", tokens, ref)
             top1 = "" if all(c.same_top1.values()) else " (top-1 differs)"
             print(f"| {fmt} → {kinds} | {c.worst(BELOW):.2%} | {c.worst(BEYOND):.2%}{top1} | {f32.worst():.2%} "
-                  f"| {peer} |", flush=True)
+                  f"| {f16.worst():.2%} | {peer} |", flush=True)
 
 
 def _peer(ckpt: Path, out: Path, tokens: list[int], ref) -> str:

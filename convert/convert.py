@@ -208,16 +208,15 @@ def convert_checkpoint(
 
 
 def _rounding_notes(ckpt: Checkpoint, gplan: GGUFPlan) -> list[str]:
+    """What was not carried exactly: scales F16 could not hold, and quantized weights no GGUF type holds."""
     notes = []
-    rounded = ckpt.rounding
-    if rounded.tensors:
-        notes.append(f"{len(rounded.tensors)} tensor(s) carried as Q4_0/Q4_1/Q8_0 have scales F16 cannot hold "
+    if ckpt.rounding.tensors:
+        notes.append(f"{len(ckpt.rounding.tensors)} tensor(s) carried as Q4_0/Q4_1/Q8_0 have scales F16 cannot hold "
                      f"exactly (F32 scales, or Q4_1's −zero·scale); rounded to F16, largest relative change "
-                     f"{rounded.worst:.2g}")
-    decoded = Counter(o.rsplit(", ", 1)[0] for o in gplan.origins.values() if "decoded to" in o and "FP8" not in o)
-    for what, n in decoded.items():
-        notes.append(f"{n} tensor(s) {what}: no GGUF type holds them exactly, decoded ({n} in "
-                     f"{', '.join(sorted({o.rsplit(' ', 1)[-1] for o in gplan.origins.values() if o.startswith(what)}))})")
+                     f"{ckpt.rounding.worst:.2g}")
+    decoded = Counter(origin for origin in gplan.origins.values() if "decoded to" in origin and " F8_" not in origin)
+    for origin, n in decoded.items():
+        notes.append(f"{n} tensor(s) {origin}: no GGUF type holds them exactly")
     return notes
 
 

@@ -267,3 +267,15 @@ def test_a_llama_cpp_quant_type_starts_from_the_decoded_weights(tmp_path: Path) 
     assert run.exit_code == 0, run.stderr
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}
     assert types["blk.0.ffn_up.weight"] == Q.Q5_0
+
+
+def test_modelopt_w4a16_keeps_activations_off_4_bits(tmp_path: Path) -> None:
+    """W4A16_NVFP4 was calibrated for 16-bit activations: llama.cpp's per-tensor precision policy is told so."""
+    ck = make_quantized_checkpoint(tmp_path / "hf", "modelopt-nvfp4", **SMALL)
+    hf = ck.path / "hf_quant_config.json"
+    hf.write_text(hf.read_text().replace('"NVFP4"', '"W4A16_NVFP4"'))
+    reader = gguf.GGUFReader(convert_checkpoint(ck.path, tmp_path / "m.gguf").paths[0])
+    names = reader.fields["general.tensor_extra.name"]
+    flags = reader.fields["general.tensor_extra.prec_a4"]
+    assert len(names.data) == len(flags.data) == 14 and not any(flags.parts[i][0] for i in flags.data)
+    assert "blk.0.attn_q.weight" in {bytes(names.parts[i]).decode() for i in names.data}
