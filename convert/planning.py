@@ -22,6 +22,7 @@ import numpy as np
 
 from .arch import ModelAdapter, TensorPlan, adapter_for
 from .errors import CheckpointError, UnsupportedModelError
+from .fp8 import is_auxiliary
 from .quant_config import QuantScheme, detect_scheme
 from .quantized import Header, Q, QuantSource, classify
 from .quants import OWN_QUANTS, can_encode, tensor_nbytes
@@ -59,7 +60,7 @@ class HeaderView:
         self._sources, consumed = classify(heads, quant)
         by_part = {s.parts["packed"]: s.name for s in self._sources.values()}
         self._heads = heads
-        self.names = [by_part.get(n, n) for n in heads if n in by_part or n not in consumed and not _auxiliary(n)]
+        self.names = [by_part.get(n, n) for n in heads if n in by_part or n not in consumed and not is_auxiliary(n)]
 
     def shape(self, name: str) -> tuple[int, ...]:
         src = self._sources.get(name)
@@ -74,11 +75,6 @@ class HeaderView:
 
     def quantized(self, name: str) -> QuantSource | None:
         return self._sources.get(name)
-
-
-def _auxiliary(name: str) -> bool:
-    from .fp8 import is_auxiliary
-    return is_auxiliary(name)
 
 
 @dataclass
@@ -176,7 +172,8 @@ def _origin(src: QuantSource | None, view: TensorSource, source_name: str, qtype
 def plan_gguf(adapter: ModelAdapter, view: TensorSource, outtype: str = "auto") -> GGUFPlan:
     outtype = outtype.lower()
     if outtype not in OUTTYPES:
-        raise UnsupportedModelError(None, f"outtype {outtype!r} is not computed here (choose from {', '.join(OUTTYPES)})")
+        raise UnsupportedModelError(None, f"outtype {outtype!r} is not computed here "
+                                          f"(choose from {', '.join(OUTTYPES)})")
     requested = OUTTYPES[outtype]
     plans = _source_plans(adapter, view)
     float_type = _float_type(view)

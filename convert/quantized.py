@@ -94,9 +94,9 @@ def classify(headers: dict[str, Header], scheme: QuantScheme | None) -> tuple[di
             continue
         family = kind.split("-")[0]
         if family not in kinds:
-            what = scheme.label if scheme else "no quantization_config (nor hf_quant_config.json)"
-            raise UnsupportedModelError(head.file, f"tensor {name} is stored as {family.upper()}, which {what} "
-                                                   "does not declare")
+            why = (f"which {scheme.label} does not declare" if scheme
+                   else "but config.json has no quantization_config (and there is no hf_quant_config.json)")
+            raise UnsupportedModelError(head.file, f"tensor {name} is stored as {family.upper()}, {why}")
         module = _module(name, _PARTS[kind]["packed"])
         parts = {role: module + suffix for role, suffix in _PARTS[kind].items() if module + suffix in headers}
         source = _validate(module, kind, parts, headers, scheme)
@@ -196,9 +196,10 @@ def _intpack(module: str, parts: dict[str, str], headers: dict[str, Header],
     if not symmetric:
         _expect(headers, parts, "zero", "intpack", ("I32",), (-(-rows * bits // 32), groups), "pack-quantized")
     group = 0 if groups == 1 else n_in // groups
-    sym = "sym" if symmetric else "asym"
+    layout = f"g{group}" if group else "channel"
+    origin = f"compressed-tensors int{bits} {layout} {'sym' if symmetric else 'asym'}"
     return QuantSource(module + ".weight", "intpack", (rows, n_in), parts, bits=bits, group=group,
-                       symmetric=symmetric, origin=f"compressed-tensors int{bits} {'g' + str(group) if group else 'channel'} {sym}")
+                       symmetric=symmetric, origin=origin)
 
 
 def _gptq_awq(module: str, kind: str, parts: dict[str, str], headers: dict[str, Header],

@@ -261,7 +261,8 @@ _ORIGIN = "lcrun.tensor_origin."
 def _tensor_origins(meta: Any) -> dict[str, str]:
     """What `lcrun convert` recorded about the tensors it did not copy as they were (a quantized checkpoint's)."""
     names, values = meta.get(_ORIGIN + "name"), meta.get(_ORIGIN + "value")
-    if not isinstance(names, (list, GGUFArray)) or not isinstance(values, (list, GGUFArray)) or len(names) != len(values):
+    arrays = (list, GGUFArray)
+    if not isinstance(names, arrays) or not isinstance(values, arrays) or len(names) != len(values):
         return {}
     try:
         return {str(names[i]): str(values[i]) for i in range(min(len(names), 100_000))}

@@ -53,7 +53,8 @@ def spec_from_checkpoint_dir(model_dir: Path) -> ModelSpec:
 
     config, path = read_config(model_dir)
     spec = spec_from_config(config, str(path), model_dir.name, "checkpoint")
-    if config.get("quantization_config") or config.get("compression_config") or (model_dir / "hf_quant_config.json").is_file():
+    quantized = config.get("quantization_config") or config.get("compression_config")
+    if quantized or (model_dir / "hf_quant_config.json").is_file():
         _fix_quantization(spec, plan_checkpoint(model_dir))
     return spec
 
