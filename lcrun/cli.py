@@ -81,13 +81,17 @@ Examples:
   lcrun convert ./Llama-3.1-8B-Instruct --outtype q8_0
   lcrun convert gradientai/Llama-3-8B-Instruct-Gradient-1048k --outtype Q4_K_M
   lcrun convert ./ckpt --outtype bf16 --split-max-size 4G -o model.gguf
+  lcrun convert nvidia/Llama-3.1-8B-Instruct-FP4        # NVFP4 stays NVFP4, bit for bit
+  lcrun convert ./Llama-3.1-8B-Instruct-GPTQ-INT4       # int4 -> Q4_0 (symmetric) / Q4_1, not re-quantized
+  lcrun convert ./Llama-3.1-8B-Instruct --outtype nvfp4  # quantize to NVFP4 here (ggml's reference quantizer)
 """)
 @click.argument("src")
 @click.option("-o", "--output", "--out", "out", type=click.Path(dir_okay=False, path_type=Path),
               help="Output .gguf (default: the GGUF naming convention, in the current directory).")
 @click.option("--outtype", default="auto", show_default=True, metavar="TYPE",
-              help="auto (keep the source precision), f32, f16, bf16, q8_0, q4_0 — computed here — or any "
-                   "llama.cpp quant type (Q4_K_M, Q5_K_M, Q6_K, IQ4_XS, …) through llama.cpp's quantizer.")
+              help="auto (keep the source precision; 4-bit checkpoints stay NVFP4/MXFP4/Q4_0/Q4_1), f32, f16, "
+                   "bf16, q8_0, q4_0, nvfp4, mxfp4 — computed here — or any llama.cpp quant type (Q4_K_M, Q5_K_M, "
+                   "Q6_K, IQ4_XS, …) through llama.cpp's quantizer.")
 @click.option("--revision", help="Hub revision (branch, tag or commit) when SRC is a repo id.")
 @click.option("--rope-theta", "--rope-freq-base", "rope_theta", type=float,
               help="Override the RoPE base (recorded in the file's metadata).")
@@ -102,8 +106,9 @@ def convert(src: str, out: Path | None, outtype: str, revision: str | None, rope
             ctx: int | None, split_max_size: int | None, threads: int | None, force: bool, quiet: bool) -> None:
     """Convert a Hugging Face checkpoint (a local folder, a Hub repo id, or `demo`) to GGUF.
 
-    Reads safetensors in BF16/F16/F32 or FP8 (fbgemm, AutoFP8, compressed-tensors, block-scaled), keeps RoPE
-    theta and llama3/linear/yarn scaling exact, and refuses what llama.cpp cannot express instead of dropping it.
+    Reads safetensors in BF16/F16/F32, FP8 (fbgemm, AutoFP8, compressed-tensors, block-scaled, ModelOpt) and 4-bit
+    (ModelOpt NVFP4, compressed-tensors NVFP4/MXFP4/int4/int8, GPTQ, AWQ: kept as they are where GGUF holds them),
+    keeps RoPE theta and llama3/linear/yarn scaling exact, and refuses what llama.cpp cannot express.
     """
     from .export import export_model
     from .ui.console import make_console
@@ -236,7 +241,7 @@ def estimate(model: str, quants: tuple[str, ...], ctxs: tuple[int, ...], kv_type
                                 "(pass --allow-ctx-extension if you extend it with RoPE overrides)")
     if spec.file_tensor_bytes is not None:
         if quants:
-            raise LcrunError(model, f"a GGUF file has its own quantization ({spec.file_type}); drop --quant")
+            raise LcrunError(model, f"this model has its own quantization ({spec.file_type}); drop --quant")
         quants = (spec.file_type or "file",)
     quants = quants or ("Q8_0", "Q4_K_M")
     ll_kv = kv_type_from(None, cache_type_k, cache_type_v)

@@ -90,15 +90,19 @@ def export_model(src: str, out: Path | None, outtype: str = "auto", *, revision:
         raise LcrunError(None, f"unknown --outtype {outtype!r}: use one of {', '.join(OUTTYPES)} "
                                "or a llama.cpp quant type such as Q4_K_M, Q5_K_M, Q6_K, IQ4_XS")
     if split_max_size:
-        raise LcrunError(None, "--split-max-size works with f32/f16/bf16/q8_0/q4_0; for llama.cpp quant types "
+        raise LcrunError(None, "--split-max-size works with the outtypes computed here; for llama.cpp quant types "
                                "quantize first, then split with llama-gguf-split")
     if out is not None:
         check_not_existing(out, force)
-    # llama.cpp quantizes best from 16-bit (or f32) weights: keep the source precision for the intermediate
+    # llama.cpp quantizes best from 16-bit (or f32) weights: keep the source precision for the intermediate; a 4-bit
+    # checkpoint's weights are decoded to F16 for it (llama.cpp's quantizer refuses to re-quantize NVFP4, Q4_0, …)
+    from lcrun.convert.planning import carries_quantized, plan_checkpoint
+
+    intermediate_type = "f16" if carries_quantized(plan_checkpoint(model_dir)) else "auto"
     intermediate_dir = (out.parent if out is not None else Path.cwd())
     intermediate = intermediate_dir / f".lcrun-intermediate-{os.getpid()}.gguf"
     try:
-        result = convert_checkpoint(model_dir, intermediate, outtype="auto", rope_theta=rope_theta, ctx=ctx,
+        result = convert_checkpoint(model_dir, intermediate, outtype=intermediate_type, rope_theta=rope_theta, ctx=ctx,
                                     force=True, progress=progress("convert"), source=source, threads=threads)
         if out is None:
             out = intermediate_dir / f"{result.name_stem}-{outtype.upper()}.gguf"

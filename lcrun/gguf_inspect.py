@@ -97,6 +97,7 @@ class GGUFReport:
     general: dict[str, Any]
     lcrun: dict[str, Any]
     warnings: list[str]
+    tensor_origins: dict[str, str] = field(default_factory=dict)   # from lcrun.tensor_origin.* (lcrun convert)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -250,9 +251,25 @@ def _build_report(path: Path, files: GGUFSet, meta: dict[str, Any], tensors: lis
         rope=rope,
         tokenizer=tokenizer,
         general={k: _plain(v) for k, v in meta.items() if k.startswith("general.")},
-        lcrun={k: _plain(v) for k, v in meta.items() if k.startswith("lcrun.")},
+        lcrun={k: _plain(v) for k, v in meta.items() if k.startswith("lcrun.") and not k.startswith(_ORIGIN)},
         warnings=[],
+        tensor_origins=_tensor_origins(meta),
     )
+
+
+_ORIGIN = "lcrun.tensor_origin."
+
+
+def _tensor_origins(meta: Any) -> dict[str, str]:
+    """What `lcrun convert` recorded about the tensors it did not copy as they were (a quantized checkpoint's)."""
+    names, values = meta.get(_ORIGIN + "name"), meta.get(_ORIGIN + "value")
+    arrays = (list, GGUFArray)
+    if not isinstance(names, arrays) or not isinstance(values, arrays) or len(names) != len(values):
+        return {}
+    try:
+        return {str(names[i]): str(values[i]) for i in range(min(len(names), 100_000))}
+    except (TypeError, IndexError):
+        return {}
 
 
 def _model_warnings(report: GGUFReport, header: GGUFHeader) -> list[str]:

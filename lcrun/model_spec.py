@@ -50,9 +50,32 @@ def spec_from_config(config: dict[str, Any], where: str, name: str, source: str)
 
 def spec_from_checkpoint_dir(model_dir: Path) -> ModelSpec:
     from lcrun.convert.convert import read_config
+    from lcrun.convert.planning import plan_checkpoint
 
     config, path = read_config(model_dir)
-    return spec_from_config(config, str(path), model_dir.name, "checkpoint")
+    spec = spec_from_config(config, str(path), model_dir.name, "checkpoint")
+    quantized = config.get("quantization_config") or config.get("compression_config")
+    if quantized or (model_dir / "hf_quant_config.json").is_file():
+        _fix_quantization(spec, plan_checkpoint(model_dir))
+    return spec
+
+
+def _fix_quantization(spec: ModelSpec, plan: Any) -> None:
+    """A checkpoint whose 4-/8-bit weights `lcrun convert` carries as they are (NVFP4, MXFP4, int4 -> Q4_0/Q4_1):
+    its GGUF's size is fixed, like a GGUF file's (lcrun.convert.planning)."""
+    from lcrun.convert.planning import carries_quantized
+
+    if not carries_quantized(plan):
+        return
+    sizes = plan.sizes()
+    spec.tensors = [(name, shape) for name, shape, _, _ in sizes]
+    spec.file_tensor_bytes = {name: nbytes for name, _, _, nbytes in sizes}
+    spec.file_type = plan.outtype.upper()
+    by_type: dict[str, int] = {}
+    for _, _, qtype, nbytes in sizes:
+        by_type[qtype.name] = by_type.get(qtype.name, 0) + nbytes
+    mix = ", ".join(f"{t} {b / 2**30:.2f} GiB" for t, b in sorted(by_type.items(), key=lambda kv: -kv[1]))
+    spec.notes.append(f"lcrun convert keeps its quantization: {mix}")
 
 
 def spec_from_gguf(path: Path, gguf_set: GGUFSet | None = None) -> ModelSpec:
@@ -161,7 +184,17 @@ def resolve_model(text: str, *, revision: str | None = None, gguf_file: str | No
         return profile
     spec = spec_from_config(remote.config, f"{repo_id}/config.json", repo_id, "hub")
     spec.notes.append(f"config and safetensors headers of {repo_id}@{remote.commit[:12]} (no weights downloaded)")
+    if _quantized_headers(remote.config, remote.tensors):
+        from lcrun.convert.planning import plan_from_headers
+
+        _fix_quantization(spec, plan_from_headers(remote.config, remote.tensors, Path(f"{repo_id}/config.json")))
     return spec
+
+
+def _quantized_headers(config: dict[str, Any], tensors: dict[str, tuple[str, tuple[int, ...]]]) -> bool:
+    # ModelOpt's older uploads declare NVFP4 only in hf_quant_config.json; their weight_scale_2 tensors say it too
+    return bool(config.get("quantization_config") or config.get("compression_config")
+                or any(name.endswith(".weight_scale_2") for name in tensors))
 
 
 def _spec_from_remote_gguf(repo_id: str, filename: str, revision: str | None) -> ModelSpec:
