@@ -56,7 +56,7 @@ class _Commands(click.Group):
     """The commands defined here, and those in modules of their own (found by name: no module imports this one)."""
 
     elsewhere = {"chat": "lcrun.chat_cli", "niah": "lcrun.niah_cli", "bench": "lcrun.bench_cli",
-                 "worker": "lcrun.worker_cli", "serve": "lcrun.serve_cli"}
+                 "worker": "lcrun.worker_cli", "serve": "lcrun.serve_cli", "read": "lcrun.read_cli"}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *self.elsewhere])

@@ -529,3 +529,34 @@ def choose_gguf(repo_id: str, files: list[str], quant: str | None) -> str:
         raise HubError(repo_id, f"has {len(chosen)} {quant} GGUFs ({', '.join(chosen[:4])}); "
                                 "give the file's path instead")
     return chosen[0]
+
+
+# What counting tokens for a safetensors repo needs: the tokenizer and the files the converter reads it with
+TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json",
+                   "special_tokens_map.json")
+
+
+def download_tokenizer_files(repo_id: str, revision: str | None = None) -> Path:
+    """A repo's tokenizer files alone (no weights) into the HF cache; returns the snapshot folder holding them.
+    tokenizer.json and config.json are required, the others are read when the repo has them."""
+    from huggingface_hub import get_token, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    endpoint, token = _endpoint(), get_token()
+    with _hub_errors(repo_id, revision, endpoint=endpoint, token_sent=bool(token), cache_may_answer=True):
+        download = {"cache_dir": _hub_cache_dir(), "endpoint": endpoint, "token": token,
+                    "local_files_only": _offline(), "etag_timeout": _etag_timeout()}
+        try:
+            first = Path(hf_hub_download(repo_id, "tokenizer.json", revision=revision, **download))
+        except EntryNotFoundError:
+            raise HubError(repo_id, "has no tokenizer.json, so its tokens cannot be counted before download") from None
+        commit = first.parent.name  # the cache names snapshot folders by commit: the other files from the same one
+        for name in TOKENIZER_FILES:
+            if name == "tokenizer.json":
+                continue
+            try:
+                hf_hub_download(repo_id, name, revision=commit, **download)
+            except EntryNotFoundError:
+                if name == "config.json":
+                    raise HubError(repo_id, "has no config.json") from None
+    return first.parent
