@@ -69,6 +69,15 @@ class _Commands(click.Group):
         return super().get_command(ctx, name)
 
 
+def _file_means_documents(func: Any) -> Any:
+    """estimate's --file names documents (issue 17), as chat's does; the Hub GGUF is --hf-file there, as in chat.
+    (Until the shared option lists give estimate the --hf-file-only declaration chat uses.)"""
+    for param in getattr(func, "__click_params__", []):
+        if param.name == "hub_file":
+            param.opts = [opt for opt in param.opts if opt != "--file"]
+    return func
+
+
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="lcrun")
 def cli() -> None:
@@ -201,18 +210,27 @@ Examples:
   lcrun estimate gradientai/Llama-3-70B-Instruct-Gradient-1048k --quant Q4_K_M --kv-type q8_0
   lcrun estimate llama-3.1-8b --quant Q8_0 --quant Q4_K_M --ctx 32k --ctx 128k --gpu-mem 24G
   lcrun estimate ./Llama-3.1-8B-Instruct-Q4_K_M.gguf --kv-type f16 --kv-type q4_0 --json
+  lcrun estimate meta-llama/Llama-3.1-8B-Instruct --file paper.pdf     # its tokenizer alone is fetched
+  lcrun estimate bartowski/Meta-Llama-3.1-8B-Instruct-GGUF:Q4_K_M -f ./src --ram 24G
 """)
 @click.argument("model")
+@click.option("-f", "--file", "documents", multiple=True, metavar="DOC",
+              help="Count DOC (a file, folder, URL or -: as `lcrun read` reads it) with MODEL's own tokenizer, "
+                   "fetched alone (no weights), and say what context and memory it needs and what fits here "
+                   "(repeatable; the Hub GGUF is then --hf-file).")
+@click.option("--reserve", type=click.IntRange(0), default=1024, show_default=True, metavar="N",
+              help="With --file: tokens kept for the answer beside the documents.")
 @click.option("--quant", "quants", multiple=True, metavar="TYPE",
               help="Quant type(s) to plan for (repeatable; default Q8_0 and Q4_K_M; a GGUF file has its own).")
 @click.option("-c", "--ctx", "--ctx-size", "ctxs", type=CONTEXT, multiple=True, metavar="N",
               help="Context length(s), e.g. 32k, 128k, 1M (default: a ladder up to the model's maximum).")
 @click.option("--kv-type", "kv_types", multiple=True, metavar="K[/V]", help="KV cache type(s): f16, q8_0, q4_0, … or K/V separately, e.g. q8_0/q4_0 (repeatable; default f16).")
+@_file_means_documents
 @machine_options
 @click.option("--allow-ctx-extension", is_flag=True, help="Allow contexts above the model's maximum.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document: the model, devices, every plan and "
               "the largest context that fits per quant and KV type.")
-def estimate(model: str, quants: tuple[str, ...], ctxs: tuple[int, ...], kv_types: tuple[str, ...],
+def estimate(model: str, documents: tuple[str, ...], reserve: int, quants: tuple[str, ...], ctxs: tuple[int, ...], kv_types: tuple[str, ...],
              cache_type_k: str | None, cache_type_v: str | None, flash_attn: str, ubatch: int, parallel: int,
              gpu_layers: int | None, gpu_mem: tuple[int, ...], ram: int | None, rpc: list[str] | None,
              rpc_mem: tuple[tuple[str, int], ...], hub_file: str | None, revision: str | None,
@@ -243,6 +261,11 @@ def estimate(model: str, quants: tuple[str, ...], ctxs: tuple[int, ...], kv_type
     kv_pairs = [(k.partition("/")[0].lower(), (k.partition("/")[2] or k).lower())
                 for k in ((ll_kv,) if ll_kv else kv_types or ("f16",))]
     devices = _devices(gpu_mem, ram, rpc, rpc_mem)
+    if documents:
+        _estimate_documents(model, spec, documents, quants, kv_pairs if (ll_kv or kv_types) else None, devices,
+                            reserve=reserve, revision=revision, hub_file=hub_file, flash_attn=flash_attn != "off",
+                            n_ubatch=ubatch, n_seq=parallel, n_gpu_layers=gpu_layers, as_json=as_json)
+        return
     try:
         plans, largest = estimate_grid(spec, quants, contexts, kv_pairs, devices, flash_attn=flash_attn != "off",
                                        n_ubatch=ubatch, n_seq=parallel, n_gpu_layers=gpu_layers,
@@ -263,6 +286,24 @@ def estimate(model: str, quants: tuple[str, ...], ctxs: tuple[int, ...], kv_type
     from .ui.estimate_view import render_estimate
 
     render_estimate(spec.name, "; ".join(spec.notes) or spec.source, devices, plans, largest, make_console())
+
+
+def _estimate_documents(model: str, spec: Any, documents: tuple[str, ...], quants: tuple[str, ...],
+                        kv_pairs: list[tuple[str, str]] | None, devices: list[Any], *, as_json: bool,
+                        **options: Any) -> None:
+    from .estimate_documents import estimate_documents
+
+    result = estimate_documents(model, spec, documents, quants, devices, kv_pairs=kv_pairs, **options)
+    if as_json:
+        from dataclasses import asdict
+
+        click.echo(json.dumps({"model": spec.name, "source": spec.source, "notes": spec.notes,
+                               "devices": [asdict(d) for d in devices], **result.to_dict()}, indent=2))
+        return
+    from .ui.console import make_console
+    from .ui.estimate_view import render_document_estimate
+
+    render_document_estimate(spec.name, "; ".join(spec.notes) or spec.source, devices, result, make_console())
 
 
 def _devices(gpu_mem: tuple[int, ...], ram: int | None, rpc: list[str] | None,

@@ -53,7 +53,7 @@ def read_epub(name: str, label: str, limits: ReadLimits, *, path: Path | None = 
             deadline.check(f"reading its chapters ({len(chapters):,} read)")
             member = posixpath.normpath(posixpath.join(base, href.partition("#")[0]))
             try:
-                text, _ = html_text(read_member(archive, member, name), f"{name}:{member}", limits)
+                text, _ = html_text(read_member(archive, member, name), f"{name}:{member}", limits, all_content=True)
             except DocumentError as exc:
                 if exc.problem == "an HTML page with no text":  # a cover image, a blank page
                     continue

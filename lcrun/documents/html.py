@@ -22,14 +22,32 @@ def _config(limits: ReadLimits) -> Any:
     return config
 
 
-def html_text(data: bytes, name: str, limits: ReadLimits) -> tuple[str, list[str]]:
-    """(Markdown text of the page's main content, warnings)."""
+def _as_article(data: bytes) -> Any:
+    """The page with its whole body as the article: an e-book chapter is all content (trafilatura would take a
+    chapter's heading for the page's title and leave it out)."""
+    import lxml.html
+
+    tree = lxml.html.fromstring(data)
+    body = tree.find(".//body")
+    if body is None:
+        return tree
+    article = lxml.html.Element("article")
+    for child in list(body):
+        article.append(child)
+    article.text, body.text = body.text, None
+    body.append(article)
+    return tree
+
+
+def html_text(data: bytes, name: str, limits: ReadLimits, *, all_content: bool = False) -> tuple[str, list[str]]:
+    """(Markdown text of the page's main content — of all of it with `all_content` — and warnings)."""
     import trafilatura
 
     if len(data) > limits.max_file_bytes:
         raise DocumentError(name, f"{len(data) / (1 << 20):.0f} MiB of HTML, more than the "
                                   f"{limits.max_file_bytes >> 20} MiB lcrun reads from one page")
-    text = trafilatura.extract(data, output_format="markdown", include_comments=False, include_tables=True,
+    source = _as_article(data) if all_content else data
+    text = trafilatura.extract(source, output_format="markdown", include_comments=False, include_tables=True,
                                include_links=False, include_images=False, deduplicate=False, config=_config(limits))
     warnings = []
     if not text or not text.strip():

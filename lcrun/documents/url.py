@@ -10,7 +10,6 @@ from lcrun.errors import DocumentError
 
 from .record import Deadline, ReadLimits
 
-_CHUNK = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -31,7 +30,9 @@ def fetch(url: str, limits: ReadLimits) -> Fetched:
     deadline = Deadline(url, limits.seconds)
     cap = limits.max_url_bytes
     timeout = httpx.Timeout(limits.connect_seconds)
-    headers = {"User-Agent": f"lcrun/{__version__}", "Accept": "text/html, application/pdf, text/*;q=0.9, */*;q=0.5"}
+    # identity: a compressed body could unpack far past the cap within one chunk
+    headers = {"User-Agent": f"lcrun/{__version__}", "Accept-Encoding": "identity",
+               "Accept": "text/html, application/pdf, text/*;q=0.9, */*;q=0.5"}
     try:
         with httpx.Client(follow_redirects=True, max_redirects=limits.max_redirects, timeout=timeout,
                           headers=headers) as client, client.stream("GET", url) as response:
@@ -44,7 +45,7 @@ def fetch(url: str, limits: ReadLimits) -> Fetched:
                                          "lcrun fetches for one document")
             chunks: list[bytes] = []
             received = 0
-            for chunk in response.iter_bytes(_CHUNK):
+            for chunk in response.iter_bytes():  # as they arrive (a chunk size would wait to fill it)
                 received += len(chunk)
                 if received > cap:
                     raise DocumentError(url, f"more than the {cap >> 20} MiB lcrun fetches for one document")
