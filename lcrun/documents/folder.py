@@ -164,7 +164,7 @@ def _check_caps(name: str, found: list[_Candidate], limits: ReadLimits) -> None:
     if len(found) > limits.max_files:
         counts = _biggest(found, lambda c: 1).split(", ")
         named = ", ".join(f"{part.rpartition(' ')[0]} {int(part.rpartition(' ')[2]):,} files" for part in counts)
-        raise DocumentError(name, f"{len(found):,} text files, more than the {limits.max_files:,} lcrun reads from "
+        raise DocumentError(name, f"{len(found):,} files to read, more than the {limits.max_files:,} lcrun reads from "
                                   f"one folder; the most are in {named} (leave some out with --exclude)")
     total = sum(c.size for c in found)
     if total > limits.max_chars:
