@@ -1,8 +1,8 @@
 """A folder or a git checkout: every text file under it, in path order, each introduced by its relative path.
 
 What git would not track is left out: `.gitignore` files at every level (pathspec, MPL-2.0, implements git's
-wildmatch rules and negations), `.git/` itself, and the caches and environments found in folders that have no
-`.gitignore`. Binary files (a NUL in the first 8 KiB, as git decides; or a known binary extension) and generated
+wildmatch rules and negations), `.git/` itself, and — always — caches, environments and OS litter (node_modules/,
+.venv/, __pycache__/, .DS_Store …), which a folder without a `.gitignore` would otherwise pour in. Binary files (a NUL in the first 8 KiB, as git decides; or a known binary extension) and generated
 files (lock files, minified bundles, files stamped `Code generated … DO NOT EDIT` or `@generated`) are skipped and counted.
 Directory symlinks are not followed (no loops); a file symlink is read when it points inside the folder.
 
@@ -22,10 +22,11 @@ from lcrun.errors import DocumentError
 from .record import Deadline, Document, ReadLimits
 from .text import BINARY_SNIFF
 
-# never a project's text: version control, caches, virtual environments, OS litter (as a last-priority ignore file,
-# so a project's own .gitignore can re-include with `!`)
-DEFAULT_IGNORES = (".git/", ".hg/", ".svn/", "__pycache__/", "node_modules/", ".venv/", ".tox/", ".nox/",
-                   ".mypy_cache/", ".pytest_cache/", ".ruff_cache/", ".DS_Store", "*.pyc", "*.pyo")
+# never a project's text, whatever its .gitignore says: version control, caches, virtual environments, OS litter
+DEFAULT_IGNORED_DIRS = frozenset(".git .hg .svn __pycache__ node_modules .venv .tox .nox .mypy_cache .pytest_cache "
+                                 ".ruff_cache".split())
+DEFAULT_IGNORED_FILES = frozenset([".DS_Store"])
+DEFAULT_IGNORED_SUFFIXES = (".pyc", ".pyo")
 BINARY_SUFFIXES = frozenset(
     ".png .jpg .jpeg .gif .bmp .ico .icns .webp .tif .tiff .psd .pdf .zip .gz .tgz .bz2 .xz .zst .7z .rar .tar "
     ".jar .war .whl .egg .so .dylib .dll .exe .o .a .lib .obj .class .pyd .wasm .bin .dat .db .sqlite .sqlite3 "
@@ -52,6 +53,30 @@ def _spec(lines: Sequence[str]) -> Any:
     return pathspec.GitIgnoreSpec.from_lines(lines)
 
 
+class _IgnoreFile:
+    """One .gitignore. pathspec tries each pattern in turn (a regex each); one regex of them all says first whether
+    any matches at all — most paths match none, and then that one test is all they cost."""
+
+    def __init__(self, lines: Sequence[str]) -> None:
+        self.spec = _spec(lines)
+        self.any: re.Pattern[str] | None = None
+        regexes = [getattr(p, "regex", None) for p in self.spec.patterns if p.include is not None]
+        if regexes and all(isinstance(r, re.Pattern) for r in regexes):
+            try:  # named groups (pathspec marks directories with one) cannot repeat in one regex: unnamed
+                self.any = re.compile("|".join(f"(?:{re.sub(r'[(][?]P<[^>]+>', '(?:', r.pattern)})"
+                                               for r in regexes))
+            except re.error:
+                self.any = None
+        elif not regexes:
+            self.any = re.compile(r"(?!)")  # no pattern: matches nothing
+
+    def decides(self, rel: str) -> bool | None:
+        """True ignored, False re-included (a `!` pattern), None: no pattern of this file matches."""
+        if self.any is not None and self.any.match(rel) is None:
+            return None
+        return self.spec.check_file(rel).include
+
+
 def _read_ignore_file(path: str) -> list[str]:
     try:
         with open(path, "rb") as f:
@@ -60,12 +85,12 @@ def _read_ignore_file(path: str) -> list[str]:
         return []
 
 
-def _ignored(rel: str, specs: list[tuple[str, Any]]) -> bool:
+def _ignored(rel: str, specs: list[tuple[str, _IgnoreFile]]) -> bool:
     """git's rule: the deepest .gitignore with a matching pattern decides; in it, the last matching pattern."""
-    for base, spec in reversed(specs):
-        result = spec.check_file(rel[len(base):])
-        if result.include is not None:
-            return bool(result.include)
+    for base, ignore in reversed(specs):
+        decided = ignore.decides(rel[len(base):])
+        if decided is not None:
+            return decided
     return False
 
 
@@ -81,16 +106,16 @@ class _Walk:
         self.skipped[why] = self.skipped.get(why, 0) + 1
 
     def run(self) -> list[_Candidate]:
-        self._dir(self.root, "", [("", _spec(DEFAULT_IGNORES))], 0)
+        self._dir(self.root, "", [], 0)
         return self.found
 
-    def _dir(self, path: str, rel: str, specs: list[tuple[str, Any]], depth: int) -> None:
+    def _dir(self, path: str, rel: str, specs: list[tuple[str, _IgnoreFile]], depth: int) -> None:
         if depth > self.limits.max_depth:
             raise DocumentError(self.name, f"folders nested more than {self.limits.max_depth} deep (at {rel}); "
                                            "give a part of it")
         gitignore = os.path.join(path, ".gitignore")
         if os.path.isfile(gitignore):
-            specs = [*specs, (rel, _spec(_read_ignore_file(gitignore)))]
+            specs = [*specs, (rel, _IgnoreFile(_read_ignore_file(gitignore)))]
         try:
             with os.scandir(path) as it:
                 entries = sorted(it, key=lambda e: e.name)
@@ -102,8 +127,12 @@ class _Walk:
                                            "give a smaller folder or --exclude the big parts")
         self.deadline.check("walking the folder")
         for entry in entries:
-            child = f"{rel}{entry.name}"
+            name = entry.name
+            child = f"{rel}{name}"
             try:
+                if name in DEFAULT_IGNORED_DIRS or name in DEFAULT_IGNORED_FILES or \
+                        name.endswith(DEFAULT_IGNORED_SUFFIXES):
+                    continue
                 if entry.is_symlink():
                     self._symlink(entry, child, specs)
                 elif entry.is_dir(follow_symlinks=False):
@@ -115,7 +144,7 @@ class _Walk:
             except OSError:
                 self.skip("unreadable")
 
-    def _symlink(self, entry: os.DirEntry[str], rel: str, specs: list[tuple[str, Any]]) -> None:
+    def _symlink(self, entry: os.DirEntry[str], rel: str, specs: list[tuple[str, _IgnoreFile]]) -> None:
         if _ignored(rel, specs):
             return
         target = os.path.realpath(entry.path)
@@ -176,19 +205,35 @@ def _check_caps(name: str, found: list[_Candidate], limits: ReadLimits) -> None:
                                   "(leave them out with --exclude)")
 
 
+def _read_up_to(path: str, expected: int, limit: int) -> bytes:
+    """The file's bytes, at most limit + 1 of them. os.read, not open(): a source tree is thousands of small files,
+    and a buffered file object costs more to make than the read; the read asks for the size the walk saw (asking
+    for `limit` would allocate that much), and goes on only if the file grew since."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = os.read(fd, expected + 1)
+        while len(data) <= limit:
+            more = os.read(fd, min(1 << 20, limit + 1 - len(data)))
+            if not more:
+                break
+            data += more
+        return data
+    finally:
+        os.close(fd)
+
+
 def _file_text(candidate: _Candidate, limit: int) -> tuple[str | None, str]:
     """(text, "") or (None, why it is skipped)."""
     try:
-        with open(candidate.path, "rb") as f:
-            data = f.read(limit + 1)
+        data = _read_up_to(candidate.path, min(candidate.size, limit), limit)
     except OSError:
         return None, "unreadable"
-    if not data.strip():
+    if not data or data.isspace():
         return None, "empty"
     if b"\x00" in data[:BINARY_SNIFF] and not data.startswith((b"\xff\xfe", b"\xfe\xff")):
         return None, "binary"
     head = data[:_HEAD]
-    if GENERATED_MARK.search(head):
+    if (b"@generated" in head or b"DO NOT EDIT" in head) and GENERATED_MARK.search(head):
         return None, "generated"
     try:
         text = data.decode("utf-16") if data.startswith((b"\xff\xfe", b"\xfe\xff")) else data.decode("utf-8-sig")
@@ -197,8 +242,9 @@ def _file_text(candidate: _Candidate, limit: int) -> tuple[str | None, str]:
     return text, ""
 
 
-def file_block(rel: str, text: str) -> str:
-    return f'<file path="{rel}">\n{text.strip(chr(10))}\n</file>'
+def file_block(rel: str, text: str) -> list[str]:
+    """A file as it enters the context, in parts (joined once for the whole folder: no copy of each file's text)."""
+    return [f'<file path="{rel}">\n', text, "</file>" if text.endswith("\n") else "\n</file>"]
 
 
 def read_folder(name: str, label: str, root: Path, limits: ReadLimits, *, include: Sequence[str] = (),
@@ -208,9 +254,9 @@ def read_folder(name: str, label: str, root: Path, limits: ReadLimits, *, includ
     found = _glob_filter(walk.run(), include, exclude, walk.skipped)
     found.sort(key=lambda c: c.rel)
     _check_caps(name, found, limits)
-    blocks: list[str] = []
+    parts: list[str] = []
     skipped = walk.skipped
-    total = 0
+    total = files = 0
     for i, candidate in enumerate(found):
         if i % 256 == 0:
             deadline.check(f"reading its files ({i:,} of {len(found):,} read)")
@@ -219,11 +265,14 @@ def read_folder(name: str, label: str, root: Path, limits: ReadLimits, *, includ
             skipped[why] = skipped.get(why, 0) + 1
             continue
         total += candidate.size
-        blocks.append(file_block(candidate.rel, text))
-    if not blocks:
+        if files:
+            parts.append("\n\n")
+        parts += file_block(candidate.rel, text)
+        files += 1
+    if not files:
         raise DocumentError(name, "no text files in this folder" + (f" ({_skipped_words(skipped)} skipped)"
                                                                     if skipped else ""))
-    return Document(name=name, kind="folder", text="\n\n".join(blocks), label=label, files=len(blocks),
+    return Document(name=name, kind="folder", text="".join(parts), label=label, files=files,
                     skipped=dict(sorted(skipped.items())), source_bytes=total)
 
 

@@ -4,7 +4,6 @@ an extension alone. Heavy libraries are imported by the reader that needs them, 
 from __future__ import annotations
 
 import sys
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -51,6 +50,7 @@ def _from_bytes(name: str, label: str, data: bytes, kind: str, limits: ReadLimit
                 charset: str | None = None) -> Document:
     if kind == "zip":
         import io
+        import zipfile
 
         try:
             with zipfile.ZipFile(io.BytesIO(data)) as archive:
