@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import io
 import zipfile
-from pathlib import Path
 
 from lcrun.errors import DocumentError
 
 from .record import ReadLimits
 
 
-def open_zip(name: str, limits: ReadLimits, *, path: Path | None = None, data: bytes | None = None) -> zipfile.ZipFile:
+def open_zip(name: str, limits: ReadLimits, *, data: bytes) -> zipfile.ZipFile:
     try:
-        archive = zipfile.ZipFile(io.BytesIO(data) if data is not None else str(path))
+        archive = zipfile.ZipFile(io.BytesIO(data))
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError) as exc:
         raise DocumentError(name, f"damaged: not a readable zip container ({exc})") from None
     members = archive.infolist()

@@ -4,7 +4,6 @@ container is checked first (archive.py)."""
 from __future__ import annotations
 
 import io
-from pathlib import Path
 from typing import Any
 
 from lcrun.errors import DocumentError
@@ -38,16 +37,14 @@ def _table(table: Any) -> str:
     return "\n".join(rows)
 
 
-def read_docx(name: str, label: str, limits: ReadLimits, *, path: Path | None = None,
-              data: bytes | None = None) -> Document:
+def read_docx(name: str, label: str, data: bytes, limits: ReadLimits) -> Document:
     import docx
     from docx.opc.exceptions import PackageNotFoundError
     from docx.table import Table
 
-    raw = data if data is not None else path.read_bytes()  # type: ignore[union-attr]
-    open_zip(name, limits, data=raw).close()
+    open_zip(name, limits, data=data).close()
     try:
-        document = docx.Document(io.BytesIO(raw))
+        document = docx.Document(io.BytesIO(data))
     except (PackageNotFoundError, KeyError, ValueError) as exc:
         raise DocumentError(name, f"damaged: not a readable Word document ({exc})") from None
     except Exception as exc:  # noqa: BLE001 - lxml and zipfile errors of a malformed part, said in one line
@@ -60,7 +57,7 @@ def read_docx(name: str, label: str, limits: ReadLimits, *, path: Path | None = 
             blocks.append(text)
             chars += len(text)
             if chars > limits.max_chars:
-                raise too_long(name, chars, limits)
+                raise too_long(name, limits)
     if not blocks:
         raise DocumentError(name, "a Word document with no text")
-    return Document(name=name, kind="docx", text="\n\n".join(blocks), label=label, source_bytes=len(raw))
+    return Document(name=name, kind="docx", text="\n\n".join(blocks), label=label, source_bytes=len(data))

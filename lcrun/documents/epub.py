@@ -4,7 +4,6 @@ and no network."""
 from __future__ import annotations
 
 import posixpath
-from pathlib import Path
 from typing import Any
 
 from lcrun.errors import DocumentError
@@ -30,11 +29,9 @@ def _local(tag: Any) -> str:
     return tag.rpartition("}")[2] if isinstance(tag, str) else ""
 
 
-def read_epub(name: str, label: str, limits: ReadLimits, *, path: Path | None = None,
-              data: bytes | None = None) -> Document:
-    raw = data if data is not None else path.read_bytes()  # type: ignore[union-attr]
+def read_epub(name: str, label: str, data: bytes, limits: ReadLimits) -> Document:
     deadline = Deadline(name, limits.seconds)
-    with open_zip(name, limits, data=raw) as archive:
+    with open_zip(name, limits, data=data) as archive:
         container = _xml(read_member(archive, "META-INF/container.xml", name), name, "META-INF/container.xml")
         rootfile = next((e.get("full-path") for e in container.iter() if _local(e.tag) == "rootfile"), None)
         if not rootfile:
@@ -61,8 +58,8 @@ def read_epub(name: str, label: str, limits: ReadLimits, *, path: Path | None = 
             chapters.append(text)
             chars += len(text)
             if chars > limits.max_chars:
-                raise too_long(name, chars, limits)
+                raise too_long(name, limits)
     if not chapters:
         raise DocumentError(name, "an e-book with no text in its chapters")
     return Document(name=name, kind="epub", text="\n\n".join(chapters), label=label, pages=len(chapters),
-                    source_bytes=len(raw))
+                    source_bytes=len(data))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,28 +178,24 @@ def _glob_filter(found: list[_Candidate], include: Sequence[str], exclude: Seque
     return kept
 
 
-def _biggest(found: list[_Candidate], weight: Any) -> str:
-    """The top-level files and folders that weigh most, e.g. "vendor/ 41 MiB, data/ 9 MiB"."""
+def _biggest(found: list[_Candidate], weight: Callable[[_Candidate], int]) -> list[tuple[str, int]]:
+    """The three top-level files and folders that weigh most, e.g. [("vendor/", 41_000_000), ("data/", 9_000_000)]."""
     totals: dict[str, int] = {}
     for c in found:
         head, sep, _ = c.rel.partition("/")
         key = head + "/" if sep else head
         totals[key] = totals.get(key, 0) + weight(c)
-    top = sorted(totals.items(), key=lambda kv: -kv[1])[:3]
-    return ", ".join(f"{key} {value}" for key, value in top)
+    return sorted(totals.items(), key=lambda kv: -kv[1])[:3]
 
 
 def _check_caps(name: str, found: list[_Candidate], limits: ReadLimits) -> None:
     if len(found) > limits.max_files:
-        counts = _biggest(found, lambda c: 1).split(", ")
-        named = ", ".join(f"{part.rpartition(' ')[0]} {int(part.rpartition(' ')[2]):,} files" for part in counts)
-        raise DocumentError(name, f"{len(found):,} files to read, more than the {limits.max_files:,} lcrun reads from "
-                                  f"one folder; the most are in {named} (leave some out with --exclude)")
+        named = ", ".join(f"{part} {n:,} files" for part, n in _biggest(found, lambda c: 1))
+        raise DocumentError(name, f"{len(found):,} files to read, more than the {limits.max_files:,} lcrun reads "
+                                  f"from one folder; the most are in {named} (leave some out with --exclude)")
     total = sum(c.size for c in found)
     if total > limits.max_chars:
-        sizes = _biggest(found, lambda c: c.size).split(", ")
-        named = ", ".join(f"{part.rpartition(' ')[0]} {int(part.rpartition(' ')[2]) / (1 << 20):,.1f} MiB"
-                          for part in sizes)
+        named = ", ".join(f"{part} {n / (1 << 20):,.1f} MiB" for part, n in _biggest(found, lambda c: c.size))
         raise DocumentError(name, f"{total / (1 << 20):,.0f} MiB of text files, more than the "
                                   f"{limits.max_chars >> 20} MiB lcrun reads from one folder; the biggest: {named} "
                                   "(leave them out with --exclude)")

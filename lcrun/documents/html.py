@@ -60,7 +60,7 @@ def html_text(data: bytes, name: str, limits: ReadLimits, *, all_content: bool =
     if not text or not text.strip():
         raise DocumentError(name, "an HTML page with no text")
     if len(text) > limits.max_chars:
-        raise too_long(name, len(text), limits)
+        raise too_long(name, limits)
     return text.strip(), warnings
 
 

@@ -84,7 +84,7 @@ def read_pdf(name: str, label: str, limits: ReadLimits, *, path: Path | None = N
             empty += not text
             chars += len(text)
             if chars > limits.max_chars:
-                raise too_long(name, chars, limits)
+                raise too_long(name, limits)
             parts.append(f"[page {index + 1}]\n{text}" if text else f"[page {index + 1}]")
     finally:
         doc.close()

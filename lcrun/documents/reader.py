@@ -66,11 +66,11 @@ def _from_bytes(name: str, label: str, data: bytes, kind: str, limits: ReadLimit
     if kind == "docx":
         from .docx import read_docx
 
-        return read_docx(name, label, limits, data=data)
+        return read_docx(name, label, data, limits)
     if kind == "epub":
         from .epub import read_epub
 
-        return read_epub(name, label, limits, data=data)
+        return read_epub(name, label, data, limits)
     if kind == "html":
         from .html import read_html
 
@@ -85,7 +85,7 @@ def _from_bytes(name: str, label: str, data: bytes, kind: str, limits: ReadLimit
     if not text.strip():
         raise DocumentError(name, "empty: nothing to add")
     if len(text) > limits.max_chars:
-        raise too_long(name, len(text), limits)
+        raise too_long(name, limits)
     return Document(name=name, kind="text", text=text.strip(), label=label, source_bytes=len(data))
 
 

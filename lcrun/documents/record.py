@@ -82,6 +82,6 @@ class Deadline:
         return max(0.0, self.until - time.monotonic())
 
 
-def too_long(name: str, chars: int, limits: ReadLimits) -> DocumentError:
+def too_long(name: str, limits: ReadLimits) -> DocumentError:
     return DocumentError(name, f"more than {limits.max_chars:,} characters of text (~{limits.max_chars // 4:,} "
                                "tokens, more than any context lcrun plans); give a part of it")
