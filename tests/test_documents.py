@@ -146,11 +146,29 @@ def test_html_is_known_by_its_content_too(tmp_path: Path) -> None:
     assert read_document(str(path)).kind == "html"
 
 
+def test_huge_files_are_refused_from_their_size(tmp_path: Path) -> None:
+    html = tmp_path / "huge.html"
+    with html.open("wb") as f:  # 2 GiB, sparse: nothing of it is on disk, and nothing is read
+        f.write(b"<!doctype html><p>")
+        f.truncate(2 << 30)
+    start = time.monotonic()
+    assert_one_line_error(invoke("read", str(html)), f"{html}: 2,048 MiB, more than the 64 MiB lcrun reads from one "
+                                                     "HTML file")
+    pdf = tmp_path / "huge.pdf"
+    with pdf.open("wb") as f:
+        f.write(b"%PDF-1.7\n")
+        f.truncate(3 << 30)
+    assert_one_line_error(invoke("read", str(pdf)), f"{pdf}: 3.0 GiB, more than the 2 GiB of PDF lcrun reads")
+    assert time.monotonic() - start < 10
+
+
 def test_html_over_the_cap_is_one_line(tmp_path: Path) -> None:
     path = tmp_path / "big.html"
     path.write_text(html_page("Big", ARTICLE * 50), encoding="utf-8")
-    with pytest.raises(DocumentError, match=r"big.html: more than the 0 MiB lcrun reads from one document"):
+    with pytest.raises(DocumentError, match=r"big.html: 0 MiB, more than the 0 MiB lcrun reads from one HTML file"):
         read_document(str(path), replace(ReadLimits(), max_file_bytes=1000))
+    with pytest.raises(DocumentError, match=r"^stdin: more than the 0 MiB lcrun reads from one document"):
+        read_document("-", replace(ReadLimits(), max_file_bytes=1000), stdin=io.BytesIO(path.read_bytes()))
 
 
 # -- DOCX, EPUB -------------------------------------------------------------------------------------------------------

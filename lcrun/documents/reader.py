@@ -115,6 +115,10 @@ def _read_path(text: str, limits: ReadLimits, include: Sequence[str], exclude: S
             from .pdf import read_pdf
 
             return read_pdf(text, path.name, limits, path=path)
+        size = path.stat().st_size
+        if size > limits.max_file_bytes:  # said from the size, before a byte of it is read
+            raise DocumentError(text, f"{size / (1 << 20):,.0f} MiB, more than the {limits.max_file_bytes >> 20} MiB "
+                                      f"lcrun reads from one {'HTML' if kind == 'html' else kind} file")
         with path.open("rb") as f:
             data = _read_capped(f, limits.max_file_bytes, text)
     except PermissionError:
