@@ -230,8 +230,8 @@ Examples:
 @click.option("--allow-ctx-extension", is_flag=True, help="Allow contexts above the model's maximum.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document: the model, devices, every plan and "
               "the largest context that fits per quant and KV type.")
-def estimate(model: str, documents: tuple[str, ...], reserve: int, quants: tuple[str, ...], ctxs: tuple[int, ...], kv_types: tuple[str, ...],
-             cache_type_k: str | None, cache_type_v: str | None, flash_attn: str, ubatch: int, parallel: int,
+def estimate(model: str, documents: tuple[str, ...], reserve: int, quants: tuple[str, ...], ctxs: tuple[int, ...],
+             kv_types: tuple[str, ...], cache_type_k: str | None, cache_type_v: str | None, flash_attn: str, ubatch: int, parallel: int,
              gpu_layers: int | None, gpu_mem: tuple[int, ...], ram: int | None, rpc: list[str] | None,
              rpc_mem: tuple[tuple[str, int], ...], hub_file: str | None, revision: str | None,
              allow_ctx_extension: bool, as_json: bool) -> None:
@@ -244,6 +244,10 @@ def estimate(model: str, documents: tuple[str, ...], reserve: int, quants: tuple
     from .estimate import context_ladder, estimate_grid
     from .model_spec import resolve_model
 
+    if documents:  # read first: a document that cannot be read fails before anything is fetched
+        from .documents import read_documents
+
+        read = read_documents(list(documents))
     spec = resolve_model(model, revision=revision, gguf_file=hub_file)
     contexts = list(ctxs) or context_ladder(spec.n_ctx_train)
     too_long = [c for c in contexts if c > spec.n_ctx_train]
@@ -262,7 +266,7 @@ def estimate(model: str, documents: tuple[str, ...], reserve: int, quants: tuple
                 for k in ((ll_kv,) if ll_kv else kv_types or ("f16",))]
     devices = _devices(gpu_mem, ram, rpc, rpc_mem)
     if documents:
-        _estimate_documents(model, spec, documents, quants, kv_pairs if (ll_kv or kv_types) else None, devices,
+        _estimate_documents(model, spec, read, quants, kv_pairs if (ll_kv or kv_types) else None, devices,
                             reserve=reserve, revision=revision, hub_file=hub_file, flash_attn=flash_attn != "off",
                             n_ubatch=ubatch, n_seq=parallel, n_gpu_layers=gpu_layers, as_json=as_json)
         return
@@ -288,7 +292,7 @@ def estimate(model: str, documents: tuple[str, ...], reserve: int, quants: tuple
     render_estimate(spec.name, "; ".join(spec.notes) or spec.source, devices, plans, largest, make_console())
 
 
-def _estimate_documents(model: str, spec: Any, documents: tuple[str, ...], quants: tuple[str, ...],
+def _estimate_documents(model: str, spec: Any, documents: list[Any], quants: tuple[str, ...],
                         kv_pairs: list[tuple[str, str]] | None, devices: list[Any], *, as_json: bool,
                         **options: Any) -> None:
     from .estimate_documents import estimate_documents

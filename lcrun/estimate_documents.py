@@ -9,7 +9,7 @@ from typing import Any
 
 from .context_fit import ContextFit, fit_context
 from .devices import Device
-from .documents import Document, read_documents
+from .documents import Document
 from .model_spec import ModelSpec
 
 
@@ -28,18 +28,18 @@ class DocumentEstimate:
                 "tokens": self.total_tokens, "fits": [f.to_dict() for f in self.fits]}
 
 
-def estimate_documents(model: str, spec: ModelSpec, sources: Sequence[str], quants: Sequence[str],
+def estimate_documents(model: str, spec: ModelSpec, documents: Sequence[Document], quants: Sequence[str],
                        devices: list[Device], *, kv_pairs: Sequence[tuple[str, str]] | None = None,
                        reserve: int, revision: str | None = None, hub_file: str | None = None,
                        **plan_options: Any) -> DocumentEstimate:
-    """Documents read first (a bad one fails before anything is fetched), then counted with MODEL's tokenizer."""
+    """The documents (read by the caller, before anything was fetched) counted with MODEL's tokenizer, and the fit
+    per quant."""
     from .documents.tokens import document_tokens
     from .model_vocab import open_vocabulary
 
-    documents = read_documents(list(sources))
     with open_vocabulary(model, spec=spec, revision=revision, hub_file=hub_file) as vocabulary:
         tokens = document_tokens(documents, vocabulary)
     total = sum(tokens)
     fits = [fit_context(spec, quant, devices, total, reserve=reserve, kv_types=kv_pairs, **plan_options)
             for quant in quants]
-    return DocumentEstimate(documents, tokens, fits)
+    return DocumentEstimate(list(documents), tokens, fits)
