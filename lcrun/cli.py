@@ -56,7 +56,7 @@ class _Commands(click.Group):
     """The commands defined here, and those in modules of their own (found by name: no module imports this one)."""
 
     elsewhere = {"chat": "lcrun.chat_cli", "niah": "lcrun.niah_cli", "bench": "lcrun.bench_cli",
-                 "worker": "lcrun.worker_cli", "serve": "lcrun.serve_cli"}
+                 "worker": "lcrun.worker_cli", "serve": "lcrun.serve_cli", "read": "lcrun.read_cli"}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *self.elsewhere])
@@ -205,21 +205,29 @@ Examples:
   lcrun estimate gradientai/Llama-3-70B-Instruct-Gradient-1048k --quant Q4_K_M --kv-type q8_0
   lcrun estimate llama-3.1-8b --quant Q8_0 --quant Q4_K_M --ctx 32k --ctx 128k --gpu-mem 24G
   lcrun estimate ./Llama-3.1-8B-Instruct-Q4_K_M.gguf --kv-type f16 --kv-type q4_0 --json
+  lcrun estimate meta-llama/Llama-3.1-8B-Instruct --file paper.pdf     # its tokenizer alone is fetched
+  lcrun estimate bartowski/Meta-Llama-3.1-8B-Instruct-GGUF:Q4_K_M -f ./src --ram 24G
 """)
 @click.argument("model")
+@click.option("-f", "--file", "documents", multiple=True, metavar="DOC",
+              help="Count DOC (a file, folder, URL or -: as `lcrun read` reads it) with MODEL's own tokenizer, "
+                   "fetched alone (no weights), and say what context and memory it needs and what fits here "
+                   "(repeatable; the Hub GGUF is then --hf-file).")
+@click.option("--reserve", type=click.IntRange(0), default=1024, show_default=True, metavar="N",
+              help="With --file: tokens kept for the answer beside the documents.")
 @click.option("--quant", "quants", multiple=True, metavar="TYPE",
               help="Quant type(s) to plan for (repeatable; default Q8_0 and Q4_K_M; a GGUF file has its own).")
 @context_option("Context length(s), e.g. 32k, 128k, 1M (repeatable; default: a ladder up to the model's "
                 "maximum).", dest="ctxs", multiple=True)
 @click.option("--kv-type", "kv_types", type=KV_TYPE, multiple=True, metavar="K[/V]",
               help=f"{KV_TYPE_HELP} (repeatable; default f16).")
-@machine_options
+@machine_options(file_flag_free=True)
 @click.option("--allow-ctx-extension", is_flag=True, help="Allow contexts above the model's maximum.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document: the model, devices, every plan and "
               "the largest context that fits per quant and KV type.")
-def estimate(model: str, quants: tuple[str, ...], ctxs: tuple[int, ...], kv_types: tuple[str, ...],
-             cache_type_k: str | None, cache_type_v: str | None, flash_attn: str, ubatch: int, parallel: int,
-             gpu_layers: int | None, gpu_mem: tuple[int, ...], ram: int | None, rpc: list[str] | None,
+def estimate(model: str, documents: tuple[str, ...], reserve: int, quants: tuple[str, ...], ctxs: tuple[int, ...],
+             kv_types: tuple[str, ...], cache_type_k: str | None, cache_type_v: str | None, flash_attn: str,
+             ubatch: int, parallel: int, gpu_layers: int | None, gpu_mem: tuple[int, ...], ram: int | None, rpc: list[str] | None,
              rpc_mem: tuple[tuple[str, int], ...], hub_file: str | None, revision: str | None,
              allow_ctx_extension: bool, as_json: bool) -> None:
     """How much memory MODEL needs at each quant, context and KV type — and what fits here — before download.
@@ -233,6 +241,10 @@ def estimate(model: str, quants: tuple[str, ...], ctxs: tuple[int, ...], kv_type
     from .memory_model import parse_kv_type
     from .model_spec import resolve_model
 
+    if documents:  # read first: a document that cannot be read fails before anything is fetched
+        from .documents import read_documents
+
+        read = read_documents(list(documents))
     spec = resolve_model(model, revision=revision, gguf_file=hub_file)
     contexts = [c for c in ctxs if c is not None] or context_ladder(spec.n_ctx_train)
     too_long = [c for c in contexts if c > spec.n_ctx_train]
@@ -247,8 +259,14 @@ def estimate(model: str, quants: tuple[str, ...], ctxs: tuple[int, ...], kv_type
     ll_kv = kv_type_from(None, cache_type_k, cache_type_v)
     if ll_kv and kv_types:
         raise click.UsageError("give the KV cache types once: --kv-type K[/V], or -ctk/-ctv")
-    kv_pairs = [parse_kv_type(k) for k in ((ll_kv,) if ll_kv else [k for k in kv_types if k] or ["f16"])]
+    given_kv = [k for k in kv_types if k]
+    kv_pairs = [parse_kv_type(k) for k in ((ll_kv,) if ll_kv else given_kv or ["f16"])]
     devices = run_devices(gpu_mem, ram, rpc or (), worker_memory_map(rpc_mem))
+    if documents:
+        _estimate_documents(model, spec, read, quants, kv_pairs if (ll_kv or given_kv) else None, devices,
+                            reserve=reserve, revision=revision, hub_file=hub_file, flash_attn=flash_attn != "off",
+                            n_ubatch=ubatch, n_seq=parallel, n_gpu_layers=gpu_layers, as_json=as_json)
+        return
     try:
         estimates, largest = estimate_grid(spec, quants, contexts, kv_pairs, devices, flash_attn=flash_attn != "off",
                                        n_ubatch=ubatch, n_seq=parallel, n_gpu_layers=gpu_layers,
@@ -269,6 +287,25 @@ def estimate(model: str, quants: tuple[str, ...], ctxs: tuple[int, ...], kv_type
     from .ui.estimate_view import render_estimate
 
     render_estimate(spec.name, "; ".join(spec.notes) or spec.source, devices, estimates, largest, make_console())
+
+
+def _estimate_documents(model: str, spec: Any, documents: list[Any], quants: tuple[str, ...],
+                        kv_pairs: list[tuple[str, str]] | None, devices: list[Any], *, as_json: bool,
+                        **options: Any) -> None:
+    from .estimate_documents import estimate_documents
+
+    result = estimate_documents(model, spec, documents, quants, devices, kv_pairs=kv_pairs, **options)
+    if as_json:
+        from dataclasses import asdict
+
+        click.echo(json.dumps({"model": spec.name, "source": spec.source, "notes": spec.notes,
+                               "devices": [asdict(d) for d in devices], **result.to_dict()}, indent=2))
+        return
+    from .ui.console import make_console
+    from .ui.estimate_view import render_document_estimate
+
+    render_document_estimate(spec.name, "; ".join(spec.notes) or spec.source, devices, result, make_console())
+
 
 
 @cli.command(epilog="""\b

@@ -21,7 +21,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 # llama.cpp's (and llama-server's) spellings beside them as aliases of the same option.
 _HUB_FILE_HELP = "When MODEL is a Hub repo and its :QUANT does not pick one file: the GGUF in it (llama.cpp's -hff)."
 HUB_FILE = click.option("--hf-file", "--file", "hub_file", metavar="NAME.gguf", help=_HUB_FILE_HELP)
-# chat, where --file adds a document
+# chat and estimate, where --file adds a document
 HUB_FILE_ONLY = click.option("--hf-file", "hub_file", metavar="NAME.gguf", help=_HUB_FILE_HELP)
 REVISION = click.option("--revision", help="Hub revision (branch, tag or commit).")
 CACHE_TYPE_K = click.option("-ctk", "--cache-type-k", metavar="TYPE",
@@ -97,9 +97,16 @@ def _apply(options: list[Callable[..., Any]], func: Callable[..., Any]) -> Calla
     return func
 
 
-def machine_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """The options that describe the machine and its workers (`estimate`, `plan`)."""
-    return _apply(_MACHINE_OPTIONS, func)
+def machine_options(func: Callable[..., Any] | None = None, *,
+                    file_flag_free: bool = False) -> Callable[..., Any]:
+    """The options that describe the machine and its workers (`estimate`, `plan`): `@machine_options`, or
+    `@machine_options(file_flag_free=True)` where --file is the command's own (estimate's documents), so only
+    --hf-file names a Hub repo's GGUF, as in chat."""
+    options = [HUB_FILE_ONLY if option is HUB_FILE else option for option in _MACHINE_OPTIONS] \
+        if file_flag_free else _MACHINE_OPTIONS
+    if func is None:
+        return lambda f: _apply(options, f)
+    return _apply(options, func)
 
 
 def launch_options(*, chat: bool = True, file_flag_free: bool = False) -> Callable[[F], F]:

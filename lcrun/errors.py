@@ -22,3 +22,7 @@ class HubUnreachable(HubError):
 
 class EngineError(LcrunError):
     """llama.cpp failed to load or run a model."""
+
+
+class DocumentError(LcrunError):
+    """A document (file, folder, URL, standard input) that cannot be read into the context."""

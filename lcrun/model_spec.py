@@ -34,6 +34,7 @@ class ModelSpec:
     notes: list[str] = field(default_factory=list)
     rope_theta: float | None = None                    # as the file or config says (for override warnings)
     rope_scaling: str | None = None
+    vocab_header: GGUFHeader | None = None             # a Hub GGUF's header: its tokenizer, without a second fetch
 
 
 def _from_adapter(adapter: ModelAdapter, name: str, source: str) -> ModelSpec:
@@ -206,5 +207,6 @@ def _spec_from_remote_gguf(repo_id: str, filename: str, revision: str | None) ->
     where = f"{repo_id}/{filename}"
     spec = _spec_from_headers(headers, headers[0], where, where)
     spec.source = "hub"
+    spec.vocab_header = headers[0]
     spec.notes.append(f"GGUF header of {repo_id}/{filename} read by range requests (no weights downloaded)")
     return spec

@@ -24,7 +24,7 @@ class PlanRefused(LcrunError):
     """No setting fits; the message says what would."""
 
 
-def _kv_candidates(spec: ModelSpec, kv_type: str | None, flash_attn: bool) -> list[tuple[str, str]]:
+def kv_candidates(spec: ModelSpec, kv_type: str | None, flash_attn: bool) -> list[tuple[str, str]]:
     from .estimate import model_shape
 
     if kv_type:
@@ -76,7 +76,7 @@ def choose(spec: ModelSpec, quant: str, devices: list[Device], *, ctx: int | Non
     target = ctx or spec.n_ctx_train
     options = dict(flash_attn=fa, n_ubatch=n_ubatch, n_seq=n_seq, n_gpu_layers=n_gpu_layers)
     best: tuple[int, tuple[str, str]] | None = None
-    candidates = _kv_candidates(spec, kv_type, fa)
+    candidates = kv_candidates(spec, kv_type, fa)
     for type_k, type_v in candidates:
         try:
             estimate = estimate_memory(spec, quant, target, devices, type_k=type_k, type_v=type_v, **options)

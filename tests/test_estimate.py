@@ -142,7 +142,7 @@ def test_hub_gguf_repo_reads_only_the_header(fake_hub: FakeHub, tmp_path: Path) 
     assert invoke("convert", str(tmp_path / "ck"), "-o", str(model), "--outtype", "q8_0", "-q").exit_code == 0
     assert model.stat().st_size > 8 << 20  # far more than one header read
     fake_hub.add_repo("org/Tiny-GGUF", {"m-Q8_0.gguf": model.read_bytes()})
-    [plan] = plans(invoke("estimate", "org/Tiny-GGUF", "--file", "m-Q8_0.gguf", "--ctx", "1k", "--ram", "8G", "--json"))
+    [plan] = plans(invoke("estimate", "org/Tiny-GGUF", "--hf-file", "m-Q8_0.gguf", "--ctx", "1k", "--ram", "8G", "--json"))
     assert plan["weights_bytes"] == sum(int(t.n_bytes) for t in gguf.GGUFReader(model).tensors)
     assert plan["quant"] == "Q8_0"
     assert 0 < fake_hub.bytes_served() <= 1 << 20  # one 1 MiB range read holds this header; no tensor data beyond

@@ -6,6 +6,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from lcrun.documents.record import wrap_document
+
 from .template import ChatRenderer
 
 
@@ -22,7 +24,7 @@ class Message:
 
 
 def document_text(name: str, text: str) -> str:
-    return f'<document name="{name}">\n{text.strip()}\n</document>'
+    return wrap_document(name, text)  # one wrapping for the chat and `lcrun read`
 
 
 @dataclass

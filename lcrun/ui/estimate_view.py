@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -88,3 +89,33 @@ def render_spread(estimates: Sequence[MemoryEstimate], console: Console) -> None
         if estimate.shortfall_bytes:
             console.print(f"  {estimate.shortfall_bytes / GIB:,.1f} GiB more memory is needed over all hosts",
                           highlight=False)
+
+
+def render_document_estimate(model: str, source_note: str, devices: Sequence[Device], estimate: Any,
+                             console: Console) -> None:
+    """The documents' tokens for this model, then per quant and KV type the memory at the context they need, and
+    the one line that says what to run."""
+    machine = ", ".join(f"{d.name} {_gib(d.free_bytes)} GiB free{'' if d.detected else ' (given)'}" for d in devices)
+    console.print(Text(f"{model}  ·  {source_note}", style="bold"))
+    console.print(Text(f"machine: {machine}", style="dim"))
+    for document, tokens in zip(estimate.documents, estimate.tokens):
+        size = (f"{document.pages:,} pages, " if document.pages is not None else "") + \
+               (f"{document.files:,} files, " if document.files is not None else "")
+        console.print(f"{document.name}: {document.kind}, {size}{document.characters:,} characters — "
+                      f"[bold]{tokens:,} tokens[/] for this model")
+        for warning in document.warnings:
+            console.print(f"[yellow]warning:[/] {warning}")
+    table = Table(caption="GiB: total = weights + KV + compute + output at that context", caption_justify="left")
+    for name, justify in (("quant", "left"), ("context", "right"), ("KV", "left"), ("total GiB", "right"),
+                          ("here", "left")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for fit in estimate.fits:
+        for option in fit.options:
+            kv = option.type_k if option.type_k == option.type_v else f"{option.type_k}/{option.type_v}"
+            table.add_row(fit.quant, f"{fit.needed_ctx:,}", kv, _gib(option.estimate.total_bytes),
+                          Text("fits", style="green") if option.fits else Text("does not fit", style="red"))
+    if any(fit.options for fit in estimate.fits):
+        console.print(table)
+    for fit in estimate.fits:
+        style = "green" if fit.fits else "red"
+        console.print(Text(f"{fit.quant}: ", style="bold") + Text(fit.fix(), style=style))
