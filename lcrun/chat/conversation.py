@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .prompt_tokens import render_marked
 from .template import ChatRenderer
 
 
@@ -36,7 +37,9 @@ class Conversation:
 
     def render(self, template: ChatRenderer, *, add_generation_prompt: bool = True,
                messages: list[Message] | None = None) -> str:
-        return template.render(self.template_messages(messages), add_generation_prompt=add_generation_prompt)
+        """The prompt with the messages' text marked as content (prompt_tokens.py): tokenized, it has special tokens
+        only where the template put them."""
+        return render_marked(template, self.template_messages(messages), add_generation_prompt=add_generation_prompt)
 
     def droppable_turn(self) -> tuple[int, int] | None:
         """[start, end) of the oldest unpinned turn (a user message and the replies after it), never the last

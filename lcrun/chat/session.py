@@ -19,7 +19,7 @@ from lcrun.errors import LcrunError
 from .conversation import Conversation, Fitted, Message, document_text, fit_to_context
 from .documents import DocumentError, read_document
 from .history import History
-from .prompt_tokens import PromptTokenizer
+from .prompt_tokens import PromptTokenizer, as_content
 from .formats import FormatChoice, choose_format, engine_renderer, engine_vocabulary
 from .template import ChatRenderer, TemplateError
 
@@ -103,15 +103,7 @@ class ChatSession:
         self.stats = SessionStats()
         special = engine.special_tokens()
         self.stop_tokens = {special[k] for k in ("eos", "eot") if k in special}
-        try:
-            probe = self.template.render([{"role": "system", "content": "Probe one."},
-                                          {"role": "user", "content": "Two"},
-                                          {"role": "assistant", "content": " three\n"},
-                                          {"role": "user", "content": "4"}])
-        except TemplateError:
-            probe = ""  # no probe, no splitting: whole-prompt tokenization is always right
-        self.tokenize = PromptTokenizer.for_template(engine.tokenize, engine.token_text, self.template.source,
-                                                     [engine.token_text(t) for t in special.values()], probe)
+        self.tokenize = PromptTokenizer(engine.tokenize, engine.token_text)
 
     # -- sizes --------------------------------------------------------------------------------------------------
     @property
@@ -188,7 +180,7 @@ class ChatSession:
         messages.append(Message("assistant", reply, interrupted=finished.reason == "cancelled"))
         cached = self.engine.cached_tokens
         stop_text = self.engine.token_text(cached[-1]) if finished.reason == "stop" and cached else ""
-        self.tokenize.remember(fitted.text + reply + stop_text, cached)
+        self.tokenize.remember(fitted.text + as_content(reply) + stop_text, cached)
         if finished.reason == "length" and finished.completion_tokens >= room:
             yield Notice("the reply filled the context; the next turn drops the oldest turns", "warning")
         self._record(question, reply, finished)

@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from lcrun.chat.prompt_tokens import MarkedText, PromptTokenizer, as_content, render_marked
 from lcrun.chat.template import ChatRenderer
 from lcrun.errors import LcrunError
 from lcrun.engine.protocol import Sampling, SequenceEngineProtocol
@@ -56,6 +57,10 @@ class ServerState:
     created: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
     replies: ReplyMemory = field(default_factory=ReplyMemory)
+    prompt_tokens: PromptTokenizer = field(init=False)    # special tokens only where the template put them
+
+    def __post_init__(self) -> None:
+        self.prompt_tokens = PromptTokenizer(self.engine.tokenize, self.engine.token_text)
 
     @property
     def n_ctx_slot(self) -> int:
@@ -174,11 +179,11 @@ async def _chat_completions(state: ServerState, request: Request) -> Response:
         if state.template is None:
             raise oa.bad_request("this model has no chat template; use /v1/completions", param="messages")
         try:
-            text = state.template.render(req.template_messages())
+            text = render_marked(state.template, req.template_messages())
         except LcrunError as exc:  # a Jinja template that refuses them, or llama.cpp refusing a built-in format
             raise oa.bad_request(f"the model's chat template refused the messages: {exc}",
                                  param="messages") from None
-        return req, model, _tokenize(state, text, add_bos=False), text
+        return req, model, _tokenize_chat(state, text), text
 
     req, model, tokens, text = await to_thread.run_sync(prepare)
     return await _run(state, request, req, model, "chat", tokens, "messages", rendered=text)
@@ -192,7 +197,8 @@ async def _completions(state: ServerState, request: Request) -> Response:
         model = _model(state, req.model)
         prompt = req.single_prompt()
         if isinstance(prompt, str):
-            return req, model, _tokenize(state, prompt, add_bos=True)
+            # the client writes the whole prompt, special tokens included (as llama-server's /completion): parsed
+            return req, model, state.engine.tokenize(prompt, special=True, add_bos=True)
         n_vocab = getattr(state.engine, "n_vocab", None)
         if n_vocab is not None and any(not 0 <= t < n_vocab for t in prompt):
             raise oa.bad_request(f"prompt: token ids must be in [0, {n_vocab})", param="prompt")
@@ -209,10 +215,10 @@ def _model(state: ServerState, name: str | None) -> str:
                            "(see /v1/models)", param="model", code="model_not_found")
 
 
-def _tokenize(state: ServerState, text: str, *, add_bos: bool) -> list[int]:
-    plain = lambda t: state.engine.tokenize(t, special=True, add_bos=add_bos)  # noqa: E731
+def _tokenize_chat(state: ServerState, text: MarkedText) -> list[int]:
+    tokenize = lambda t: state.prompt_tokens(MarkedText(t, text.contents))  # noqa: E731
     # a rendered chat ends with its replies: their sampled tokens, as the KV cache holds them
-    return plain(text) if add_bos else state.replies.tokenize(text, plain)
+    return state.replies.tokenize(text, tokenize)
 
 
 def _sampling(req: oa._Generation) -> Sampling:
@@ -248,7 +254,7 @@ async def _run(state: ServerState, request: Request, req: Any, model: str, kind:
     def finished(text: str, done: Done) -> None:
         if rendered is not None and done.tokens is not None:
             end = state.engine.token_text(done.tokens[-1]) if done.finish_reason == "stop" else ""
-            state.replies.remember(rendered + text + end, tokens + list(done.tokens))
+            state.replies.remember(rendered + as_content(text) + end, tokens + list(done.tokens))
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
