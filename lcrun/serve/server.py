@@ -79,13 +79,10 @@ def prepare(engine: SequenceEngineProtocol, options: ServeOptions, *, model_id: 
             chat_format: FormatChoice | None = None) -> ServerState:
     """Everything but the socket: metrics, the disk cache, the scheduler (not started) and the app's state."""
     config = engine.config
-    if fingerprint is None:
-        from lcrun.engine.runtime import LLAMA_CPP_PYTHON_VERSION
-
+    if fingerprint is None:  # the installed llama-cpp-python's version in it, not the one lcrun pins
         fingerprint = model_fingerprint(Path(config.model_path), type_k=config.type_k, type_v=config.type_v,
                                         flash_attn=config.flash_attn, rope_freq_base=config.rope_freq_base,
-                                        rope_freq_scale=config.rope_freq_scale,
-                                        engine_version=LLAMA_CPP_PYTHON_VERSION)
+                                        rope_freq_scale=config.rope_freq_scale)
     metrics = Metrics()
     cache = None
     if options.cache_dir is not None:
