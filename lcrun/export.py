@@ -10,6 +10,16 @@ from lcrun.convert.convert import OUTTYPES, ConvertResult, SourceInfo, convert_c
 from lcrun.convert.gguf_out import partial_path
 
 from .errors import GGUFFileError, LcrunError
+from .process_files import fsync_directory, process_tag, remove_stale
+
+# a convert to a llama.cpp quant type writes a full-precision intermediate beside the output, named by its process
+_INTERMEDIATE = r"\.lcrun-intermediate-(\d+-\d+)\.gguf(?:\.partial)?"
+_OLD_INTERMEDIATE = r"\.lcrun-intermediate-\d+\.gguf(?:\.partial)?"   # lcrun before writers were named
+
+
+def remove_stale_intermediates(directory: Path) -> list[Path]:
+    """Intermediates a killed convert left (each the size of the whole model): removed once their writer is gone."""
+    return remove_stale(directory, _INTERMEDIATE, untagged=_OLD_INTERMEDIATE)
 
 # a phase name ("download", "convert", "quantize") → a progress callback (done, total)
 ProgressFactory = Callable[[str], Callable[[int, int], None] | None]
@@ -60,12 +70,14 @@ def quantize_file(src: Path, dst: Path, qtype: str, *, force: bool = False, thre
     check_not_existing(dst, force)
     if not dst.parent.is_dir() or not os.access(dst.parent, os.W_OK):
         raise LcrunError(dst.parent, "output directory does not exist or is not writable")
+    remove_stale_intermediates(dst.parent)
     tmp = partial_path(dst)
     try:
         quantize_gguf(src, tmp, qtype, threads=threads, progress=progress)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, dst)
+        fsync_directory(dst.parent)  # the rename itself survives a crash
     finally:
         tmp.unlink(missing_ok=True)
     try:
@@ -101,7 +113,8 @@ def export_model(src: str, out: Path | None, outtype: str = "auto", *, revision:
         check_not_existing(out, force)
     # llama.cpp quantizes best from 16-bit (or f32) weights: keep the source precision for the intermediate
     intermediate_dir = (out.parent if out is not None else Path.cwd())
-    intermediate = intermediate_dir / f".lcrun-intermediate-{os.getpid()}.gguf"
+    remove_stale_intermediates(intermediate_dir)
+    intermediate = intermediate_dir / f".lcrun-intermediate-{process_tag()}.gguf"
     try:
         result = convert_checkpoint(model_dir, intermediate, outtype="auto", rope_theta=rope_theta, ctx=ctx,
                                     force=True, progress=progress("convert"), source=source, threads=threads)

@@ -13,6 +13,7 @@ from lcrun.chat.session import ChatSession, Notice, kv_state_path
 from lcrun.engine.protocol import Finished, PrefillProgress, TextChunk
 from lcrun.errors import EngineError
 from lcrun.launch import Launch
+from lcrun.model_identity import file_identity
 
 from .chat_repl import ChatRepl, show_events, sigint_cancels
 from .model_loading import load_engine
@@ -28,7 +29,7 @@ def chat_with_engine(launch: Launch, chat_format: FormatChoice | None, options: 
         history = None if options.no_history else History(options.history_file or default_history_path())
         session = ChatSession(
             engine, chat_format=chat_format, system=options.system, max_tokens=options.max_tokens, history=history,
-            model_name=path.name,
+            model_name=path.name, model_identity=file_identity(path),
             sampling=options.sampling,
             session_path=options.session_file,
         )
@@ -98,7 +99,11 @@ def _restore(session: ChatSession, engine, path: Path, console) -> None:  # type
     session.load(path)
     kv = kv_state_path(path)
     restored = 0
-    if kv.exists():
+    refusal = session.kv_refusal() if kv.exists() else None
+    if refusal is not None:
+        console.print(f"[yellow]warning:[/] {path.name}: {refusal}; the conversation will be prefilled again",
+                      highlight=False)
+    elif kv.exists():
         try:
             restored = engine.load_state(kv)
         except EngineError as exc:
