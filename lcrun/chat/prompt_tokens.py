@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import re
 import threading
+from array import array
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 OPEN, CLOSE = "\ufdd0", "\ufdd1"
 _MARKS = re.compile(f"([{OPEN}{CLOSE}])")
-_MEMO_CHARS = 64 << 20
+MEMO_MIN_CHARS = 1024      # shorter fragments are cheaper to tokenize again than to keep
 _SPACE = " \t\n\r\f\v"   # what llama.cpp's lstrip/rstrip token attributes strip (isspace)
 
 
@@ -121,13 +122,17 @@ Part = str | int   # text, or a control token's id
 
 class PromptTokenizer:
     """`tokenize(text, special=…, add_bos=…)` and `token_text(id)` are the engine's. Thread-safe (the server calls it
-    from several worker threads)."""
+    from several worker threads). Fragments of at least MEMO_MIN_CHARS are remembered, up to `memo_tokens` tokens in
+    all (4 bytes each; the memo starts over when full)."""
 
-    def __init__(self, tokenize: Callable[..., list[int]], token_text: Callable[[int], str]) -> None:
+    def __init__(self, tokenize: Callable[..., list[int]], token_text: Callable[[int], str], *,
+                 memo_tokens: int = 16 << 20) -> None:
         self._tokenize = tokenize
         self._token_text = token_text
         self._lock = threading.Lock()
-        self._memo: dict[str, list[int]] = {}              # text fragment → its tokens
+        self._memo_tokens = memo_tokens
+        self._memo_size = 0
+        self._memo: dict[str, array] = {}                  # text fragment → its tokens
         self._parts: dict[str, tuple[Part, ...]] = {}       # template text → its text and control tokens
         self._control: dict[int, tuple[bool, bool] | None] = {}   # id → (lstrip, rstrip) if a control token
         self._known: tuple[str, list[int]] | None = None
@@ -188,13 +193,17 @@ class PromptTokenizer:
                 out.append(part)
                 continue
             with self._lock:
-                tokens = self._memo.get(part)
-            if tokens is None:
-                tokens = self._tokenize(part, special=False)
+                known = self._memo.get(part)
+            if known is not None:
+                out += known
+                continue
+            tokens = self._tokenize(part, special=False)
+            if len(part) >= MEMO_MIN_CHARS and len(tokens) <= self._memo_tokens:
                 with self._lock:
-                    if sum(map(len, self._memo)) + len(part) > _MEMO_CHARS:
-                        self._memo = {}
-                    self._memo[part] = tokens
+                    if self._memo_size + len(tokens) > self._memo_tokens:
+                        self._memo, self._memo_size = {}, 0
+                    self._memo[part] = array("i", tokens)
+                    self._memo_size += len(tokens)
             out += tokens
         return out
 

@@ -2,7 +2,8 @@
 
 `POST /v1/chat/completions` renders the messages with the model's chat template, `POST /v1/completions` takes a prompt
 as text or token ids; both answer in one JSON body or, with `"stream": true`, as server-sent events ending in
-`data: [DONE]`. `GET /v1/models`, `GET /health` and `GET /metrics` (Prometheus) complete it. Every error is an OpenAI
+`data: [DONE]`. `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus) and `GET /openapi.json` (the request
+schemas, from the pydantic models) complete it. Every error is an OpenAI
 error object. A streaming client that disconnects cancels its generation (Starlette cancels the response when the
 server reports the disconnect; the scheduler frees the slot at its next step); a non-streaming one too."""
 from __future__ import annotations
@@ -36,8 +37,10 @@ from .scheduler import Delta, Done, Failed, Job, JobEvent, Scheduler
 
 log = logging.getLogger("lcrun.serve")
 
-PUBLIC_PATHS = frozenset({"/health", "/v1/models"})   # as llama-server: no key needed to see that it is up
-ENDPOINTS = frozenset({"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"})
+# as llama-server: no key needed to see that it is up; the API's shape is no secret either
+PUBLIC_PATHS = frozenset({"/health", "/v1/models", "/openapi.json"})
+ENDPOINTS = frozenset({"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",
+                       "/openapi.json"})
 
 
 def _loopback_edge() -> EdgePolicy:
@@ -60,7 +63,8 @@ class ServerState:
     prompt_tokens: PromptTokenizer = field(init=False)    # special tokens only where the template put them
 
     def __post_init__(self) -> None:
-        self.prompt_tokens = PromptTokenizer(self.engine.tokenize, self.engine.token_text)
+        # a small memo: long system prompts and documents that many requests share, not every client's text
+        self.prompt_tokens = PromptTokenizer(self.engine.tokenize, self.engine.token_text, memo_tokens=2 << 20)
 
     @property
     def n_ctx_slot(self) -> int:
@@ -72,6 +76,7 @@ def create_app(state: ServerState) -> ASGIApp:
         Route("/health", _endpoint(state, _health), methods=["GET"]),
         Route("/metrics", _endpoint(state, _metrics), methods=["GET"]),
         Route("/v1/models", _endpoint(state, _models), methods=["GET"]),
+        Route("/openapi.json", _endpoint(state, _openapi), methods=["GET"]),
         Route("/v1/chat/completions", _endpoint(state, _chat_completions), methods=["POST"]),
         Route("/v1/completions", _endpoint(state, _completions), methods=["POST"]),
     ]
@@ -163,6 +168,14 @@ async def _models(state: ServerState, request: Request) -> Response:
     return JSONResponse({"object": "list", "data": [
         {"id": state.model_id, "object": "model", "created": state.created, "owned_by": "lcrun", "meta": state.meta}
     ]})
+
+
+async def _openapi(state: ServerState, request: Request) -> Response:
+    from lcrun import __version__
+
+    from .openapi import openapi_document
+
+    return JSONResponse(openapi_document(__version__))
 
 
 # -- completions -----------------------------------------------------------------------------------------------------
