@@ -217,7 +217,7 @@ def test_tokenizing_a_prompt_leaves_the_event_loop_free(server: LiveServer, engi
     assert entered.wait(10)
     started = time.monotonic()
     assert http("GET", server.url + "/health")[0] == 200
-    assert time.monotonic() - started < 0.75   # answered while the short prompt is still being tokenized
+    assert time.monotonic() - started < 1.0   # answered while the short prompt is still being tokenized (1.5 s)
     request.join(30)
 
 
