@@ -9,8 +9,19 @@ from pathlib import Path
 from lcrun.convert.convert import OUTTYPES, ConvertResult, SourceInfo, convert_checkpoint
 from lcrun.convert.gguf_out import partial_path
 
-from .atomic_files import atomic_output
+from .atomic_files import atomic_output, remove_stale_partials
 from .errors import GGUFFileError, LcrunError
+from .process_files import process_tag, remove_stale
+
+# a convert to a llama.cpp quant type writes a full-precision intermediate beside the output, named by its process
+_INTERMEDIATE = r"\.lcrun-intermediate-(\d+-\d+)\.gguf(?:\.partial)?"
+_OLD_INTERMEDIATE = r"\.lcrun-intermediate-\d+\.gguf(?:\.partial)?"   # lcrun before writers were named
+
+
+def remove_stale_intermediates(directory: Path) -> list[Path]:
+    """Intermediates a killed convert left (each the size of the whole model): removed once their writer is gone."""
+    return remove_stale(directory, _INTERMEDIATE, untagged=_OLD_INTERMEDIATE)
+
 
 # a phase name ("download", "convert", "quantize") → a progress callback (done, total)
 ProgressFactory = Callable[[str], Callable[[int, int], None] | None]
@@ -61,7 +72,9 @@ def quantize_file(src: Path, dst: Path, qtype: str, *, force: bool = False, thre
     check_not_existing(dst, force)
     if not dst.parent.is_dir() or not os.access(dst.parent, os.W_OK):
         raise LcrunError(dst.parent, "output directory does not exist or is not writable")
-    with atomic_output(dst) as partial:
+    remove_stale_intermediates(dst.parent)
+    remove_stale_partials(dst)
+    with atomic_output(dst) as partial:  # fsynced, renamed, the rename synced in its directory
         quantize_gguf(src, partial, qtype, threads=threads, progress=progress)
     try:
         inspect_gguf(dst)
@@ -100,7 +113,8 @@ def export_model(src: str, out: Path | None, outtype: str = "auto", *, revision:
 
     intermediate_type = "f16" if carries_quantized(plan_checkpoint(model_dir)) else "auto"
     intermediate_dir = (out.parent if out is not None else Path.cwd())
-    intermediate = intermediate_dir / f".lcrun-intermediate-{os.getpid()}.gguf"
+    remove_stale_intermediates(intermediate_dir)
+    intermediate = intermediate_dir / f".lcrun-intermediate-{process_tag()}.gguf"
     try:
         result = convert_checkpoint(model_dir, intermediate, outtype=intermediate_type, rope_theta=rope_theta, ctx=ctx,
                                     force=True, progress=progress("convert"), source=source, threads=threads)

@@ -20,6 +20,8 @@ Examples:
   lcrun serve Llama-3.1-8B-Instruct-Q4_K_M.gguf --ctx 64k -np 4   # 4 slots of 16K tokens each
   lcrun serve model.gguf --cache-dir ~/.cache/lcrun/prompts  # long prompts' KV kept on disk across restarts
   LCRUN_API_KEY=secret lcrun serve model.gguf --host 0.0.0.0
+  lcrun serve model.gguf --api-key-file keys.txt --allowed-host llm.example.com   # behind a reverse proxy
+  lcrun serve model.gguf --cors-origin http://localhost:5173  # a web UI in a browser may call the API
 """)
 @click.argument("model")
 @launch_options()
@@ -30,6 +32,21 @@ Examples:
               help="Port to listen on (0: a free one).")
 @click.option("--api-key", envvar="LCRUN_API_KEY", metavar="KEY",
               help="Require `Authorization: Bearer KEY` (default: $LCRUN_API_KEY; /health and /v1/models stay open).")
+@click.option("--api-key-file", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Accept any of the keys in FILE (one per line; blank lines and lines starting with # skipped), "
+                   "beside --api-key. Keys are printable ASCII.")
+@click.option("--allowed-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="Also answer requests whose Host header is NAME (repeatable; `*.example.com` for its subdomains, "
+                   "`*` for any). By default only the bound address, loopback names and IP addresses are answered, "
+                   "which defeats DNS rebinding; add the name a reverse proxy or your clients use.")
+@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
+              help="Let web pages from ORIGIN (e.g. http://localhost:5173; repeatable; `*` for any) call the API "
+                   "from a browser. Default: none, and requests carrying another Origin are refused (403).")
+@click.option("--max-body", type=MEMORY, metavar="SIZE",
+              help="Largest request body (default: room for a prompt that fills a slot, plus 4M); larger ones are "
+                   "answered 413 unread.")
+@click.option("--max-connections", type=click.IntRange(1), default=256, show_default=True, metavar="N",
+              help="Open connections at once; more are answered 503 (uvicorn's limit_concurrency).")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Keep the KV state of long prompts here, reused by later requests that start with the same "
                    "tokens — also after a restart.")
@@ -44,9 +61,10 @@ Examples:
 @click.option("-a", "--alias", metavar="NAME", help="The model's id in the API (default: the GGUF's file name).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request (uvicorn's access log).")
 @click.option("--dry-run", is_flag=True, help="Show the plan and exit without loading the model.")
-def serve(launch: LaunchOptions, host: str, port: int, api_key: str | None, cache_dir: Path | None,
-          cache_size: int, cache_min_tokens: int, max_queue: int, alias: str | None, verbose: bool,
-          dry_run: bool) -> None:
+def serve(launch: LaunchOptions, host: str, port: int, api_key: str | None, api_key_file: Path | None,
+          allowed_hosts: tuple[str, ...], cors_origins: tuple[str, ...], max_body: int | None, max_connections: int,
+          cache_dir: Path | None, cache_size: int, cache_min_tokens: int, max_queue: int, alias: str | None,
+          verbose: bool, dry_run: bool) -> None:
     """Serve MODEL (a GGUF file, `demo`, or a Hub GGUF repo) over an OpenAI-compatible HTTP API.
 
     /v1/chat/completions and /v1/completions (streamed or not), /v1/models, /health and /metrics (Prometheus).
@@ -56,24 +74,30 @@ def serve(launch: LaunchOptions, host: str, port: int, api_key: str | None, cach
     from .launch.decide import decide_launch
     from .launch.loaded import open_model
     from .net import is_loopback
+    from .serve.keys import check_key, read_key_file
     from .serve.server import ServeOptions, bind, prepare
     from .serve.server import serve as run_server
     from .ui.console import make_console
     from .ui.launch_view import render_launch, render_slots
     from .ui.model_loading import download_progress, loading_status
 
+    if api_key:
+        check_key(api_key, "--api-key")
+    file_keys = read_key_file(api_key_file) if api_key_file is not None else ()
     out, err = make_console(), make_console(stderr=True)
     with download_progress(err) as download:
         decided = decide_launch(launch, download=download)
     render_launch(decided, out)
     render_slots(decided, out)
-    if not is_loopback(host) and not api_key:
+    if not is_loopback(host) and not (api_key or file_keys):
         err.print(f"warning: listening on {host} without an API key: anyone who can reach this port can use the "
                   "model (set --api-key or LCRUN_API_KEY)", style="yellow", highlight=False)
     if dry_run:
         return
-    options = ServeOptions(host=host, port=port, api_key=api_key, max_queue=max_queue, cache_dir=cache_dir,
-                           cache_max_bytes=cache_size, cache_min_tokens=cache_min_tokens, verbose=verbose)
+    options = ServeOptions(host=host, port=port, api_key=api_key, api_keys=file_keys, allowed_hosts=allowed_hosts,
+                           cors_origins=cors_origins, max_body=max_body, max_connections=max_connections,
+                           max_queue=max_queue, cache_dir=cache_dir, cache_max_bytes=cache_size,
+                           cache_min_tokens=cache_min_tokens, verbose=verbose)
     sock = bind(host, port)  # before the model loads: a busy port fails at once
     try:
         with open_model(decided, loading=loading_status(err)) as model:

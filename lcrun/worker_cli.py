@@ -1,6 +1,8 @@
 """`lcrun worker`: offer this machine's devices (GPUs, else the CPU) to an lcrun elsewhere, through ggml's own RPC
 server (`ggml_backend_rpc_start_server`: no separate binary to build). The protocol has no authentication and no
-encryption, so the worker listens on loopback unless `--host` says otherwise, and then warns."""
+encryption, so the worker listens on loopback unless `--host` says otherwise, and then warns. ggml serves one client
+at a time and waits on it for ever: `WorkerGuard` (worker_guard.py) drops a client that says nothing or stays idle,
+gives up on one that vanished (keepalive), and bounds --cache-dir."""
 from __future__ import annotations
 
 import os
@@ -12,6 +14,8 @@ from typing import Any
 
 import click
 
+from .param_types import MEMORY
+
 GIB = 1 << 30
 _GGML_BANNER = ("Starting RPC server", "  endpoint", "  local cache", "Devices:", "  transport")
 
@@ -21,6 +25,8 @@ Examples:
   lcrun worker                                   # this machine's GPUs (else its CPU), for an lcrun on this machine
   lcrun worker --host 192.168.1.20 --port 50052  # reachable from the LAN (no authentication: trusted networks only)
   lcrun worker --device CUDA0 --port 50053       # one worker per GPU, as llama.cpp advises
+  lcrun worker --idle-timeout 0                  # a worker only you use: never drop an idle client
+  lcrun worker --cache-dir ~/.cache/lcrun/rpc --cache-size 32G
 \b
 Then, on the machine that runs the model:
   lcrun chat model.gguf --rpc 192.168.1.20:50052,192.168.1.21:50052
@@ -36,8 +42,14 @@ Then, on the machine that runs the model:
 @click.option("-c", "--cache-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Keep large tensors the client sends here, so that loading the same model again skips sending "
                    "them (ggml's local cache).")
+@click.option("--cache-size", type=MEMORY, default="16G", show_default=True, metavar="SIZE",
+              help="Bound of --cache-dir (any client can send tensors to it): the least recently used files go first.")
+@click.option("--idle-timeout", type=click.FloatRange(0), default=1800, show_default=True, metavar="SECONDS",
+              help="Drop a client that has sent and received nothing this long (ggml serves one client at a time: "
+                   "an idle one keeps the others out). A client that connects and sends nothing is dropped after "
+                   "10 s (or this, if shorter). 0: never. A chat left idle past it ends at its next turn.")
 def worker(host: str | None, port: int, devices: tuple[str, ...], threads: int | None,
-           cache_dir: Path | None) -> None:
+           cache_dir: Path | None, cache_size: int, idle_timeout: float) -> None:
     """Serve this machine's devices to an lcrun elsewhere (`--rpc HOST:PORT` there) until Ctrl-C."""
     from .engine import rpc
     from .errors import LcrunError
@@ -69,6 +81,10 @@ def worker(host: str | None, port: int, devices: tuple[str, ...], threads: int |
     server = rpc.serve(endpoint, [d.name for d in offered], n_threads=threads or default_threads(),
                        cache_dir=str(cache_dir) if cache_dir else None, on_output=_relay)
     _wait_until_listening(port, server)  # "listening" is said once a client can connect, not before
+    from .worker_guard import WorkerGuard
+
+    WorkerGuard(port, idle_timeout_s=idle_timeout, cache_dir=cache_dir, cache_max_bytes=cache_size,
+                on_event=lambda line: _relay(line)).start()
     reach = endpoint if address != "0.0.0.0" else f"{socket.gethostname()}:{port}"
     out(f"listening on {endpoint}{' (this machine only)' if loopback else ''}; on the machine that runs the model: "
         f"--rpc {reach}")

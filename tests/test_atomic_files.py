@@ -8,6 +8,7 @@ import pytest
 
 from lcrun.atomic_files import atomic_output, write_atomic
 from lcrun.errors import LcrunError
+from lcrun.process_files import process_tag
 from lcrun.serve.prompt_cache import PromptCacheError
 from tests.fixtures.one_line_errors import assert_one_line_message
 
@@ -38,7 +39,8 @@ def test_a_failure_while_writing_keeps_the_old_file_and_leaves_no_partial(tmp_pa
 def test_a_file_written_by_someone_else_is_renamed_in(tmp_path: Path) -> None:
     target = tmp_path / "model.gguf"
     with atomic_output(target) as partial:
-        assert partial.name == "model.gguf.partial" and not target.exists()  # nothing under the name until done
+        # nothing under the name until done; the partial is named by its writer (another lcrun leaves it alone)
+        assert partial.name == f"model.gguf.{process_tag()}.partial" and not target.exists()
         partial.write_bytes(b"GGUF")
     assert target.read_bytes() == b"GGUF" and not partial.exists()
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from lcrun.convert.convert import convert_checkpoint
+from lcrun.models import demo_checkpoint
 from tests.fixtures.cli import invoke
 from tests.fixtures.engines import Engines
 
@@ -134,6 +136,50 @@ def test_session_file_restores_conversation_and_kv_cache(model: Path, engines: E
     assert f"{len(cached):,} tokens of KV cache restored" in second.stdout
     assert engines[1].calls[0].reused_tokens == len(cached)  # nothing prefilled twice
     assert "You said: and now?" in second.stdout
+
+
+def test_a_session_of_another_model_keeps_its_conversation_but_not_its_kv_cache(model: Path, engines: Engines,
+                                                                                 tmp_path: Path) -> None:
+    """Issue 20, finding 13: llama.cpp takes the KV state of any model of the same architecture and size; the session
+    file says which model wrote it, and another model's is refused in one line (the conversation is kept)."""
+    other = convert_checkpoint(demo_checkpoint(), tmp_path / "other.gguf", outtype="f32").paths[0]
+    session = tmp_path / "s.chat"
+    assert run([str(model), "--no-history", "--session", str(session)], stdin="remember this\n").exit_code == 0
+    second = run([str(other), "--no-history", "--session", str(session)], stdin="and now?\n")
+    assert second.exit_code == 0
+    warning = [line for line in second.stdout.splitlines() if "another model" in line]
+    assert warning == [f"warning: s.chat: its KV cache was saved with another model ({model.name}); the conversation "
+                       "will be prefilled again"], second.stdout
+    assert "2 message(s), 0 tokens of KV cache restored" in second.stdout   # the conversation is kept
+    assert engines[1].calls[0].reused_tokens == 0
+    # saved again by the other model: now its own, and restored (the negative control)
+    cached = engines[1].cached_tokens
+    third = run([str(other), "--no-history", "--session", str(session)], stdin="")
+    assert f"{len(cached):,} tokens of KV cache restored" in third.stdout and "another model" not in third.stdout
+
+
+def test_stale_partial_session_files_are_cleaned(model: Path, engines: Engines, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    from lcrun.process_files import process_tag
+
+    session = tmp_path / "s.chat"
+    assert run([str(model), "--no-history", "--session", str(session)], stdin="hi\n").exit_code == 0
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / f"s.chat.{process_tag(writer.pid)}.partial"
+        dead = tmp_path / "s.chat.4000000-1.partial"
+        kv_partial = tmp_path / "s.chat.kv.partial"   # llama.cpp's writer of the KV state names it so
+        for path in (live, dead, kv_partial):
+            path.write_bytes(b"half")
+        os.utime(kv_partial, (time.time() - 7200, time.time() - 7200))
+        assert run([str(model), "--no-history", "--session", str(session)], stdin="").exit_code == 0
+        assert live.exists() and not dead.exists() and not kv_partial.exists()
+    finally:
+        writer.kill()
+        writer.wait()
 
 
 def test_dry_run_shows_the_plan_without_loading(model: Path, engines: Engines) -> None:

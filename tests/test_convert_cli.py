@@ -131,7 +131,7 @@ def test_quantize_command_is_atomic_and_validates_input(ckpt: Path, tmp_path: Pa
     broken.write_bytes(src.read_bytes()[:5000])
     assert_one_line_error(run_lcrun("quantize", str(broken), str(tmp_path / "y.gguf"), "Q6_K", timeout=300),
                           str(broken))
-    assert not (tmp_path / "y.gguf").exists() and not (tmp_path / "y.gguf.partial").exists()
+    assert not (tmp_path / "y.gguf").exists() and not list(tmp_path.glob("y.gguf*.partial"))  # partials: by writer
 
 
 def test_convert_from_the_hub_records_provenance(fake_hub: FakeHub, ckpt: Path, tmp_path: Path) -> None:
@@ -316,3 +316,46 @@ def test_kill_9_mid_write_leaves_no_output_and_a_rerun_succeeds(ckpt: Path, tmp_
     assert invoke("convert", str(ckpt), "-o", str(out)).exit_code == 0
     assert leftovers(tmp_path) == ["m.gguf"]     # the stale .partial was replaced
     shutil.rmtree(ckpt)
+
+
+def test_a_killed_converts_intermediate_goes_at_the_next_run_and_the_rename_is_synced(
+        ckpt: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 20, finding 13: a kill -9 mid-convert leaves a model-sized intermediate; the next run in that directory
+    removes it once its writer is gone (never a live writer's), and the output's rename is fsynced in its directory."""
+    import os
+    import stat
+    import time
+
+    from lcrun.process_files import process_tag
+
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        dead_tag = process_tag(killed.pid)
+        killed.kill()
+        killed.wait()
+        stale = [out_dir / f".lcrun-intermediate-{dead_tag}.gguf", out_dir / f".lcrun-intermediate-{dead_tag}.gguf.partial"]
+        kept = out_dir / f".lcrun-intermediate-{process_tag(live.pid)}.gguf"
+        older = out_dir / ".lcrun-intermediate-4000000.gguf"   # an older lcrun's name: gone once an hour old
+        for path in [*stale, kept, older]:
+            path.write_bytes(b"\0" * 4096)
+        os.utime(older, (time.time() - 7200, time.time() - 7200))
+        synced_dirs: list[int] = []
+        fsync = os.fsync
+
+        def spying(fd: int) -> None:
+            st = os.fstat(fd)
+            if stat.S_ISDIR(st.st_mode):
+                synced_dirs.append(st.st_ino)
+            fsync(fd)
+
+        monkeypatch.setattr(os, "fsync", spying)
+        run = invoke("convert", str(ckpt), "-o", str(out_dir / "m.gguf"), "--outtype", "Q4_K_M")
+        assert run.exit_code == 0, run.stderr
+        assert leftovers(out_dir) == sorted(["m.gguf", kept.name])
+        assert out_dir.stat().st_ino in synced_dirs
+    finally:
+        live.kill()
+        live.wait()

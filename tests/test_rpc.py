@@ -547,3 +547,66 @@ def test_a_run_needs_running_workers(model: Path) -> None:
     result = invoke("chat", str(model), "-p", "hi", "--rpc-mem", "a=8G", "--no-history")
     assert result.exit_code == 1
     assert result.stderr.startswith("error: a:50052: --rpc-mem gives the memory of a worker this run uses")
+
+
+# -- the worker's side of its connections (issue 20, finding 11) ------------------------------------------------------
+def _served_within(endpoint: str, seconds: float) -> float | None:
+    """Seconds until a handshake succeeds, or None if none did within `seconds`."""
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        try:
+            rpc.probe(endpoint, timeout=1.0)
+            return time.monotonic() - started
+        except rpc.WorkerError:
+            time.sleep(0.1)
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("idle_timeout", ["2", "0"], ids=["idle-timeout", "negative-control-never"])
+def test_a_silent_or_idle_client_no_longer_blocks_the_worker(idle_timeout: str) -> None:
+    worker = Worker("--idle-timeout", idle_timeout).wait_listening()
+    try:
+        silent = socket.create_connection(("127.0.0.1", worker.port))   # connects, then says nothing
+        time.sleep(0.3)
+        if idle_timeout == "0":
+            assert _served_within(worker.endpoint, 4.0) is None       # ggml waits on it for ever
+            silent.close()
+            assert _served_within(worker.endpoint, 10.0) is not None
+            return
+        waited = _served_within(worker.endpoint, 10.0)
+        assert waited is not None and waited < 6, waited
+        silent.settimeout(5)
+        assert silent.recv(1) == b""                                   # the worker closed it
+        silent.close()
+        idle = socket.create_connection(("127.0.0.1", worker.port))    # says hello, then nothing more
+        idle.sendall(bytes([14]) + struct.pack("<Q", 24) + bytes(24))
+        idle.recv(36)
+        with pytest.raises(rpc.WorkerError, match="serving another client"):
+            rpc.probe(worker.endpoint, timeout=1.0)                     # busy while it is in use
+        waited = _served_within(worker.endpoint, 10.0)
+        assert waited is not None and waited < 6, waited
+        idle.close()
+        assert any("dropped client" in line and "after connecting" in line for line in worker.stdout)
+        assert any("dropped client" in line and "idle for 2 s" in line for line in worker.stdout)
+    finally:
+        worker.stop()
+
+
+@pytest.mark.slow
+def test_the_worker_cache_directory_is_bounded(tmp_path: Path) -> None:
+    cache = tmp_path / "rpc-cache"
+    cache.mkdir()
+    now = time.time()
+    for age, name in enumerate(["newest", "middle", "oldest"]):   # what ggml writes: a file per large tensor
+        path = cache / f"{name:0>16}"
+        path.write_bytes(b"\0" * 600_000)
+        os.utime(path, (now - 100 * age, now - 100 * age))
+    worker = Worker("--cache-dir", str(cache), "--cache-size", "1M").wait_listening()
+    try:
+        deadline = time.monotonic() + 15
+        while sum(p.stat().st_size for p in cache.iterdir()) > 1 << 20 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert sorted(p.name.lstrip("0") for p in cache.iterdir()) == ["newest"]
+    finally:
+        worker.stop()

@@ -387,8 +387,10 @@ def test_shutdown_ends_streams_in_flight_with_an_error_event(engine: FakeSequenc
 def test_a_reply_sent_back_keeps_the_tokens_it_was_sampled_as(engine: FakeSequenceEngine, remember: bool) -> None:
     from lcrun.serve.replies import ReplyMemory
 
-    # sampled as plain characters, the reply tokenizes differently when it comes back: "<|eot_id|>" becomes one token
-    engine.responder = lambda _: "odd <|eot_id|> spelling"
+    # a model may sample a control token mid-reply; its text comes back as message text, which tokenizes otherwise
+    # (as characters: message text never becomes a special token)
+    engine.reply_specials = True
+    engine.responder = lambda _: "odd <|start_header_id|> spelling"
     with LiveServer(engine) as live:
         if not remember:
             live.state.replies = ReplyMemory(entries=0)
@@ -396,7 +398,7 @@ def test_a_reply_sent_back_keeps_the_tokens_it_was_sampled_as(engine: FakeSequen
         question = [{"role": "user", "content": "The document. " * 30 + "Q1"}]
         first = client.chat.completions.create(model="fake-model", messages=question)
         reply = first.choices[0].message.content
-        assert reply == "odd <|eot_id|> spelling"
+        assert reply == "odd <|start_header_id|> spelling"
         follow = client.chat.completions.create(model="fake-model", messages=[
             *question, {"role": "assistant", "content": reply}, {"role": "user", "content": "Q2"}])
         cached = follow.usage.prompt_tokens_details.cached_tokens

@@ -8,6 +8,7 @@ from typing import Any
 
 from lcrun.documents.record import wrap_document
 
+from .prompt_tokens import render_marked
 from .template import ChatRenderer
 
 
@@ -38,7 +39,9 @@ class Conversation:
 
     def render(self, template: ChatRenderer, *, add_generation_prompt: bool = True,
                messages: list[Message] | None = None) -> str:
-        return template.render(self.template_messages(messages), add_generation_prompt=add_generation_prompt)
+        """The prompt with the messages' text marked as content (prompt_tokens.py): tokenized, it has special tokens
+        only where the template put them."""
+        return render_marked(template, self.template_messages(messages), add_generation_prompt=add_generation_prompt)
 
     def droppable_turn(self) -> tuple[int, int] | None:
         """[start, end) of the oldest unpinned turn (a user message and the replies after it), never the last

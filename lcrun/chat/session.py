@@ -19,7 +19,7 @@ from lcrun.errors import LcrunError
 from .conversation import Conversation, Fitted, Message, document_text, fit_to_context
 from .documents import DocumentError, read_document
 from .history import History
-from .prompt_tokens import PromptTokenizer
+from .prompt_tokens import PromptTokenizer, as_content
 from .formats import FormatChoice, choose_format, engine_renderer, engine_vocabulary
 from .template import ChatRenderer, TemplateError
 
@@ -85,9 +85,10 @@ class ChatSession:
     def __init__(self, engine: EngineProtocol, *, chat_format: FormatChoice | None = None,
                  template: ChatRenderer | None = None, system: str | None = None, sampling: Sampling = Sampling(),
                  max_tokens: int | None = None, history: History | None = None, model_name: str = "",
-                 session_path: Path | None = None) -> None:
+                 session_path: Path | None = None, model_identity: str = "") -> None:
         """`chat_format`: as chosen from the file's header (default: chosen from the engine's vocabulary);
-        `template`: a renderer to use instead (tests)."""
+        `template`: a renderer to use instead (tests); `model_identity`: the model file's (lcrun.model_identity), saved
+        with the session so that its KV cache is restored only into the same model."""
         self.engine = engine
         if template is None:
             chat_format = chat_format or choose_format(engine_vocabulary(engine))
@@ -100,18 +101,12 @@ class ChatSession:
         self.history = history
         self.model_name = model_name
         self.session_path = session_path
+        self.model_identity = model_identity
+        self.loaded: dict[str, Any] = {}   # what a loaded session file says it was saved with
         self.stats = SessionStats()
         special = engine.special_tokens()
         self.stop_tokens = {special[k] for k in ("eos", "eot") if k in special}
-        try:
-            probe = self.template.render([{"role": "system", "content": "Probe one."},
-                                          {"role": "user", "content": "Two"},
-                                          {"role": "assistant", "content": " three\n"},
-                                          {"role": "user", "content": "4"}])
-        except TemplateError:
-            probe = ""  # no probe, no splitting: whole-prompt tokenization is always right
-        self.tokenize = PromptTokenizer.for_template(engine.tokenize, engine.token_text, self.template.source,
-                                                     [engine.token_text(t) for t in special.values()], probe)
+        self.tokenize = PromptTokenizer(engine.tokenize, engine.token_text)
 
     # -- sizes --------------------------------------------------------------------------------------------------
     @property
@@ -188,7 +183,7 @@ class ChatSession:
         messages.append(Message("assistant", reply, interrupted=finished.reason == "cancelled"))
         cached = self.engine.cached_tokens
         stop_text = self.engine.token_text(cached[-1]) if finished.reason == "stop" and cached else ""
-        self.tokenize.remember(fitted.text + reply + stop_text, cached)
+        self.tokenize.remember(fitted.text + as_content(reply) + stop_text, cached)
         if finished.reason == "length" and finished.completion_tokens >= room:
             yield Notice("the reply filled the context; the next turn drops the oldest turns", "warning")
         self._record(question, reply, finished)
@@ -284,8 +279,19 @@ class ChatSession:
 
     # -- files --------------------------------------------------------------------------------------------------
     def save(self, path: Path) -> None:
-        data = {"lcrun_chat": 1, "model": self.model_name, "n_ctx": self.n_ctx, **self.conversation.to_dict()}
+        data = {"lcrun_chat": 1, "model": self.model_name, "model_identity": self.model_identity, "n_ctx": self.n_ctx,
+                **self.conversation.to_dict()}
         write_atomic(path, json.dumps(data, ensure_ascii=False, indent=1), make_parents=True)
+
+    def kv_refusal(self) -> str | None:
+        """Why the KV cache saved beside the loaded session cannot be restored here (another model — llama.cpp would
+        take one of the same architecture and size and answer nonsense — or another context size); None if it can."""
+        saved = self.loaded
+        if saved.get("model_identity") != self.model_identity or not self.model_identity:
+            return f"its KV cache was saved with another model ({saved.get('model') or 'unknown'})"
+        if saved.get("n_ctx") != self.n_ctx:
+            return f"its KV cache was saved with a {saved.get('n_ctx')}-token context, not {self.n_ctx:,}"
+        return None
 
     def load(self, path: Path) -> None:
         try:
@@ -300,9 +306,20 @@ class ChatSession:
         except (ValueError, UnicodeDecodeError) as exc:
             raise LcrunError(str(path), f"not a saved chat: {exc}") from None
         self.conversation = conversation
+        self.loaded = {key: data.get(key) for key in ("model", "model_identity", "n_ctx")}
+        remove_stale_session_files(path)
 
 
 def kv_state_path(session_path: Path) -> Path:
     return session_path.with_name(session_path.name + ".kv")
 
 
+def remove_stale_session_files(path: Path) -> None:
+    """`.partial` files of this session that a killed chat left: ours named by their writer (removed once it is
+    gone), the KV state's (llama.cpp's writer names it `.kv.partial`) once an hour old."""
+    import re
+
+    from lcrun.process_files import remove_stale
+
+    name = re.escape(path.name)
+    remove_stale(path.parent, rf"{name}\.(\d+-\d+)\.partial", untagged=rf"{name}(?:\.kv)?\.partial")

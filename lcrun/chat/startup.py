@@ -50,13 +50,16 @@ def check_documents(options: ChatOptions) -> None:
 
 def start_session(model: LoadedModel, options: ChatOptions) -> ChatSession:
     """The chat session on `model`, with its transcript (unless --no-history) and its system prompt."""
+    from lcrun.model_identity import file_identity
+
     from .history import History, default_history_path
     from .session import ChatSession
 
     history = None if options.no_history else History(options.history_file or default_history_path())
     return ChatSession(model.engine, chat_format=model.chat_format, system=options.system,
                        max_tokens=options.max_tokens, history=history, model_name=model.model_path.name,
-                       sampling=options.sampling, session_path=options.session_file)
+                       model_identity=file_identity(model.model_path), sampling=options.sampling,
+                       session_path=options.session_file)
 
 
 @dataclass(frozen=True)
@@ -67,13 +70,17 @@ class Restored:
 
 
 def restore_session(session: ChatSession, path: Path) -> Restored:
-    """A saved --session: the conversation, and its KV cache when the state file beside it still fits the model."""
+    """A saved --session: the conversation, and its KV cache when the state file beside it was saved by this model
+    file at this context size (llama.cpp would take another model's of the same shape) and still loads."""
     from .session import kv_state_path
 
     session.load(path)
     kv = kv_state_path(path)
     restored, problem = 0, None
-    if kv.exists():
+    refusal = session.kv_refusal() if kv.exists() else None
+    if refusal is not None:
+        problem = f"{path.name}: {refusal}"
+    elif kv.exists():
         try:
             restored = session.engine.load_state(kv)
         except EngineError as exc:

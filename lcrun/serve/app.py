@@ -2,15 +2,16 @@
 
 `POST /v1/chat/completions` renders the messages with the model's chat template, `POST /v1/completions` takes a prompt
 as text or token ids; both answer in one JSON body or, with `"stream": true`, as server-sent events ending in
-`data: [DONE]`. `GET /v1/models`, `GET /health` and `GET /metrics` (Prometheus) complete it. Every error is an OpenAI
+`data: [DONE]`. `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus) and `GET /openapi.json` (the request
+schemas, from the pydantic models) complete it. Every error is an OpenAI
 error object. A streaming client that disconnects cancels its generation (Starlette cancels the response when the
 server reports the disconnect; the scheduler frees the slot at its next step); a non-streaming one too."""
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import random
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,21 +24,27 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from lcrun.chat.prompt_tokens import MarkedText, PromptTokenizer, as_content, render_marked
 from lcrun.chat.template import ChatRenderer
 from lcrun.errors import LcrunError
 from lcrun.engine.protocol import Sampling, SequenceEngineProtocol
 
 from . import openai_api as oa
+from .edge import Edge, EdgePolicy, host_policy
 from .metrics import CONTENT_TYPE, Metrics
 from .replies import ReplyMemory
 from .scheduler import Delta, Done, Failed, Job, JobEvent, Scheduler
 
 log = logging.getLogger("lcrun.serve")
 
-PUBLIC_PATHS = frozenset({"/health", "/v1/models"})   # as llama-server: no key needed to see that it is up
-ENDPOINTS = frozenset({"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"})
-# tokenizing a long prompt takes a while: off the event loop above this many characters
-_TOKENIZE_IN_THREAD = 20_000
+# as llama-server: no key needed to see that it is up; the API's shape is no secret either
+PUBLIC_PATHS = frozenset({"/health", "/v1/models", "/openapi.json"})
+ENDPOINTS = frozenset({"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",
+                       "/openapi.json"})
+
+
+def _loopback_edge() -> EdgePolicy:
+    return EdgePolicy(host_policy("127.0.0.1", loopback=True), public_paths=PUBLIC_PATHS)
 
 
 @dataclass
@@ -49,10 +56,15 @@ class ServerState:
     template: ChatRenderer | None
     fingerprint: str = "lcrun"
     aliases: tuple[str, ...] = ()          # other names a request may give the model by
-    api_key: str | None = None
+    edge: EdgePolicy = field(default_factory=_loopback_edge)   # Host, Origin, keys, body size (edge.py)
     created: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
     replies: ReplyMemory = field(default_factory=ReplyMemory)
+    prompt_tokens: PromptTokenizer = field(init=False)    # special tokens only where the template put them
+
+    def __post_init__(self) -> None:
+        # a small memo: long system prompts and documents that many requests share, not every client's text
+        self.prompt_tokens = PromptTokenizer(self.engine.tokenize, self.engine.token_text, memo_tokens=2 << 20)
 
     @property
     def n_ctx_slot(self) -> int:
@@ -64,6 +76,7 @@ def create_app(state: ServerState) -> ASGIApp:
         Route("/health", _endpoint(state, _health), methods=["GET"]),
         Route("/metrics", _endpoint(state, _metrics), methods=["GET"]),
         Route("/v1/models", _endpoint(state, _models), methods=["GET"]),
+        Route("/openapi.json", _endpoint(state, _openapi), methods=["GET"]),
         Route("/v1/chat/completions", _endpoint(state, _chat_completions), methods=["POST"]),
         Route("/v1/completions", _endpoint(state, _completions), methods=["POST"]),
     ]
@@ -77,16 +90,15 @@ def create_app(state: ServerState) -> ASGIApp:
         return _error(oa.APIError(exc.status_code, message, type=kind))
 
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
-    return _Guard(app, state)
+    return _Counted(Edge(app, state.edge), state.metrics)
 
 
-class _Guard:
-    """Counts every answer by endpoint and status, and asks for the API key (Authorization: Bearer, or X-Api-Key)
-    when one is set."""
+class _Counted:
+    """Counts every answer by endpoint and status, the edge's refusals too."""
 
-    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
-        self.state = state
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -94,29 +106,13 @@ class _Guard:
             return
         path = scope["path"]
         endpoint = path if path in ENDPOINTS else "other"
-        metrics = self.state.metrics
 
         async def counted(message: Message) -> None:
             if message["type"] == "http.response.start":
-                metrics.request(endpoint, message["status"])
+                self.metrics.request(endpoint, message["status"])
             await send(message)
 
-        key = self.state.api_key
-        if key and path not in PUBLIC_PATHS and not _authorized(scope, key):
-            error = oa.APIError(401, "Incorrect or missing API key: send it as `Authorization: Bearer KEY`",
-                                type="invalid_request_error", code="invalid_api_key")
-            await _error(error)(scope, receive, counted)
-            return
         await self.app(scope, receive, counted)
-
-
-def _authorized(scope: Scope, key: str) -> bool:
-    headers = dict(scope["headers"])
-    given = headers.get(b"x-api-key", b"").decode("latin-1")
-    auth = headers.get(b"authorization", b"").decode("latin-1")
-    if auth[:7].lower() == "bearer ":
-        given = auth[7:].strip()
-    return hmac.compare_digest(given.encode(), key.encode())
 
 
 def _error(error: oa.APIError) -> JSONResponse:
@@ -131,12 +127,31 @@ def _endpoint(state: ServerState, handler: Handler) -> Callable[[Request], Await
         try:
             return await handler(state, request)
         except oa.APIError as error:
-            return _error(error)
-        except Exception as exc:  # noqa: BLE001 - never a traceback to a client, never a dead server
-            log.exception("internal error on %s", request.url.path)
-            return _error(oa.APIError(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error"))
+            return _error(_public(error))
+        except Exception:  # noqa: BLE001 - never a traceback to a client, never a dead server
+            return _error(_internal(f"on {request.url.path}"))
 
     return endpoint
+
+
+def _internal(where: str, detail: str | None = None) -> oa.APIError:
+    """A 500 as the client sees it: a generic message and an id; what went wrong (exception, paths) goes to the
+    server's log under that id."""
+    ident = uuid.uuid4().hex[:12]
+    if detail is None:
+        log.exception("internal error %s %s", ident, where)
+    else:
+        log.error("internal error %s %s: %s", ident, where, detail)
+    return oa.APIError(500, f"internal error (id {ident}); the server's log has the details", type="server_error",
+                       code="internal_error")
+
+
+def _public(error: oa.APIError) -> oa.APIError:
+    """A server error from the scheduler says what failed in its message (llama.cpp's words, a path): logged, and
+    answered as `_internal`. Refusals (4xx) and 503s (queue full, shutting down) are meant for the client."""
+    if error.status >= 500 and error.status != 503:
+        return _internal("in the scheduler", error.message)
+    return error
 
 
 # -- the small endpoints -------------------------------------------------------------------------------------------
@@ -155,31 +170,54 @@ async def _models(state: ServerState, request: Request) -> Response:
     ]})
 
 
+async def _openapi(state: ServerState, request: Request) -> Response:
+    from lcrun import __version__
+
+    from .openapi import openapi_document
+
+    return JSONResponse(openapi_document(__version__))
+
+
 # -- completions -----------------------------------------------------------------------------------------------------
+# Parsing, validating, rendering and tokenizing a prompt take milliseconds to seconds: on a worker thread, never on
+# the event loop that every other client's stream is written from.
+# TODO(issue 20, phase 2): admission (the queue bound) belongs before this work, so a full server refuses a request
+# before paying for its tokenization: a scheduler reservation taken here, handed to `_run`.
 async def _chat_completions(state: ServerState, request: Request) -> Response:
-    req: oa.ChatCompletionRequest = oa.validate(oa.ChatCompletionRequest, oa.parse_json_body(await request.body()))
-    model = _model(state, req.model)
-    if state.template is None:
-        raise oa.bad_request("this model has no chat template; use /v1/completions", param="messages")
-    try:
-        text = state.template.render(req.template_messages())
-    except LcrunError as exc:  # a Jinja template that refuses them, or llama.cpp refusing a built-in format
-        raise oa.bad_request(f"the model's chat template refused the messages: {exc}", param="messages") from None
-    tokens = await _tokenize(state, text, add_bos=False)
+    body = await request.body()
+
+    def prepare() -> tuple[oa.ChatCompletionRequest, str, list[int], str]:
+        req: oa.ChatCompletionRequest = oa.validate(oa.ChatCompletionRequest, oa.parse_json_body(body))
+        model = _model(state, req.model)
+        if state.template is None:
+            raise oa.bad_request("this model has no chat template; use /v1/completions", param="messages")
+        try:
+            text = render_marked(state.template, req.template_messages())
+        except LcrunError as exc:  # a Jinja template that refuses them, or llama.cpp refusing a built-in format
+            raise oa.bad_request(f"the model's chat template refused the messages: {exc}",
+                                 param="messages") from None
+        return req, model, _tokenize_chat(state, text), text
+
+    req, model, tokens, text = await to_thread.run_sync(prepare)
     return await _run(state, request, req, model, "chat", tokens, "messages", rendered=text)
 
 
 async def _completions(state: ServerState, request: Request) -> Response:
-    req: oa.CompletionRequest = oa.validate(oa.CompletionRequest, oa.parse_json_body(await request.body()))
-    model = _model(state, req.model)
-    prompt = req.single_prompt()
-    if isinstance(prompt, str):
-        tokens = await _tokenize(state, prompt, add_bos=True)
-    else:
+    body = await request.body()
+
+    def prepare() -> tuple[oa.CompletionRequest, str, list[int]]:
+        req: oa.CompletionRequest = oa.validate(oa.CompletionRequest, oa.parse_json_body(body))
+        model = _model(state, req.model)
+        prompt = req.single_prompt()
+        if isinstance(prompt, str):
+            # the client writes the whole prompt, special tokens included (as llama-server's /completion): parsed
+            return req, model, state.engine.tokenize(prompt, special=True, add_bos=True)
         n_vocab = getattr(state.engine, "n_vocab", None)
         if n_vocab is not None and any(not 0 <= t < n_vocab for t in prompt):
             raise oa.bad_request(f"prompt: token ids must be in [0, {n_vocab})", param="prompt")
-        tokens = list(prompt)
+        return req, model, list(prompt)
+
+    req, model, tokens = await to_thread.run_sync(prepare)
     return await _run(state, request, req, model, "text", tokens, "prompt")
 
 
@@ -190,15 +228,10 @@ def _model(state: ServerState, name: str | None) -> str:
                            "(see /v1/models)", param="model", code="model_not_found")
 
 
-async def _tokenize(state: ServerState, text: str, *, add_bos: bool) -> list[int]:
-    def tokenize() -> list[int]:
-        plain = lambda t: state.engine.tokenize(t, special=True, add_bos=add_bos)  # noqa: E731
-        # a rendered chat ends with its replies: their sampled tokens, as the KV cache holds them
-        return plain(text) if add_bos else state.replies.tokenize(text, plain)
-
-    if len(text) > _TOKENIZE_IN_THREAD:
-        return await to_thread.run_sync(tokenize)
-    return tokenize()
+def _tokenize_chat(state: ServerState, text: MarkedText) -> list[int]:
+    tokenize = lambda t: state.prompt_tokens(MarkedText(t, text.contents))  # noqa: E731
+    # a rendered chat ends with its replies: their sampled tokens, as the KV cache holds them
+    return state.replies.tokenize(text, tokenize)
 
 
 def _sampling(req: oa._Generation) -> Sampling:
@@ -234,7 +267,7 @@ async def _run(state: ServerState, request: Request, req: Any, model: str, kind:
     def finished(text: str, done: Done) -> None:
         if rendered is not None and done.tokens is not None:
             end = state.engine.token_text(done.tokens[-1]) if done.finish_reason == "stop" else ""
-            state.replies.remember(rendered + text + end, tokens + list(done.tokens))
+            state.replies.remember(rendered + as_content(text) + end, tokens + list(done.tokens))
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -270,7 +303,7 @@ async def _collect(events: asyncio.Queue[JobEvent]) -> tuple[str, Done]:
         elif isinstance(event, Done):
             return "".join(parts), event
         elif isinstance(event, Failed):
-            raise event.error
+            raise event.error  # made public by `_endpoint`
 
 
 async def _disconnected(request: Request) -> None:
@@ -303,7 +336,7 @@ async def _stream(job: Job, events: asyncio.Queue[JobEvent], reply: oa.Reply, in
                 yield oa.sse("[DONE]")
                 return
             if isinstance(end, Failed):
-                yield oa.sse(end.error.body())
+                yield oa.sse(_public(end.error).body())
                 return
     finally:
         job.cancel()  # a no-op once it is done; a client that went away ends its generation here

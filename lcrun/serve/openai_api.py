@@ -5,6 +5,7 @@ are ignored, as llama-server does. What the server cannot honour (several choice
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -171,11 +172,33 @@ class CompletionRequest(_Generation):
         return prompt  # type: ignore[return-value]
 
 
+MAX_JSON_DEPTH = 64      # OpenAI's requests nest about 6 deep (tools' JSON schemas more): far below Python's limit
+_JSON_STRINGS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_NOT_BRACKETS = bytes(set(range(256)) - set(b"[]{}"))
+_DEPTH_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+
+
+def json_depth(raw: bytes) -> int:
+    """How deep the arrays and objects of a JSON text nest, counted before parsing (the parser recurses once per
+    level): brackets inside strings do not count. Linear, in C but for one step per bracket."""
+    brackets = _JSON_STRINGS.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    depth = deepest = 0
+    for step in map(_DEPTH_STEP.__getitem__, brackets):
+        depth += step
+        deepest = max(deepest, depth)
+    return deepest
+
+
 def parse_json_body(raw: bytes) -> dict[str, Any]:
+    if json_depth(raw) > MAX_JSON_DEPTH:
+        raise bad_request(f"the request body nests arrays and objects more than {MAX_JSON_DEPTH} deep",
+                          code="invalid_json")
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise bad_request(f"the request body is not valid JSON ({exc})", code="invalid_json") from None
+    except RecursionError:  # the depth count above makes this unreachable; kept as the last line of defence
+        raise bad_request("the request body nests too deep", code="invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     return body

@@ -5,13 +5,19 @@ One file per saved prompt, named by the hash of its tokens and the model's finge
 flash attention and RoPE overrides: what the KV numbers depend on). A file holds its tokens' prefix hashes, one per
 256-token block (each hash covers all tokens before it), the tokens, and the sequence state llama.cpp gave
 (`Engine.snapshot`). A request looks up the file sharing the most leading blocks with its prompt; restoring it and
-dropping whatever differs leaves the exact common prefix. The directory is bounded in bytes: least recently used
-files go first (a file's modification time is its last use)."""
+dropping whatever differs leaves the exact common prefix; the tokens read back are checked against their hashes
+before llama.cpp sees the state. The directory is bounded in bytes, counting every cache file in it (other models',
+other servers'): least recently used files go first (a file's modification time is its last use).
+
+The files hold prompts' token ids: the directory is made 0700 and the files 0600. A file is written as
+`<name>.<PID-START>.partial` and renamed into place (lcrun.atomic_files); a `.partial` is removed only once the process
+that wrote it is gone (lcrun.process_files), so servers sharing a directory do not delete each other's writes."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import struct
 import threading
 from dataclasses import dataclass
@@ -22,10 +28,14 @@ import numpy as np
 from lcrun.atomic_files import write_atomic
 from lcrun.engine.protocol import SequenceState
 from lcrun.errors import LcrunError
+from lcrun.process_files import remove_stale
 
 MAGIC = b"LCRUNKV1"
 BLOCK = 256
 SUFFIX = ".lcrunkv"
+_PARTIAL = r"[0-9a-f]{16}-[0-9a-f]{32}\.lcrunkv\.(\d+-\d+)\.partial"
+_OLD_PARTIAL = r"[0-9a-f]{16}-[0-9a-f]{32}\.lcrunkv\.partial"     # lcrun before writers were named
+_FILE = re.compile(r"[0-9a-f]{16}-[0-9a-f]{32}\.lcrunkv")
 
 
 class PromptCacheError(LcrunError):
@@ -60,21 +70,22 @@ class PromptCache:
         self.min_tokens = max(min_tokens, BLOCK)
         self._lock = threading.Lock()
         self._entries: dict[Path, Entry] = {}
+        self._directory_bytes = 0
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise PromptCacheError(str(directory), f"cannot create the cache directory ({exc.strerror})") from None
         if not os.access(directory, os.W_OK):
             raise PromptCacheError(str(directory), "the cache directory is not writable")
+        remove_stale(directory, _PARTIAL, untagged=_OLD_PARTIAL)
         for path in directory.glob(f"*{SUFFIX}"):
             try:
                 entry = self._read_header(path)
             except PromptCacheError:
-                continue  # another model's or a damaged file: left alone, and never matched
+                continue  # another model's or a damaged file: never matched (and evicted like any other)
             if entry is not None:
                 self._entries[path] = entry
-        for stale in directory.glob(f"*{SUFFIX}.partial"):
-            stale.unlink(missing_ok=True)
+        self._evict()
 
     # -- lookups (scheduler thread) ----------------------------------------------------------------------------
     def lookup(self, tokens: list[int]) -> tuple[Entry, int] | None:
@@ -100,8 +111,8 @@ class PromptCache:
         return hit is not None and hit[1] == len(tokens) // BLOCK * BLOCK
 
     def total_bytes(self) -> int:
-        with self._lock:
-            return sum(e.size for e in self._entries.values())
+        """Bytes in the directory's cache files (every model's), as of the last write or eviction."""
+        return self._directory_bytes
 
     def __len__(self) -> int:
         with self._lock:
@@ -118,8 +129,12 @@ class PromptCache:
             self._forget(entry.path)
             raise PromptCacheError(str(entry.path), f"cannot read ({exc.strerror})") from None
         if len(tokens) != header["n_tokens"] or len(data) != header["data_bytes"]:
-            self._forget(entry.path)
+            self._remove(entry.path)
             raise PromptCacheError(str(entry.path), "truncated")
+        # the tokens must be the ones the lookup matched: a file changed on disk is not handed to llama.cpp
+        if prefix_hashes(tokens.tolist(), self.fingerprint) != header["hashes"] or header["hashes"] != entry.hashes:
+            self._remove(entry.path)
+            raise PromptCacheError(str(entry.path), "its tokens do not match their hashes (changed on disk)")
         self._touch(entry)
         return SequenceState(tuple(tokens.tolist()), data)
 
@@ -135,7 +150,9 @@ class PromptCache:
             return None
         digest = hashlib.blake2b(self.fingerprint.encode() + token_bytes, digest_size=16).hexdigest()
         path = self.directory / f"{self.fingerprint[:16]}-{digest}{SUFFIX}"
-        write_atomic(path, [MAGIC + struct.pack("<I", len(header)) + header, token_bytes, state.data],
+        self._evict(reserve=size)  # room first: a full disk is not made fuller
+        # 0600 from the start, and never through a link someone left in the directory
+        write_atomic(path, [MAGIC + struct.pack("<I", len(header)) + header, token_bytes, state.data], private=True,
                      error=PromptCacheError)
         entry = Entry(path, len(state.tokens), hashes, size, os.stat(path).st_mtime)
         with self._lock:
@@ -188,29 +205,48 @@ class PromptCache:
         self._forget(path)
         path.unlink(missing_ok=True)
 
-    def _evict(self) -> None:
-        with self._lock:
-            entries = sorted(self._entries.values(), key=lambda e: e.used)
-            total = sum(e.size for e in entries)
-            doomed = []
-            while entries and total > self.max_bytes:
-                victim = entries.pop(0)
-                total -= victim.size
-                doomed.append(victim.path)
-        for path in doomed:
+    def _evict(self, reserve: int = 0) -> None:
+        """Remove the least recently used cache files, of any model, until the directory's cache files and the
+        writes in progress (`.partial`, anyone's) leave `reserve` bytes under the bound."""
+        files: list[tuple[float, int, Path]] = []
+        total = 0
+        try:
+            scan = list(os.scandir(self.directory))
+        except OSError:
+            return
+        for item in scan:
+            try:
+                st = item.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if _FILE.fullmatch(item.name):
+                files.append((st.st_mtime, st.st_size, Path(item.path)))
+                total += st.st_size
+            elif item.name.endswith(".partial") and SUFFIX in item.name:
+                total += st.st_size
+        files.sort()
+        for _, size, path in files:
+            if total + reserve <= self.max_bytes:
+                break
             self._remove(path)
+            total -= size
+        self._directory_bytes = total
 
 
 def model_fingerprint(model_path: Path, *, type_k: str, type_v: str, flash_attn: bool,
-                      rope_freq_base: float | None, rope_freq_scale: float | None, engine_version: str) -> str:
-    """What a saved KV state depends on: the model's bytes (its size, the header and a sample of the tensor data at
-    both ends, so another quant or fine-tune of the same model differs), the KV cache types and layout, RoPE overrides
-    and the llama.cpp release that wrote the state."""
-    h = hashlib.sha256()
-    size = model_path.stat().st_size
-    with open(model_path, "rb") as f:
-        h.update(f.read(8 << 20))
-        f.seek(max(size - (1 << 20), 0))
-        h.update(f.read())
-    h.update(json.dumps([size, type_k, type_v, flash_attn, rope_freq_base, rope_freq_scale, engine_version]).encode())
-    return h.hexdigest()
+                      rope_freq_base: float | None, rope_freq_scale: float | None,
+                      engine_version: str | None = None) -> str:
+    """What a saved KV state depends on: the model file (its identity on disk, lcrun.model_identity: one stat, not
+    9 MiB read per start, and sound across copies), the KV cache types and layout, RoPE overrides and the llama.cpp
+    that wrote the state (the installed llama-cpp-python's version, unless given)."""
+    from lcrun.model_identity import file_identity
+
+    if engine_version is None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            engine_version = version("llama_cpp_python")
+        except PackageNotFoundError:
+            engine_version = "unknown"
+    return hashlib.sha256(json.dumps([file_identity(model_path) or str(model_path), type_k, type_v, flash_attn,
+                                      rope_freq_base, rope_freq_scale, engine_version]).encode()).hexdigest()

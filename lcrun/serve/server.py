@@ -18,8 +18,10 @@ from lcrun.chat.formats import FormatChoice, engine_renderer
 from lcrun.chat.template import ChatRenderer
 from lcrun.engine.protocol import SequenceEngineProtocol
 from lcrun.errors import LcrunError
+from lcrun.net import is_loopback
 
-from .app import ServerState, create_app
+from .app import PUBLIC_PATHS, ServerState, create_app
+from .edge import EdgePolicy, host_policy
 from .metrics import Metrics
 from .prompt_cache import PromptCache, model_fingerprint
 from .scheduler import Scheduler
@@ -30,12 +32,23 @@ class ServeOptions:
     host: str = "127.0.0.1"
     port: int = 8080
     api_key: str | None = None
+    api_keys: tuple[str, ...] = ()          # --api-key-file's, beside api_key
+    allowed_hosts: tuple[str, ...] = ()     # Host names beyond the bound address's (edge.host_policy)
+    cors_origins: tuple[str, ...] = ()      # origins whose pages may call the API (none: no CORS)
+    max_body: int | None = None             # request body bound in bytes; None: default_max_body(n_ctx_slot)
+    max_connections: int = 256              # open connections; more are answered 503 by uvicorn
     max_queue: int = 64
     cache_dir: Path | None = None
     cache_max_bytes: int = 8 << 30
     cache_min_tokens: int = 1024
     shutdown_grace_s: float = 5.0
     verbose: bool = False
+
+
+def default_max_body(n_ctx_slot: int) -> int:
+    """Room for the longest prompt a slot holds, however it is spelled (text escaped as JSON \\uXXXX runs to about
+    24 bytes a token; token ids to 8), and 4 MiB beside it for the rest of the request."""
+    return n_ctx_slot * 24 + (4 << 20)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -61,13 +74,10 @@ def prepare(engine: SequenceEngineProtocol, options: ServeOptions, *, model_id: 
             chat_format: FormatChoice | None = None) -> ServerState:
     """Everything but the socket: metrics, the disk cache, the scheduler (not started) and the app's state."""
     config = engine.config
-    if fingerprint is None:
-        from lcrun.engine.runtime import LLAMA_CPP_PYTHON_VERSION
-
+    if fingerprint is None:  # the installed llama-cpp-python's version in it, not the one lcrun pins
         fingerprint = model_fingerprint(Path(config.model_path), type_k=config.type_k, type_v=config.type_v,
                                         flash_attn=config.flash_attn, rope_freq_base=config.rope_freq_base,
-                                        rope_freq_scale=config.rope_freq_scale,
-                                        engine_version=LLAMA_CPP_PYTHON_VERSION)
+                                        rope_freq_scale=config.rope_freq_scale)
     metrics = Metrics()
     cache = None
     if options.cache_dir is not None:
@@ -86,9 +96,13 @@ def prepare(engine: SequenceEngineProtocol, options: ServeOptions, *, model_id: 
         template = engine_renderer(engine, chat_format)
     from lcrun import __version__
 
+    edge = EdgePolicy(host_policy(options.host, options.allowed_hosts, loopback=is_loopback(options.host)),
+                      cors_origins=frozenset(options.cors_origins),
+                      api_keys=tuple(k for k in (options.api_key, *options.api_keys) if k),
+                      max_body=options.max_body or default_max_body(scheduler.n_ctx_slot), public_paths=PUBLIC_PATHS)
     return ServerState(engine=engine, scheduler=scheduler, metrics=metrics, model_id=model_id, template=template,
                        fingerprint=f"lcrun-{__version__}-{fingerprint[:8]}", aliases=aliases,
-                       api_key=options.api_key or None, created=int(time.time()),
+                       edge=edge, created=int(time.time()),
                        meta={"n_ctx": engine.n_ctx, "n_ctx_slot": scheduler.n_ctx_slot, "slots": len(scheduler.slots),
                              "n_ctx_train": engine.n_ctx_train})
 
@@ -109,8 +123,9 @@ def serve(state: ServerState, sock: socket.socket, options: ServeOptions,
 
 
 def make_server(state: ServerState, options: ServeOptions) -> Server:
+    # limit_concurrency: connections (and their requests) beyond it are answered 503 at once, before any parsing
     config = uvicorn.Config(create_app(state), log_level="info" if options.verbose else "warning",
-                            access_log=options.verbose, lifespan="off",
+                            access_log=options.verbose, lifespan="off", limit_concurrency=options.max_connections,
                             timeout_graceful_shutdown=int(options.shutdown_grace_s) + 5)
     return Server(config, on_exit=lambda: state.scheduler.begin_close(options.shutdown_grace_s))
 

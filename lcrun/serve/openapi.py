@@ -1,0 +1,51 @@
+"""The server's OpenAPI document (`GET /openapi.json`), generated from the pydantic models that validate the requests
+(openai_api.py): what a client generator or a property-based fuzzer (tests/test_serve_fuzz.py drives the server from
+it) reads. Responses are described by their media type only; their shapes are OpenAI's."""
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from . import openai_api as oa
+
+_ERROR = {"description": "an OpenAI error object", "content": {"application/json": {"schema": {
+    "type": "object", "properties": {"error": {"type": "object", "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"},
+        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}}}}
+
+
+def _post(model: type, summary: str) -> dict[str, Any]:
+    return {"post": {
+        "summary": summary,
+        "requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}},
+        "responses": {"200": {"description": "the completion (a JSON body, or server-sent events with stream)",
+                              "content": {"application/json": {}, "text/event-stream": {}}},
+                      "400": _ERROR, "401": _ERROR, "413": _ERROR, "415": _ERROR, "503": _ERROR}}}
+
+
+def _get(summary: str, media: str = "application/json") -> dict[str, Any]:
+    return {"get": {"summary": summary, "responses": {"200": {"description": summary, "content": {media: {}}},
+                                                      "401": _ERROR}}}
+
+
+@cache
+def openapi_document(version: str) -> dict[str, Any]:
+    from pydantic.json_schema import models_json_schema
+
+    _, schemas = models_json_schema([(oa.ChatCompletionRequest, "validation"), (oa.CompletionRequest, "validation")],
+                                    ref_template="#/components/schemas/{model}")
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "lcrun serve", "version": version,
+                 "description": "An OpenAI-compatible API over llama.cpp. Unknown fields are ignored; what the server "
+                                "cannot honour (n > 1, logprobs, tools) is refused with a 400 naming the parameter."},
+        "paths": {
+            "/v1/chat/completions": _post(oa.ChatCompletionRequest, "Chat completion (OpenAI's shape)"),
+            "/v1/completions": _post(oa.CompletionRequest, "Text completion (OpenAI's shape)"),
+            "/v1/models": _get("The model this server runs"),
+            "/health": _get("Whether the server is up, and its slots"),
+            "/metrics": _get("Prometheus metrics", "text/plain"),
+        },
+        "components": {"schemas": schemas.get("$defs", {})},
+    }
