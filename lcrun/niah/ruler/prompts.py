@@ -26,7 +26,8 @@ _DOCUMENT = "\ue000lcrun-ruler-document\ue000"  # private-use characters: no tem
 
 
 class Tokenizer(Protocol):
-    """What the suite needs of a model's tokenizer (lcrun.engine's Engine has it)."""
+    """What the suite needs of a model's tokenizer (lcrun.engine's Engine has it). Prompts are built cell by cell:
+    it must stay usable for the whole run."""
 
     def tokenize(self, text: str, *, special: bool = True, add_bos: bool = False) -> list[int]: ...
     def detokenize(self, tokens: Sequence[int]) -> str: ...

@@ -76,7 +76,8 @@ class Suite:
 
 
 def prepare_suite(tokenizer: Tokenizer, renderer: ChatRenderer, haystack: Haystack, params: SuiteParams) -> Suite:
-    """Checks the grid and tokenizes the haystack once for the longest length; prompts are built per cell."""
+    """Checks the grid and tokenizes the haystack once for the longest length. Prompts are built per cell, with
+    `tokenizer`: it must stay open until the run ends."""
     if not params.lengths or min(params.lengths) < 1:
         raise NiahError("--max-ctx", "no context length to run")
     cells = suite_cells(params.kv_types, params.lengths, params.tasks, params.samples)

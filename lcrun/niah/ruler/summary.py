@@ -42,14 +42,15 @@ def summarize_kv(kv: KvType, cells: Sequence[SuiteCell], records: dict[tuple, di
     scores: dict[str, list[float | None]] = {}
     length_scores: list[float | None] = []
     for ctx in lengths:
-        complete = True
+        task_means: list[float] = []
         for task in tasks:
             at = [c for c in mine if c.ctx == ctx and c.task == task]
             got = [float(records[c.key]["score"]) for c in at if c.key in records]
-            complete = complete and len(got) == len(at)
             scores.setdefault(task, []).append(_mean(got))
-        row = [scores[task][-1] for task in tasks]
-        length_scores.append(round(sum(row) / len(row), 2) if complete and None not in row else None)  # type: ignore[arg-type]
+            if got and len(got) == len(at):
+                task_means.append(sum(got) / len(got))
+        whole = len(task_means) == len(tasks)     # a length scores once every cell of it is done
+        length_scores.append(round(100 * sum(task_means) / len(task_means), 2) if whole else None)
     effective, failing = effective_context(lengths, length_scores, threshold)
     measured = [ctx for ctx, value in zip(lengths, length_scores) if value is not None]
     done = [records[c.key] for c in mine if c.key in records]
