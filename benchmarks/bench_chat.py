@@ -42,7 +42,9 @@ from typing import Any
 
 from lcrun.chat.session import ChatSession
 from lcrun.engine.runtime import Engine, EngineConfig, Finished, Sampling
-from lcrun.launch import Launch, RunOverrides, demo_gguf, plan_launch
+from lcrun.launch.decide import Launch, decide_launch
+from lcrun.launch.model_file import demo_gguf
+from lcrun.launch.options import LaunchOptions
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH_WORK = REPO / "bench-work"
@@ -212,7 +214,7 @@ def summary(values: list[float]) -> dict[str, float]:
 
 
 def bench_model(setup: ModelSetup, rounds: int, threads: int | None, workdir: Path) -> dict[str, Any]:
-    launch: Launch = plan_launch(setup.path, RunOverrides(ctx=setup.ctx, threads=threads))
+    launch: Launch = decide_launch(LaunchOptions(str(setup.path), ctx=setup.ctx, threads=threads))
     config = launch.config
     print(f"[{setup.name}] {setup.path.name}: ctx {config.n_ctx}, KV {config.type_k}/{config.type_v}, flash "
           f"{config.flash_attn}, n_batch {config.n_batch}, n_ubatch {config.n_ubatch}, threads "

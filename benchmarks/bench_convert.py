@@ -1,6 +1,7 @@
 """Time lcrun's converter against llama.cpp's convert_hf_to_gguf.py on the same checkpoint, interleaved.
 
     .venv/bin/python benchmarks/bench_convert.py CKPT [--repeat N] [--outtypes bf16,q8_0] [--json OUT]
+    .venv/bin/python benchmarks/bench_convert.py bench-work/ckpt-ct-nvfp4 --outtypes auto   # a 4-bit checkpoint
 
 For each outtype, runs peer, lcrun, peer, lcrun, ... (N of each, at least 3) so that drift in the machine (page cache,
 thermal, neighbours) lands on both tools alike; the table gives each tool's median and range and lcrun/peer of the
@@ -10,7 +11,9 @@ process, so a peak between two samples is still seen. After each run, dirty page
 so that one run's output is not being flushed to disk during the next.
 The first run of each tool per outtype is fingerprinted in a separate process with gguf.GGUFReader (tensor names,
 types, shapes, a hash of each tensor's bytes, metadata keys); the peer's and lcrun's fingerprints are then compared.
-Every output is deleted right after its run. Run it with the project venv's python (it needs gguf and psutil).
+The first outputs of the two tools are also decoded tensor by tensor (gguf.quants, an NVFP4 weight times its
+`.scale`) and compared as values: the two files may store one weight in different types (int4 as BF16 by the peer,
+Q4_0 by lcrun) and still hold the same numbers, or not. Every output is deleted once measured and compared. Run it with the project venv's python (it needs gguf and psutil).
 """
 from __future__ import annotations
 
@@ -123,6 +126,45 @@ def fingerprint_json(path: Path) -> str:
     return json.dumps({"tensors": tensors, "kv_keys": keys})
 
 
+def decoded_diff_json(peer: Path, ours: Path) -> str:
+    """Per weight in both files: its types and max |peer − lcrun| / max |peer| of the decoded values."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    def tensors(path: Path) -> dict:
+        return {t.name: t for t in GGUFReader(path).tensors}
+
+    def values(ts: dict, name: str):
+        t = ts[name]
+        v = dequantize(t.data, t.tensor_type).astype("float64").reshape(-1)
+        scale = ts.get(name.removesuffix(".weight") + ".scale")
+        return v * float(scale.data[0]) if scale is not None else v
+
+    tp, to = tensors(peer), tensors(ours)
+    rows = {}
+    for name in sorted(set(tp) & set(to)):
+        if not name.endswith(".weight"):
+            continue
+        a, b = values(tp, name), values(to, name)
+        top = float(abs(a).max()) or 1.0
+        rows[name] = [tp[name].tensor_type.name, to[name].tensor_type.name, float(abs(a - b).max()) / top]
+    return json.dumps(rows)
+
+
+def decoded_notes(outtype: str, peer: Path, ours: Path) -> list[str]:
+    raw = subprocess.run([sys.executable, __file__, "--decoded-diff", str(peer), str(ours)], check=True,
+                         capture_output=True, text=True).stdout
+    groups: dict[tuple[str, str], list[float]] = {}
+    for p_type, o_type, diff in json.loads(raw).values():
+        groups.setdefault((p_type, o_type), []).append(diff)
+    notes = []
+    for (p_type, o_type), diffs in sorted(groups.items()):
+        same = sum(d == 0 for d in diffs)
+        notes.append(f"{outtype}: decoded values, peer {p_type} vs lcrun {o_type}: {same}/{len(diffs)} tensors "
+                     f"identical, largest difference {max(diffs):.2g} of the tensor's max |value|")
+    return notes
+
+
 def fingerprint(path: Path) -> Fingerprint:
     """In a child process, so that mapping the output never grows this process (see measure)."""
     raw = subprocess.run([sys.executable, __file__, "--fingerprint", str(path)], check=True,
@@ -227,9 +269,13 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=REPO / "bench-work" / "runs",
                         help="where outputs and logs go (outputs are deleted after each run)")
     parser.add_argument("--fingerprint", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--decoded-diff", type=Path, nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.fingerprint:
         print(fingerprint_json(args.fingerprint))
+        return
+    if args.decoded_diff:
+        print(decoded_diff_json(*args.decoded_diff))
         return
     if args.ckpt is None:
         parser.error("CKPT is required")
@@ -252,6 +298,7 @@ def main() -> None:
     notes: list[str] = []
     for outtype in outtypes:
         prints: dict[str, Fingerprint] = {}
+        kept: dict[str, Path] = {}
         for rnd in range(args.repeat):
             for tool in ("peer", "lcrun"):
                 out = args.workdir / f"{tool}-{outtype}.gguf"
@@ -269,7 +316,14 @@ def main() -> None:
                     notes.append(f"{tool} {outtype} round {rnd} failed (rc={rc}): {' | '.join(tail)}")
                 elif tool not in prints:
                     prints[tool] = fingerprint(out)
+                    kept[tool] = out.rename(out.with_name(f"first-{out.name}"))  # for decoded_notes
                 out.unlink(missing_ok=True)
+            if len(kept) == 2:
+                notes += decoded_notes(outtype, kept["peer"], kept["lcrun"])
+            if len(kept) == 2 or rnd == args.repeat - 1:
+                for path in kept.values():
+                    path.unlink(missing_ok=True)
+                kept = {}
         if len(prints) == 2:
             notes += compare(outtype, prints["peer"], prints["lcrun"])
 

@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,9 @@ import psutil
 from lcrun.bench import bench_tokens, fill_cache, measure, prompt_after
 from lcrun.engine import rpc
 from lcrun.engine.runtime import Engine
-from lcrun.launch import RunOverrides, find_model_file, plan_launch
+from lcrun.launch.decide import decide_launch
+from lcrun.launch.model_file import find_model_file
+from lcrun.launch.options import LaunchOptions
 
 PROMPT_SPARE = 64
 
@@ -103,7 +106,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     path = find_model_file(args.model)
     depths = sorted(set(args.depth or [0]))
     n_ctx = -(-(max(depths) + PROMPT_SPARE + args.pp + args.tg) // 256) * 256
-    base = RunOverrides(ctx=n_ctx, threads=args.threads, flash_attn=args.flash_attn, kv_type="f16")
+    base = LaunchOptions(str(path), ctx=n_ctx, threads=args.threads, flash_attn=args.flash_attn, kv_type="f16")
     workers = [start_worker(args.threads) for _ in range(2)]
     endpoints = tuple(endpoint for _, endpoint in workers)
     engines: dict[str, Engine] = {}
@@ -112,10 +115,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     samples: dict[int, dict[str, dict[str, list[float]]]] = {}
     load_before = os.getloadavg()
     try:
-        local = plan_launch(path, base)
-        split = plan_launch(path, RunOverrides(**{**base.__dict__, "rpc": endpoints}))
+        local = decide_launch(base)
+        split = decide_launch(replace(base, rpc=endpoints))
         placement = [{"host": d.host or "this machine", "device": d.name, "layers": d.layers,
-                      "output_layer": d.output_layer, "bytes": d.bytes} for d in split.choice.plan.devices]
+                      "output_layer": d.output_layer, "bytes": d.bytes} for d in split.choice.estimate.devices]
         print("split: " + ", ".join(f"{p['host']} {p['layers']} layers{' + output' if p['output_layer'] else ''}"
                                     for p in placement), file=sys.stderr)
         engines = {"local": Engine(local.config), "split": Engine(split.config)}

@@ -4,7 +4,7 @@ with the same settings, at several KV cache depths, interleaved.
     .venv/bin/python benchmarks/bench_runtime.py MODEL [--depth N ...] [--pp 512] [--tg 128] [--rounds 5]
         [--threads N] [--kv-type f16] [--flash-attn on|off] [--json OUT]
 
-MODEL is a GGUF path or `demo`. The plan is `lcrun bench`'s (lcrun.bench.plan_bench: the context sized to the
+MODEL is a GGUF path or `demo`. The plan is `lcrun bench`'s (lcrun.bench.set_up_bench: the context sized to the
 deepest measurement, KV type and flash attention from the planner unless forced); both sides get its settings:
 n_ctx, n_batch, n_ubatch, threads, flash_attn, type_k/type_v, YaRN -1 (the GGUF's values), no logits_all.
 
@@ -32,9 +32,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lcrun.bench import bench_tokens, fill_cache, measure, plan_bench, prompt_after
+from lcrun.bench import bench_tokens, fill_cache, measure, prompt_after, set_up_bench
 from lcrun.engine.runtime import Engine, EngineConfig
-from lcrun.launch import RunOverrides, find_model_file
+from lcrun.launch.decide import decide_launch
+from lcrun.launch.options import LaunchOptions
 
 PROMPT_SPARE = 64
 
@@ -104,11 +105,12 @@ def machine() -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    path = find_model_file(args.model)
-    overrides = RunOverrides(threads=args.threads, kv_type=args.kv_type, flash_attn=args.flash_attn)
-    plan = plan_bench(path, overrides, args.depth, pp=args.pp, tg=args.tg, repetitions=args.rounds)
-    config = plan.launch.config
-    depths = plan.depths
+    launch = decide_launch(LaunchOptions(args.model, threads=args.threads, kv_type=args.kv_type,
+                                         flash_attn=args.flash_attn, chat=False))
+    path = launch.model_path
+    setup = set_up_bench(launch, args.depth, pp=args.pp, tg=args.tg, repetitions=args.rounds)
+    config = setup.launch.config
+    depths = setup.depths
     engine = Engine(config)
     llm = direct_llama(config)
     load_before = os.getloadavg()
@@ -154,7 +156,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            "samples": {side: samples[depth][side][metric] for side in ("lcrun", "direct")}}
         results.append(row)
     return {
-        "model": path.name, "file_type": plan.launch.spec.file_type, "machine": machine(),
+        "model": path.name, "file_type": setup.launch.spec.file_type, "machine": machine(),
         "load_average": {"before": load_before, "after": os.getloadavg()},
         "settings": {"n_ctx": config.n_ctx, "n_batch": config.n_batch, "n_ubatch": config.n_ubatch,
                      "n_threads": config.n_threads, "flash_attn": config.flash_attn, "type_k": config.type_k,

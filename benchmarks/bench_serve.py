@@ -327,11 +327,12 @@ def main() -> None:
     if not args.model.is_file():
         sys.exit(f"error: {args.model}: no such GGUF (see the docstring to make bench-work/mid-q8_0.gguf)")
 
-    from lcrun.launch import RunOverrides, plan_launch
+    from lcrun.launch.decide import decide_launch
+    from lcrun.launch.options import LaunchOptions
 
     reply_tokens = 32
     ctx_per_request = -(-(args.doc_tokens + 2 * reply_tokens + 256) // 256) * 256
-    launch = plan_launch(args.model, RunOverrides(ctx=ctx_per_request * 4, threads=args.threads), n_seq=4)
+    launch = decide_launch(LaunchOptions(str(args.model), ctx=ctx_per_request * 4, threads=args.threads, n_seq=4))
     config = replace(launch.config, n_seq=4, n_threads_batch=args.threads_batch or args.threads)
     kv = config.type_k if config.type_k == config.type_v else f"{config.type_k}/{config.type_v}"
     settings = {"ctx_per_request": ctx_per_request, "flash_attn": config.flash_attn, "kv": kv,

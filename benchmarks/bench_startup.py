@@ -1,6 +1,6 @@
 """Start-up of lcrun's commands on GGUFs with real vocabularies, against llama-cpp-python opening the same file.
 
-    .venv/bin/python benchmarks/bench_startup.py [--repeat 5] [--json bench-work/startup.json]
+    .venv/bin/python benchmarks/bench_startup.py [--repeat 5] [--json bench-work/startup.json] [--previous DIR]
 
 Builds (once, into bench-work/startup/) two GGUFs of real vocabulary shape with tiny weights
 (tests/fixtures/realistic_gguf.py): Llama 3's 128,256 tokens with 280,147 merges, and Gemma 3's 262,144 SPM tokens.
@@ -12,6 +12,8 @@ Then, interleaved round by round, each a fresh process (start-up and imports inc
   KV cache, the plan panel, then the prompt read), against `Llama(model_path=F)` loading the same file fully.
 
 - `lcrun --help` against `python -c pass` (the interpreter's own start).
+- with `--previous DIR` (another lcrun checkout with its own .venv, e.g. the previous main): its `chat --dry-run` and
+  chat to its first prompt, in the same rounds, so a change is compared with what it replaces on the same load.
 
 Targets (issue 9): each command ≤ 1.5× the vocab_only reference and ≤ 1 s; chat to its prompt ≤ the full load + 1 s;
 (issue 12) `lcrun --help` ≤ 0.3 s beyond the interpreter's start.
@@ -39,6 +41,18 @@ VOCAB_ONLY = "from llama_cpp import Llama; Llama(model_path={path!r}, vocab_only
 FULL_LOAD = "from llama_cpp import Llama; Llama(model_path={path!r}, verbose=False)"
 
 
+PREVIOUS_OF = {"previous: lcrun chat --dry-run": "lcrun chat --dry-run",
+               "previous: chat to its prompt": "lcrun chat to its prompt"}
+
+
+def previous_commands(path: Path, previous: Path) -> dict[str, tuple[list[str], str | None]]:
+    lcrun = [str(previous / ".venv" / "bin" / "python"), "-m", "lcrun.cli"]
+    return {
+        "previous: lcrun chat --dry-run": ([*lcrun, "chat", str(path), "--dry-run"], None),
+        "previous: chat to its prompt": ([*lcrun, "chat", str(path), "--no-history"], "/quit\n"),
+    }
+
+
 def commands(path: Path) -> dict[str, tuple[list[str], str | None]]:
     return {
         "reference: Llama(vocab_only=True)": ([sys.executable, "-c", VOCAB_ONLY.format(path=str(path))], None),
@@ -54,8 +68,10 @@ def commands(path: Path) -> dict[str, tuple[list[str], str | None]]:
 
 
 def timed(argv: list[str], stdin: str | None, env: dict[str, str]) -> float:
+    # each checkout runs from its own folder, so `python -m lcrun.cli` imports that checkout's lcrun
+    cwd = Path(argv[0]).parent.parent.parent if argv[0].endswith("/.venv/bin/python") else ROOT
     started = time.perf_counter()
-    done = subprocess.run(argv, input=stdin, capture_output=True, text=True, env=env, cwd=ROOT)
+    done = subprocess.run(argv, input=stdin, capture_output=True, text=True, env=env, cwd=cwd)
     elapsed = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(argv[:5])}… failed ({done.returncode}): {done.stderr.strip()[-400:]}")
@@ -69,6 +85,8 @@ def main() -> None:
     parser.add_argument("--family", action="append", choices=["llama3", "gemma"],
                         help="Only this vocabulary (repeatable; default both).")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--previous", type=Path, metavar="DIR",
+                        help="Another lcrun checkout (with .venv) whose chat start-up is timed in the same rounds.")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     files = {}
@@ -87,6 +105,8 @@ def main() -> None:
     results: dict[str, dict[str, list[float]]] = {}
     for family, (path, _) in files.items():
         cmds = commands(path)
+        if args.previous:
+            cmds.update(previous_commands(path, args.previous.resolve()))
         runs: dict[str, list[float]] = {name: [] for name in cmds}
         for name, (argv, stdin) in cmds.items():  # one untimed warm-up each: page cache, .pyc files
             timed(argv, stdin, env)
@@ -104,7 +124,10 @@ def main() -> None:
         summary[family] = {}
         for name, times in runs.items():
             median = statistics.median(times)
-            if name.startswith("reference"):
+            if name in PREVIOUS_OF:
+                mine = statistics.median(runs[PREVIOUS_OF[name]])
+                ratio, target = f"{mine / median:.2f}×", f"{PREVIOUS_OF[name]} ÷ previous: ≤ 1 wanted"
+            elif name.startswith("reference"):
                 ratio, target = "", ""
             elif name == "lcrun --help":
                 ratio = f"+{median - bare:.2f}s"

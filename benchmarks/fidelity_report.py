@@ -3,9 +3,14 @@
 below and beyond the original context, plus the negative control (scaling dropped).
 
 Run: .venv/bin/python -m benchmarks.fidelity_report   (from the repository root; ~1 minute)
+     .venv/bin/python -m benchmarks.fidelity_report --quantized   (the 4-bit formats: lcrun's GGUF against the
+     reference and against an F32 GGUF of the same dequantized weights, and llama.cpp's own converter's GGUF of the
+     same checkpoint where it reads the format; needs benchmarks/setup_peer.sh; ~3 minutes)
 """
 from __future__ import annotations
 
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -36,7 +41,58 @@ def row(label: str, c: Comparison) -> str:
     return f"| {label} | {below:.3%} | {beyond:.3%} | {top1} |"
 
 
+QUANTIZED = [a for a in sys.argv[2:]] or ["modelopt-nvfp4", "modelopt-mixed", "ct-nvfp4", "ct-mxfp4", "ct-int4", "ct-int4-asym", "ct-int8",
+             "gptq", "gptq-asym", "gptq-desc-act", "awq"]
+REPO = Path(__file__).resolve().parent.parent
+PEER = [str(REPO / "bench-work" / "peer-venv" / "bin" / "python"), str(REPO / "benchmarks" / "run_peer.py")]
+
+
+def quantized() -> None:
+    from tests.fixtures.fidelity import ROPES
+    from tests.fixtures.quant_factory import dequantized_twin, make_quantized_checkpoint
+
+    print("| checkpoint → lcrun's GGUF | vs reference, pos < 256 | pos 600/1000 | vs F32 GGUF of the same weights "
+          "| lcrun `--outtype f16`: vs reference | llama.cpp's converter: vs reference (its types) |")
+    print("|---|---|---|---|---|---|")
+    rope, theta = ROPES["llama3"]
+    for fmt in QUANTIZED:
+        with tempfile.TemporaryDirectory() as tmp:
+            ck = make_quantized_checkpoint(Path(tmp) / "hf", fmt, rope=rope, rope_theta=theta,
+                                           max_position_embeddings=2048, seed=4)
+            tokens = probe_tokens(ck.config["vocab_size"])
+            ref = reference_logits(ck, tokens)
+            result = convert_checkpoint(ck.path, Path(tmp) / "q.gguf")
+            ours = llama_cpp_logits(result.paths[0], tokens)
+            twin = convert_checkpoint(dequantized_twin(ck, Path(tmp) / "twin"), Path(tmp) / "f.gguf", outtype="f32")
+            f32 = compare(ours, llama_cpp_logits(twin.paths[0], tokens))
+            c = compare(ours, ref)
+            f16 = compare(llama_cpp_logits(convert_checkpoint(ck.path, Path(tmp) / "h.gguf", outtype="f16").paths[0],
+                                           tokens), ref)
+            kinds = "/".join(sorted(t for t in result.tensor_types if t not in ("F32", "BF16")))
+            peer = _peer(ck.path, Path(tmp) / "p.gguf", tokens, ref)
+            top1 = "" if all(c.same_top1.values()) else " (top-1 differs)"
+            print(f"| {fmt} → {kinds} | {c.worst(BELOW):.2%} | {c.worst(BEYOND):.2%}{top1} | {f32.worst():.2%} "
+                  f"| {f16.worst():.2%} | {peer} |", flush=True)
+
+
+def _peer(ckpt: Path, out: Path, tokens: list[int], ref) -> str:
+    if not Path(PEER[0]).exists():
+        return "not measured (run benchmarks/setup_peer.sh)"
+    run = subprocess.run([*PEER, str(ckpt), "--outtype", "auto", "--outfile", str(out)], capture_output=True,
+                         text=True)
+    if run.returncode != 0:
+        last = (run.stderr.strip().splitlines() or ["?"])[-1]
+        return f"refused: {last[:90]}"
+    import gguf
+    types = sorted({t.tensor_type.name for t in gguf.GGUFReader(out).tensors if t.name.startswith("blk.")} - {"F32"})
+    c = compare(llama_cpp_logits(out, tokens), ref)
+    return f"{c.worst():.2%}{'' if all(c.same_top1.values()) else ', top-1 differs'} ({'/'.join(types)})"
+
+
 def main() -> None:
+    if "--quantized" in sys.argv:
+        quantized()
+        return
     print("| case (rope, config form, source → out) | max rel. error, pos < 256 | pos 600/1000 | top-1 same |")
     print("|---|---|---|---|")
     for kind, form, dtype, out in CASES:

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
+import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -17,21 +17,16 @@ import numpy as np
 
 from .arch import ModelAdapter, TensorPlan, adapter_for
 from .errors import CheckpointError, OutputError, UnsupportedModelError
+from .fp4 import power_of_two_prescale
 from .gguf_out import GGUFOutput
-from .quants import OWN_QUANTS, Q, can_encode, encode_rows, tensor_nbytes
+from .planning import OUTTYPES, GGUFPlan, plan_gguf, read_config
+from .quant_config import load_quantization_config
+from .quants import Q, encode_rows, tensor_nbytes
 from .safetensors_io import Checkpoint
 from .vocab import add_vocab_to_gguf, load_vocab
 
 ProgressCallback = Callable[[int, int], None]
 
-# the outtypes computed here; llama.cpp's own quant types (Q4_K_M, …) are produced by the application through
-# llama.cpp's quantizer from an intermediate file of one of these
-OUTTYPES: dict[str, Q | None] = {"auto": None, "f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}
-
-_FILE_TYPES = {
-    Q.F32: gguf.LlamaFileType.ALL_F32, Q.F16: gguf.LlamaFileType.MOSTLY_F16, Q.BF16: gguf.LlamaFileType.MOSTLY_BF16,
-    Q.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0, Q.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
-}
 _SOURCE_TYPES = {"F32": Q.F32, "F16": Q.F16, "BF16": Q.BF16}
 
 # bytes of float32 work per chunk: bounds peak memory by a chunk, not by the largest tensor. Small enough that the
@@ -55,39 +50,7 @@ class ConvertResult:
     name_stem: str = ""                      # the GGUF naming convention's name without the encoding part
     tensor_types: dict[str, int] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
-
-
-def read_config(model_dir: Path) -> tuple[dict[str, Any], Path]:
-    path = model_dir / "config.json"
-    if not model_dir.is_dir():
-        raise CheckpointError(model_dir, "not a directory (expected a Hugging Face checkpoint folder)")
-    if not path.is_file():
-        raise CheckpointError(model_dir, "no config.json: not a Hugging Face checkpoint folder")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(path, f"not valid JSON ({exc})") from exc
-    if not isinstance(config, dict):
-        raise CheckpointError(path, "must hold a JSON object")
-    return config, path
-
-
-def _auto_type(ckpt: Checkpoint, names: list[str]) -> Q:
-    counts = Counter(ckpt.dtype(n) for n in names if len(ckpt.shape(n)) == 2)
-    dominant = counts.most_common(1)[0][0] if counts else "F16"
-    # FP8 has no GGUF type: bf16 keeps its range, and its 8-bit mantissa holds E4M3/E5M2 values times a scale closely
-    return _SOURCE_TYPES.get(dominant, Q.BF16)
-
-
-def _tensor_type(plan: TensorPlan, outtype: Q) -> Q:
-    if plan.keep_f32 or len(plan.shape) == 1:
-        return Q.F32
-    if outtype in OWN_QUANTS:
-        if not can_encode(outtype, plan.shape[-1]):
-            return Q.F16  # rows not a whole number of blocks: llama.cpp's converter falls back the same way
-        if outtype == Q.Q4_0 and plan.name == "output.weight":
-            return Q.Q8_0  # the output projection is the most sensitive tensor; llama.cpp gives it Q6_K, we use Q8_0
-    return outtype
+    origins: dict[str, str] = field(default_factory=dict)   # GGUF tensor -> where it came from (non-plain only)
 
 
 def _chunk_rows(plan: TensorPlan) -> int:
@@ -97,32 +60,62 @@ def _chunk_rows(plan: TensorPlan) -> int:
     return max(group, rows // group * group)
 
 
-def _plans(adapter: ModelAdapter, ckpt: Checkpoint) -> list[TensorPlan]:
-    plans: list[TensorPlan] = []
-    for name in ckpt.names:
-        plan = adapter.plan_tensor(name, ckpt.shape(name), ckpt.file_of(name))
-        if plan is not None:
-            plans.append(plan)
-    have = {p.name for p in plans}
-    missing = [n for n in adapter.required_tensors() if n not in have]
-    if missing:
-        raise CheckpointError(ckpt.model_dir, f"checkpoint lacks {len(missing)} tensor(s) the config requires, e.g. {missing[0]}")
-    seen: set[str] = set()
-    for plan in plans:
-        if plan.name in seen:
-            raise CheckpointError(ckpt.model_dir, f"two source tensors map to {plan.name}")
-        seen.add(plan.name)
-    return plans + adapter.extra_tensors()
+class _Prescales:
+    """Per tensor encoded as NVFP4 from floats: the power of two its values are multiplied by first (ggml's NVFP4
+    quantizer has no per-tensor scale, and small weights would get subnormal E4M3 scales), found from the whole
+    tensor's largest |value| when its first chunk is encoded; `<weight>.scale` gets the inverse."""
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self.ckpt = ckpt
+        self.values: dict[str, float] = {}
+        self.lock = threading.Lock()
+
+    def of(self, plan: TensorPlan) -> float:
+        with self.lock:
+            if plan.name not in self.values:
+                amax = 0.0
+                step = _chunk_rows(plan)
+                for start in range(0, plan.shape[0], step):
+                    rows = _source_rows(self.ckpt, plan, start, min(start + step, plan.shape[0]))
+                    amax = max(amax, float(np.nanmax(np.abs(rows))) if rows.size else 0.0)
+                self.values[plan.name] = power_of_two_prescale(amax)
+            return self.values[plan.name]
 
 
-def _encode_chunk(ckpt: Checkpoint, plan: TensorPlan, qtype: Q, start: int, stop: int) -> bytes | memoryview:
+def _source_rows(ckpt: Checkpoint, plan: TensorPlan, start: int, stop: int) -> np.ndarray:
+    if plan.data is not None:
+        return plan.data[start:stop]
+    assert plan.source is not None
+    return ckpt.rows(plan.source, start, stop, index=plan.row_index)
+
+
+def _encode_chunk(ckpt: Checkpoint, plan: TensorPlan, qtype: Q, start: int, stop: int,
+                  prescales: _Prescales) -> bytes | memoryview:
     if plan.data is not None:
         return encode_rows(plan.data[start:stop], qtype)
     assert plan.source is not None
-    if plan.row_index is None and _SOURCE_TYPES.get(ckpt.dtype(plan.source)) == qtype:
+    src = ckpt.quantized(plan.source)
+    if src is not None and src.exact_type() == qtype:
+        return ckpt.blocks(plan.source, qtype, start, stop, index=plan.row_index)  # the stored values, repacked
+    if src is None and plan.row_index is None and _SOURCE_TYPES.get(ckpt.dtype(plan.source)) == qtype:
         return ckpt.raw_bytes(plan.source, start, stop)  # same precision in and out: copy the bytes
     rows = ckpt.rows(plan.source, start, stop, index=plan.row_index)
+    if qtype == Q.NVFP4:
+        rows = rows.astype(np.float32) * np.float32(prescales.of(plan))  # a power of two: exact
     return encode_rows(rows, qtype)
+
+
+def _fill_factors(ckpt: Checkpoint, gplan: GGUFPlan, prescales: _Prescales) -> None:
+    """The data of every NVFP4 weight's `<weight>.scale`: the checkpoint's per-tensor factor, or 1 / the prescale."""
+    by_name = {p.name: p for p in gplan.plans}
+    for name, source in gplan.factors.items():
+        factor = ckpt.tensor_factor(source)
+        if factor is None:
+            weight = by_name[name.removesuffix(".scale") + ".weight"]
+            factor = 1.0 / prescales.of(weight)
+        data = by_name[name].data
+        assert data is not None
+        data[0] = np.float32(factor)
 
 
 def _jobs(plans: list[TensorPlan], types: list[Q]) -> Iterator[tuple[TensorPlan, Q, int, int]]:
@@ -171,14 +164,10 @@ def convert_checkpoint(
         warnings.append("yarn beta_fast/beta_slow differ from llama.cpp's defaults; they are stored in the file, "
                         "but llama.cpp's llama architecture does not read them")
 
-    with Checkpoint(src, config.get("quantization_config") or config.get("compression_config")) as ckpt:
-        plans = _plans(adapter, ckpt)
+    with Checkpoint(src, load_quantization_config(src, config)) as ckpt:
+        gplan = plan_gguf(adapter, ckpt, outtype)
+        plans, types, outtype = gplan.plans, gplan.types, gplan.outtype
         vocab = load_vocab(src, adapter.vocab_size)
-        requested = OUTTYPES[outtype]
-        base_type = requested if requested is not None else _auto_type(ckpt, ckpt.names)  # Q.F32 is 0: no `or`
-        if outtype == "auto":
-            outtype = base_type.name.lower()
-        types = [_tensor_type(p, base_type) for p in plans]
         n_params = sum(int(np.prod(p.shape)) for p in plans if p.data is None)
 
         metadata = gguf.Metadata.load(None, src, None, n_params)
@@ -195,9 +184,11 @@ def convert_checkpoint(
         if out.suffix != ".gguf":
             raise OutputError(out, "output name must end in .gguf")
 
+        prescales = _Prescales(ckpt)
+        _fill_factors(ckpt, gplan, prescales)
         gout = GGUFOutput(out, adapter.arch_name, split_max_size=split_max_size, force=force)
         metadata.set_gguf_meta_model(gout.writer)
-        _add_model_metadata(gout.writer, adapter, base_type, context_length, source)
+        _add_model_metadata(gout.writer, adapter, gplan, context_length, source, ckpt)
         add_vocab_to_gguf(gout.writer, vocab)
         if rope_theta is not None:
             gout.writer.add_float64("lcrun.override.rope_freq_base_original", original_theta)
@@ -207,30 +198,57 @@ def convert_checkpoint(
             gout.add_tensor(plan.name, plan.shape, qtype, tensor_nbytes(qtype, plan.shape))
         with gout:
             gout.open()
-            _stream_tensors(gout, ckpt, plans, types, progress, threads)
+            _stream_tensors(gout, ckpt, plans, types, progress, threads, prescales)
             paths = gout.commit()
+        warnings += _rounding_notes(ckpt, gplan)
 
     mix = Counter(t.name for t in types)
     return ConvertResult(paths=paths, n_tensors=len(plans), nbytes=gout.total_bytes, outtype=outtype, name_stem=stem,
-                         tensor_types=dict(mix), warnings=warnings)
+                         tensor_types=dict(mix), warnings=warnings, origins=dict(gplan.origins))
 
 
-def _add_model_metadata(w: gguf.GGUFWriter, adapter: ModelAdapter, base_type: Q, context_length: int,
-                        source: SourceInfo | None) -> None:
+def _rounding_notes(ckpt: Checkpoint, gplan: GGUFPlan) -> list[str]:
+    """What was not carried exactly: scales F16 could not hold, and quantized weights no GGUF type holds."""
+    notes = []
+    if ckpt.rounding.tensors:
+        notes.append(f"{len(ckpt.rounding.tensors)} tensor(s) carried as Q4_0/Q4_1/Q8_0 have scales F16 cannot hold "
+                     f"exactly (F32 scales, or Q4_1's −zero·scale); rounded to F16, largest relative change "
+                     f"{ckpt.rounding.worst:.2g}")
+    decoded = Counter(origin for origin in gplan.origins.values() if "decoded to" in origin and " F8_" not in origin)
+    for origin, n in decoded.items():
+        notes.append(f"{n} tensor(s) {origin}: no GGUF type holds them exactly")
+    return notes
+
+
+def _add_model_metadata(w: gguf.GGUFWriter, adapter: ModelAdapter, gplan: GGUFPlan, context_length: int,
+                        source: SourceInfo | None, ckpt: Checkpoint) -> None:
     w.add_type(gguf.GGUFType.MODEL)
     adapter.add_hparams(w, context_length=context_length, rope_theta=adapter.rope.theta)
-    w.add_file_type(_FILE_TYPES[base_type])
-    if base_type in OWN_QUANTS:
+    w.add_file_type(gplan.file_type)
+    if gplan.quantized:
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_string("lcrun.converter", "lcrun convert")
     if source and source.repo_id:
         w.add_string("lcrun.source.repo", source.repo_id)
     if source and source.revision:
         w.add_string("lcrun.source.revision", source.revision)
+    if ckpt.quant is not None:
+        w.add_string("lcrun.source.quantization", ckpt.quant.label)
+    if gplan.origins:
+        # where each tensor came from, for `lcrun inspect`: parallel arrays, as llama.cpp's tensor_extra keys are
+        w.add_array("lcrun.tensor_origin.name", list(gplan.origins))
+        w.add_array("lcrun.tensor_origin.value", list(gplan.origins.values()))
+    if ckpt.quant is not None and ckpt.quant.w4a16:
+        # ModelOpt W4A16_NVFP4: the weights were calibrated for 16-bit activations, so no backend may round them to
+        # 4 bits (llama.cpp's per-tensor precision policy; the CPU rounds them to Q8_0 regardless)
+        nvfp4 = sorted(p.name for p, t in zip(gplan.plans, gplan.types) if t == Q.NVFP4)
+        w.add_array(gguf.Keys.General.TENSOR_EXTRA_NAME if hasattr(gguf.Keys.General, "TENSOR_EXTRA_NAME")
+                    else "general.tensor_extra.name", nvfp4)
+        w.add_array("general.tensor_extra.prec_a4", [False] * len(nvfp4))
 
 
 def _stream_tensors(gout: GGUFOutput, ckpt: Checkpoint, plans: list[TensorPlan], types: list[Q],
-                    progress: ProgressCallback | None, threads: int | None) -> None:
+                    progress: ProgressCallback | None, threads: int | None, prescales: _Prescales) -> None:
     """Encode row chunks on a small thread pool (numpy releases the GIL) and write them in order; at most
     threads + 1 chunks are in memory at once."""
     total, done = gout.total_bytes, 0
@@ -240,7 +258,7 @@ def _stream_tensors(gout: GGUFOutput, ckpt: Checkpoint, plans: list[TensorPlan],
     with ThreadPoolExecutor(n_threads) as pool:
         window: list[Future[bytes | memoryview]] = []
         for job in _jobs(plans, types):
-            window.append(pool.submit(_encode_chunk, ckpt, *job))
+            window.append(pool.submit(_encode_chunk, ckpt, *job, prescales))
             if len(window) > n_threads:
                 done += _write_next(gout, window)
                 if progress:

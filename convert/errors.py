@@ -36,7 +36,3 @@ class TokenizerError(ConvertError):
 
 class OutputError(ConvertError):
     """The output cannot be written: exists already, directory not writable, disk full."""
-
-
-class Cancelled(ConvertError):
-    """The conversion was interrupted; nothing was left at the output path."""

@@ -33,8 +33,7 @@ AUXILIARY_SUFFIXES = (
     ".q_scale", ".k_scale", ".v_scale",
 )
 
-_COMPRESSED_TENSORS_METHODS = ("compressed-tensors", "compressed_tensors", "sparseml")
-_FP8_FORMATS = ("float-quantized", "naive-quantized", "dense")
+COMPRESSED_TENSORS_METHODS = ("compressed-tensors", "compressed_tensors", "sparseml")
 
 
 @dataclass(frozen=True)
@@ -58,16 +57,8 @@ def zero_point_name(weight_name: str) -> str:
     return weight_name + "_zero_point"
 
 
-def detect_fp8_scheme(quantization_config: dict[str, Any] | None, config_path: Path) -> Fp8Scheme | None:
-    """The FP8 convention a `quantization_config` (or the older `compression_config`) describes; None without one."""
-    if not quantization_config:
-        return None
-    if not isinstance(quantization_config, dict):
-        raise CheckpointError(config_path, "quantization_config must be a JSON object")
-    method = quantization_config.get("quant_method")
-    if method is None and "config_groups" in quantization_config:
-        method = "compressed-tensors"  # some early compression_config blocks carry no quant_method
-    method = method.lower() if isinstance(method, str) else method
+def fp8_scheme_for(quantization_config: dict[str, Any], method: str, config_path: Path) -> Fp8Scheme:
+    """How FP8 scales apply under a detected quant_method (quant_config.detect_scheme reads the method)."""
     if method == "fbgemm_fp8":
         return Fp8Scheme("fbgemm")
     if method == "fp8":
@@ -75,32 +66,17 @@ def detect_fp8_scheme(quantization_config: dict[str, Any] | None, config_path: P
         if block is None:
             return Fp8Scheme("per_tensor")
         return Fp8Scheme("block", _block(block, config_path, "weight_block_size"), "_scale_inv")
-    if method in _COMPRESSED_TENSORS_METHODS:
-        return Fp8Scheme("compressed_tensors", _compressed_tensors_block(quantization_config, config_path))
-    raise UnsupportedModelError(
-        config_path, f"quant_method {method!r} is not supported (FP8 only: fbgemm_fp8, fp8, compressed-tensors); "
-                     "convert the unquantized checkpoint instead")
+    return Fp8Scheme("compressed_tensors", _compressed_tensors_block(quantization_config, config_path))
 
 
 def _compressed_tensors_block(config: dict[str, Any], config_path: Path) -> tuple[int, int]:
+    """The block one FP8 scale covers, from the groups that quantize weights to 8-bit float."""
     blocks: set[tuple[int, int]] = set()
     groups = config.get("config_groups") or {}
-    if not isinstance(groups, dict):
-        raise CheckpointError(config_path, "compressed-tensors 'config_groups' must be an object")
-    for group_name, group in groups.items():
-        group = group if isinstance(group, dict) else {}
-        fmt = group.get("format") or config.get("format")
-        if fmt is not None and fmt not in _FP8_FORMATS:
-            raise UnsupportedModelError(
-                config_path, f"compressed-tensors format {fmt!r} is not supported (FP8 'float-quantized' only)")
-        weights = group.get("weights")
-        if not weights:
-            continue  # activations-only group: the weights are stored unquantized
-        kind, bits = weights.get("type", "float"), weights.get("num_bits", 8)
-        if kind != "float" or bits != 8:
-            raise UnsupportedModelError(
-                config_path, f"compressed-tensors group {group_name} quantizes weights to {bits}-bit {kind}; "
-                             "only 8-bit float (FP8) is supported")
+    for group in groups.values() if isinstance(groups, dict) else ():
+        weights = group.get("weights") if isinstance(group, dict) else None
+        if not isinstance(weights, dict) or (weights.get("type", "int"), weights.get("num_bits", 8)) != ("float", 8):
+            continue
         strategy = weights.get("strategy")
         if strategy == "block":
             blocks.add(_block(weights.get("block_structure") or list(DEFAULT_BLOCK), config_path, "block_structure"))
@@ -121,6 +97,41 @@ def _block(value: Any, config_path: Path, key: str) -> tuple[int, int]:
             and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
         return int(value[0]), int(value[1])
     raise CheckpointError(config_path, f"FP8 '{key}' must give two positive integers, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Fp8Binding:
+    scale: Any                     # the checkpoint's tensor records (safetensors_io._Tensor)
+    zero_point: Any | None
+    layout: str                    # "tensor", "row" or "block" (scale_layout)
+    block: tuple[int, int]
+
+
+def bind(weight: Any, tensors: dict[str, Any], scheme: Fp8Scheme | None) -> Fp8Binding:
+    """The scale (and zero point) of an FP8 weight among the checkpoint's `tensors`, checked against its shape."""
+    candidates = scale_candidates(weight.name, scheme)
+    scale = next((tensors[c] for c in candidates if c in tensors), None)
+    if scale is None:
+        raise CheckpointError(weight.file, f"FP8 tensor {weight.name} has no {candidates[0].rsplit('.', 1)[-1]} "
+                                           f"(nor {candidates[1].rsplit('.', 1)[-1]}) to decode it with")
+    if scale.dtype not in SCALE_DTYPES:
+        raise UnsupportedModelError(scale.file, f"FP8 scale {scale.name} has dtype {scale.dtype}; "
+                                                f"scales must be one of {', '.join(SCALE_DTYPES)}")
+    block = scheme.block_size if scheme else DEFAULT_BLOCK
+    layout = scale_layout(scale.shape, weight.shape, block)
+    if layout is None:
+        raise CheckpointError(scale.file, f"FP8 scale {scale.name} of shape {list(scale.shape)} fits neither "
+                                          f"per-tensor, per-row nor {block[0]}x{block[1]} blocks of "
+                                          f"{weight.name} {list(weight.shape)}")
+    zero_point = tensors.get(zero_point_name(weight.name))
+    if zero_point is not None:
+        if zero_point.dtype not in ZERO_POINT_DTYPES:
+            raise UnsupportedModelError(zero_point.file, f"FP8 zero point {zero_point.name} has dtype "
+                                                         f"{zero_point.dtype}")
+        if zero_point.shape != scale.shape:
+            raise CheckpointError(zero_point.file, f"FP8 zero point {zero_point.name} has shape "
+                                                   f"{list(zero_point.shape)}, its scale {list(scale.shape)}")
+    return Fp8Binding(scale, zero_point, layout, block)
 
 
 # ---- decoding --------------------------------------------------------------------------------------------------------

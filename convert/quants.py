@@ -1,8 +1,8 @@
-"""Encoding of row chunks into GGUF tensor types: F32, F16, BF16, and ggml's reference Q8_0 / Q4_0.
+"""Encoding of row chunks into GGUF tensor types: F32, F16, BF16, and ggml's reference Q8_0 / Q4_0 / NVFP4 / MXFP4.
 
 Q8_0 and Q4_0 reproduce ggml's `quantize_row_q8_0_ref` / `quantize_row_q4_0_ref` bit for bit: the same float32
-arithmetic, C's `roundf` (half away from zero) and truncating int casts. Block geometry comes from
-`gguf.GGML_QUANT_SIZES`, never retyped.
+arithmetic, C's `roundf` (half away from zero) and truncating int casts; NVFP4 and MXFP4 are in fp4.py. Block
+geometry comes from `gguf.GGML_QUANT_SIZES`, never retyped.
 """
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import gguf
 import ml_dtypes
 import numpy as np
 
+from . import fp4
+
 Q = gguf.GGMLQuantizationType
 
 FLOAT_TYPES = {Q.F32: np.float32, Q.F16: np.float16, Q.BF16: ml_dtypes.bfloat16}
-OWN_QUANTS = (Q.Q8_0, Q.Q4_0)
+OWN_QUANTS = (Q.Q8_0, Q.Q4_0, Q.NVFP4, Q.MXFP4)
 
 
 def block_size(qtype: Q) -> int:
@@ -85,4 +87,8 @@ def encode_rows(rows: np.ndarray, qtype: Q) -> bytes | memoryview:
         return _q8_0(blocks).tobytes()
     if qtype == Q.Q4_0:
         return _q4_0(blocks).tobytes()
+    if qtype == Q.NVFP4:
+        return fp4.quantize_nvfp4(blocks).tobytes()
+    if qtype == Q.MXFP4:
+        return fp4.quantize_mxfp4(blocks).tobytes()
     raise ValueError(f"{qtype.name} is not encoded here; use llama.cpp's quantizer")

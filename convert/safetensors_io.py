@@ -12,6 +12,7 @@ import json
 import math
 import mmap
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,11 @@ import numpy as np
 
 from . import fp8
 from .errors import CheckpointError, UnsupportedModelError
-from .fp8 import Fp8Scheme, detect_fp8_scheme
+from .fp8 import Fp8Scheme
+from .int_packed import Rounding
+from .quant_config import QuantScheme, detect_scheme
+from .quant_reader import QuantReader
+from .quantized import Header, Q, QuantSource, classify
 
 INDEX_NAME = "model.safetensors.index.json"
 WEIGHT_DTYPES = ("F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
@@ -34,6 +39,7 @@ _NUMPY_DTYPES: dict[str, Any] = {
 _OTHER_ITEMSIZES = {"F8_E8M0": 1}
 _MAX_HEADER = 100_000_000  # the safetensors library's own limit
 _MADV_DONTNEED: int | None = getattr(mmap, "MADV_DONTNEED", None)
+_WHOLE_CACHE = 6  # GPTQ/AWQ: qweight, qzeros and scales of the two tensors the two encoder threads work on
 
 
 @dataclass(frozen=True)
@@ -52,14 +58,6 @@ class _Tensor:
     @property
     def row_nbytes(self) -> int:
         return self.nbytes // self.n_rows if self.n_rows else 0
-
-
-@dataclass(frozen=True)
-class _Fp8Binding:
-    scale: _Tensor
-    zero_point: _Tensor | None
-    layout: str            # "tensor", "row" or "block" (fp8.scale_layout)
-    block: tuple[int, int]
 
 
 def _release(mm: mmap.mmap, offset: int, length: int) -> None:
@@ -160,25 +158,41 @@ def _read_index(index_path: Path) -> dict[str, str]:
 
 class Checkpoint:
     """The tensors of a checkpoint folder. `names` lists the weights to export, in file order; FP8 scales and zero
-    points are consumed by `rows`, activation scales dropped."""
+    points are consumed by `rows`, activation scales dropped; a 4-bit or packed-integer weight is listed once, by its
+    logical name (`<module>.weight`), its parts consumed (quantized.py)."""
 
     def __init__(self, model_dir: Path, quantization_config: dict[str, Any] | None = None) -> None:
         self.model_dir = Path(model_dir)
-        self.scheme: Fp8Scheme | None = detect_fp8_scheme(quantization_config, self.model_dir / "config.json")
+        self.quant: QuantScheme | None = detect_scheme(quantization_config, self.model_dir / "config.json")
+        self.scheme: Fp8Scheme | None = self.quant.fp8 if self.quant else None
+        self.rounding = Rounding()
         self._maps: dict[Path, mmap.mmap] = {}
         self._tensors: dict[str, _Tensor] = {}
-        self._fp8: dict[str, _Fp8Binding] = {}
+        self._fp8: dict[str, fp8.Fp8Binding] = {}
+        self._quantized: dict[str, QuantReader] = {}
+        self._whole_cache: dict[str, np.ndarray] = {}
+        self._whole_lock = threading.Lock()
         self.names: list[str] = []
         try:
             self._load()
-            self.names = [n for n in self._tensors if not fp8.is_auxiliary(n)]
+            headers = {n: Header(t.dtype, t.shape, t.file) for n, t in self._tensors.items()}
+            sources, consumed = classify(headers, self.quant)
+            by_part = {s.parts["packed"]: s for s in sources.values()}
+            for name in self._tensors:
+                if name in by_part:
+                    self.names.append(by_part[name].name)
+                elif name not in consumed and not fp8.is_auxiliary(name):
+                    self.names.append(name)
             for name in self.names:
+                if name in sources:
+                    self._quantized[name] = QuantReader(sources[name], headers, self._rows_of, self._whole)
+                    continue
                 tensor = self._tensors[name]
                 if tensor.dtype not in WEIGHT_DTYPES:
                     raise UnsupportedModelError(tensor.file, f"tensor {name} has dtype {tensor.dtype}; "
                                                              f"weights must be one of {', '.join(WEIGHT_DTYPES)}")
                 if tensor.dtype in fp8.FP8_DTYPES:
-                    self._fp8[name] = self._bind_fp8(tensor)
+                    self._fp8[name] = fp8.bind(tensor, self._tensors, self.scheme)
         except BaseException:
             self.close()
             raise
@@ -222,51 +236,44 @@ class Checkpoint:
             with open(path, "rb") as f:
                 self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
-    def _bind_fp8(self, weight: _Tensor) -> _Fp8Binding:
-        candidates = fp8.scale_candidates(weight.name, self.scheme)
-        scale = next((self._tensors[c] for c in candidates if c in self._tensors), None)
-        if scale is None:
-            raise CheckpointError(weight.file, f"FP8 tensor {weight.name} has no {candidates[0].rsplit('.', 1)[-1]} "
-                                               f"(nor {candidates[1].rsplit('.', 1)[-1]}) to decode it with")
-        if scale.dtype not in fp8.SCALE_DTYPES:
-            raise UnsupportedModelError(scale.file, f"FP8 scale {scale.name} has dtype {scale.dtype}; "
-                                                    f"scales must be one of {', '.join(fp8.SCALE_DTYPES)}")
-        block = self.scheme.block_size if self.scheme else fp8.DEFAULT_BLOCK
-        layout = fp8.scale_layout(scale.shape, weight.shape, block)
-        if layout is None:
-            raise CheckpointError(scale.file, f"FP8 scale {scale.name} of shape {list(scale.shape)} fits neither "
-                                              f"per-tensor, per-row nor {block[0]}x{block[1]} blocks of "
-                                              f"{weight.name} {list(weight.shape)}")
-        zero_point = self._tensors.get(fp8.zero_point_name(weight.name))
-        if zero_point is not None:
-            if zero_point.dtype not in fp8.ZERO_POINT_DTYPES:
-                raise UnsupportedModelError(zero_point.file, f"FP8 zero point {zero_point.name} has dtype "
-                                                             f"{zero_point.dtype}")
-            if zero_point.shape != scale.shape:
-                raise CheckpointError(zero_point.file, f"FP8 zero point {zero_point.name} has shape "
-                                                       f"{list(zero_point.shape)}, its scale {list(scale.shape)}")
-        return _Fp8Binding(scale, zero_point, layout, block)
-
     # ---- queries -------------------------------------------------------------------------------------------------
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._tensors[name].shape
+        reader = self._quantized.get(name)
+        return reader.source.shape if reader else self._tensors[name].shape
 
     def dtype(self, name: str) -> str:
-        return self._tensors[name].dtype
+        reader = self._quantized.get(name)
+        return reader.source.kind.upper() if reader else self._tensors[name].dtype
 
     def is_fp8(self, name: str) -> bool:
-        return self._tensors[name].dtype in fp8.FP8_DTYPES
+        return name in self._fp8
+
+    def quantized(self, name: str) -> QuantSource | None:
+        reader = self._quantized.get(name)
+        return reader.source if reader else None
+
+    def tensor_factor(self, name: str) -> float | None:
+        """NVFP4's per-tensor multiplier (ModelOpt weight_scale_2, 1 / compressed-tensors weight_global_scale)."""
+        reader = self._quantized.get(name)
+        return reader.factor if reader else None
 
     def nbytes(self, name: str) -> int:
+        reader = self._quantized.get(name)
+        if reader:
+            return sum(self._tensors[p].nbytes for p in reader.source.parts.values())
         return self._tensors[name].nbytes
 
     def file_of(self, name: str) -> Path:
-        return self._tensors[name].file
+        reader = self._quantized.get(name)
+        return self._tensors[reader.source.parts["packed"] if reader else name].file
 
     # ---- data ----------------------------------------------------------------------------------------------------
     def rows(self, name: str, start: int, stop: int, index: np.ndarray | None = None) -> np.ndarray:
         """Rows [start, stop) along axis 0 — with `index`, the source rows index[start:stop] — as a fresh array in the
         source dtype; FP8 weights come back decoded to float32."""
+        reader = self._quantized.get(name)
+        if reader is not None:
+            return reader.rows(self._ids(name, start, stop, index))
         tensor = self._tensors[name]
         _check_range(tensor, start, stop)
         ids = np.arange(start, stop) if index is None else np.asarray(index[start:stop], dtype=np.int64)
@@ -281,6 +288,35 @@ class Checkpoint:
         zero_point = (None if binding.zero_point is None
                       else self._read(binding.zero_point, window, gather=False, as_float32=True))
         return fp8.decode(values, ids, scale, zero_point, first, binding.layout, binding.block)
+
+    def blocks(self, name: str, qtype: Q, start: int, stop: int, index: np.ndarray | None = None) -> bytes:
+        """Rows [start, stop) of a quantized weight (through `index` as in `rows`) as the ggml blocks of `qtype`,
+        its source's exact_type: the stored values, repacked."""
+        ids = self._ids(name, start, stop, index)
+        return self._quantized[name].blocks(ids, qtype, self.rounding).tobytes()
+
+    def _ids(self, name: str, start: int, stop: int, index: np.ndarray | None) -> np.ndarray:
+        n_rows = self.shape(name)[0]
+        if not 0 <= start <= stop <= n_rows:
+            raise IndexError(f"{name}: rows [{start}, {stop}) outside [0, {n_rows})")
+        return np.arange(start, stop) if index is None else np.asarray(index[start:stop], dtype=np.int64)
+
+    def _rows_of(self, name: str, ids: np.ndarray) -> np.ndarray:
+        return self._read(self._tensors[name], ids, gather=True)
+
+    def _whole(self, name: str) -> np.ndarray:
+        """A whole (small, or input-major) tensor; the last few are kept, for GPTQ/AWQ's column slices."""
+        with self._whole_lock:
+            cached = self._whole_cache.get(name)
+            if cached is None:
+                tensor = self._tensors[name]
+                cached = self._read(tensor, np.arange(tensor.n_rows), gather=False)
+                if tensor.shape == ():
+                    cached = cached.reshape(())
+                while len(self._whole_cache) >= _WHOLE_CACHE:
+                    self._whole_cache.pop(next(iter(self._whole_cache)))
+                self._whole_cache[name] = cached
+            return cached
 
     def raw_bytes(self, name: str, start: int, stop: int) -> bytes:
         """The stored bytes of rows [start, stop), for copying a tensor through unchanged."""

@@ -31,7 +31,7 @@ from .engine.runtime import Finished, PrefillProgress, Sampling
 from .errors import LcrunError
 
 if TYPE_CHECKING:
-    from .launch import Launch, RunOverrides
+    from .launch.decide import Launch
 
 CTX_STEP = 256                  # a context chosen for the depths is rounded up to this
 DEPTH_LADDER_BASE = 1024        # default depths: 0 and 1k, 4k, 16k, 64k, … (×4) that fit
@@ -100,7 +100,7 @@ class DepthResult:
 
 
 @dataclass(frozen=True)
-class BenchPlan:
+class BenchSetup:
     """What `lcrun bench` will run: the depths and the engine's settings, decided before the model loads."""
     depths: list[int]
     launch: Launch
@@ -182,21 +182,20 @@ def _refuse_misfit(depths: Sequence[int], pp: int, tg: int, n_ctx: int, limit: C
                                                f"+ {max(tg, 1):,} generated), {limit(context_for([depth], pp, tg))}")
 
 
-def plan_bench(model_path: Path, overrides: RunOverrides, depths: Sequence[int], *, pp: int, tg: int,
-               repetitions: int) -> BenchPlan:
-    """The depths (the default ladder when none are given) and the plan to run them with. Without --ctx the context
-    is the smallest that holds the deepest measurement, since a smaller context allocates less and runs as fast."""
-    from .launch import no_larger_than_needed, plan_launch
+def set_up_bench(launch: Launch, depths: Sequence[int], *, pp: int, tg: int, repetitions: int) -> BenchSetup:
+    """The depths (the default ladder when none are given) and the launch to run them with, from the launch decided
+    for the options. Without --ctx the context is the smallest that holds the deepest measurement, since a smaller
+    context allocates less and runs as fast."""
+    from .launch.decide import no_larger_than_needed
 
     check_counts(depths, pp, tg, repetitions)
-    if overrides.ctx is not None:
-        launch = plan_launch(model_path, overrides)
-        chosen = sorted(set(depths)) or default_depths(launch.choice.plan.ctx, pp, tg)
-        _refuse_misfit(chosen, pp, tg, launch.choice.plan.ctx, lambda ctx: (
-            f"more than --ctx {launch.choice.plan.ctx:,}; lower the depth or raise --ctx to {ctx}"))
-        return BenchPlan(chosen, launch)
-    widest = plan_launch(model_path, overrides)
-    largest = widest.choice.plan.ctx
+    if launch.options.ctx is not None:
+        chosen = sorted(set(depths)) or default_depths(launch.choice.estimate.ctx, pp, tg)
+        _refuse_misfit(chosen, pp, tg, launch.choice.estimate.ctx, lambda ctx: (
+            f"more than --ctx {launch.choice.estimate.ctx:,}; lower the depth or raise --ctx to {ctx}"))
+        return BenchSetup(chosen, launch)
+    widest = launch
+    largest = widest.choice.estimate.ctx
     chosen = sorted(set(depths)) or default_depths(largest, pp, tg)
     if largest >= widest.spec.n_ctx_train:
         _refuse_misfit(chosen, pp, tg, largest, lambda ctx: (
@@ -204,7 +203,7 @@ def plan_bench(model_path: Path, overrides: RunOverrides, depths: Sequence[int],
     else:
         _refuse_misfit(chosen, pp, tg, largest, lambda ctx: (
             f"but {largest:,} is the most that fits in memory here; lower the depth or use a smaller --kv-type"))
-    return BenchPlan(chosen, no_larger_than_needed(widest, context_for(chosen, pp, tg)))
+    return BenchSetup(chosen, no_larger_than_needed(widest, context_for(chosen, pp, tg)))
 
 
 # -- with a loaded engine ------------------------------------------------------------------------------------------
@@ -297,10 +296,10 @@ def run_bench(engine: Any, depths: Sequence[int], *, pp: int, tg: int, repetitio
     return results
 
 
-def bench_report(plan: BenchPlan, results: list[DepthResult], *, pp: int, tg: int, repetitions: int,
+def bench_report(setup: BenchSetup, results: list[DepthResult], *, pp: int, tg: int, repetitions: int,
                  seed: int = 0) -> BenchReport:
-    launch = plan.launch
-    p, cfg, spec = launch.choice.plan, launch.config, launch.spec
+    launch = setup.launch
+    p, cfg, spec = launch.choice.estimate, launch.config, launch.spec
     return BenchReport(
         model=launch.model_path.name, path=launch.model_path, file_type=spec.file_type, n_layer=spec.n_layer,
         ctx=cfg.n_ctx, type_k=p.type_k, type_v=p.type_v, flash_attn=p.flash_attn, n_gpu_layers=p.n_gpu_layers,

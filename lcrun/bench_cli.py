@@ -1,12 +1,16 @@
-"""`lcrun bench`: parse, plan (refusing depths that cannot fit before the model loads), load, measure, render."""
+"""`lcrun bench`: parse, decide the launch (refusing depths that cannot fit before the model loads), open the model,
+measure, render."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
-from .cli_options import overrides_from, run_options
+from .cli_options import launch_options
+
+if TYPE_CHECKING:
+    from .launch.options import LaunchOptions
 
 
 def _parse_depth(text: str) -> int:
@@ -26,7 +30,7 @@ Examples:
   lcrun bench model-Q8_0.gguf --flash-attn off --pp 1024 --tg 64 -r 5
 """)
 @click.argument("model")
-@run_options
+@launch_options(chat=False)
 @click.option("--depth", "depths", multiple=True, metavar="N",
               help="Tokens already in the KV cache when pp and tg are timed (repeatable; 0, 4096, 16k, …). "
                    "Default: 0 and 1k, 4k, 16k, 64k, … as far as the context allows.")
@@ -35,29 +39,31 @@ Examples:
 @click.option("-r", "--repetitions", type=int, default=3, show_default=True,
               help="Measurements per depth (reported as mean ± stddev).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (every repetition included).")
-def bench(model: str, depths: tuple[str, ...], pp: int, tg: int, repetitions: int, as_json: bool,
-          **run: Any) -> None:
+def bench(launch: LaunchOptions, depths: tuple[str, ...], pp: int, tg: int, repetitions: int,
+          as_json: bool) -> None:
     """Prompt processing (pp) and generation (tg) speed of MODEL at several context depths, with the planned or
     forced settings: compare quants, KV cache types and flash attention on this machine.
 
     Without --ctx the context is the smallest that holds the deepest measurement. The cache is filled untimed with
     each depth (smallest first); tokens are the model's own, from seeded random words.
     """
-    from .bench import bench_report, check_counts, plan_bench, run_bench
+    from .bench import bench_report, check_counts, run_bench, set_up_bench
+    from .launch.decide import decide_launch
+    from .launch.loaded import open_model
     from .ui.bench_view import bench_progress, render_bench
     from .ui.console import make_console
-    from .ui.model_loading import loaded_engine, locate_model
+    from .ui.model_loading import download_progress, loading_status
 
     out, err = make_console(), make_console(stderr=True)
     depth_list = [_parse_depth(d) for d in depths]
     check_counts(depth_list, pp, tg, repetitions)  # before a download
-    overrides = overrides_from(run)
-    path = locate_model(err, model, run.get("hub_file"), run.get("revision"))
-    plan = plan_bench(path, overrides, depth_list, pp=pp, tg=tg, repetitions=repetitions)
+    with download_progress(err) as download:
+        setup = set_up_bench(decide_launch(launch, download=download), depth_list, pp=pp, tg=tg,
+                             repetitions=repetitions)
 
-    with loaded_engine(err, plan.launch) as engine, bench_progress(err) as step:
-        results = run_bench(engine, plan.depths, pp=pp, tg=tg, repetitions=repetitions, progress=step)
-    report = bench_report(plan, results, pp=pp, tg=tg, repetitions=repetitions)
+    with open_model(setup.launch, loading=loading_status(err)) as model, bench_progress(err) as step:
+        results = run_bench(model.engine, setup.depths, pp=pp, tg=tg, repetitions=repetitions, progress=step)
+    report = bench_report(setup, results, pp=pp, tg=tg, repetitions=repetitions)
     if as_json:
         for warning in report.warnings:
             err.print(f"warning: {warning}")

@@ -1,14 +1,20 @@
-"""`lcrun chat`: parse, plan, load, then either answer one prompt (-p) or run the interactive loop."""
+"""`lcrun chat`: parse into the launch's options and the chat's, decide the launch (and show it: --dry-run ends
+there, having imported no engine), open the model, then either answer one prompt (-p) or run the interactive loop."""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from .cli_options import chat_format_options, run_options_without_file
+from .cli_options import chat_format_options, launch_options
 from .engine.protocol import CHAT_SAMPLING
+
+if TYPE_CHECKING:
+    from .chat.startup import ChatOptions
+    from .launch.decide import Launch
+    from .launch.options import LaunchOptions
 
 
 @click.command(epilog="""\b
@@ -27,7 +33,7 @@ Examples:
 @click.argument("model")
 @click.option("--file", "files", multiple=True, metavar="PATH",
               help="A text document to add to the conversation (repeatable).")
-@run_options_without_file
+@launch_options(file_flag_free=True)
 @chat_format_options
 @click.option("-p", "--prompt", help="Answer this one prompt and exit: the answer alone on stdout, stats on "
                                      "stderr. `-p -` reads it from stdin.")
@@ -52,11 +58,10 @@ Examples:
               help="JSONL transcript to append finished turns to (default: history.jsonl in the user data dir).")
 @click.option("--no-history", is_flag=True, help="Keep no transcript.")
 @click.option("--dry-run", is_flag=True, help="Show the plan and exit without loading the model.")
-def chat(model: str, files: tuple[str, ...], prompt: str | None, system: str | None, temp: float, top_p: float,
-         top_k: int, min_p: float, repeat_penalty: float, presence_penalty: float, frequency_penalty: float,
-         seed: int, max_tokens: int | None,
-         session_file: Path | None, history_file: Path | None, no_history: bool, dry_run: bool,
-         **run: Any) -> None:
+def chat(launch: LaunchOptions, files: tuple[str, ...], prompt: str | None, system: str | None, temp: float,
+         top_p: float, top_k: int, min_p: float, repeat_penalty: float, presence_penalty: float,
+         frequency_penalty: float, seed: int, max_tokens: int | None, session_file: Path | None,
+         history_file: Path | None, no_history: bool, dry_run: bool) -> None:
     """Chat with MODEL (a GGUF file, `demo`, or a Hub GGUF repo as org/repo[:QUANT]), sized to this machine.
 
     The planner picks context, KV cache type, flash attention and GPU layers from the memory that is free; every
@@ -64,22 +69,81 @@ def chat(model: str, files: tuple[str, ...], prompt: str | None, system: str | N
     format is the file's own template, else the one its special tokens belong to, else ChatML (as llama.cpp);
     the plan says which, and why.
     """
+    from .chat.formats import RAW
+    from .chat.startup import ChatOptions
     from .engine.protocol import Sampling
-    from .ui.chat_app import ChatOptions, run_chat
-    from .cli_options import chat_format_from, overrides_from
 
-    chat_format = chat_format_from(run)
-    if run.get("raw") and prompt is None and not dry_run:
+    if launch.chat_format == RAW and prompt is None and not dry_run:
         raise click.UsageError("--raw continues one prompt as plain text: give the prompt with -p (the interactive "
                                "chat needs a chat format)")
-    documents = [Path(f).expanduser() for f in files]
     options = ChatOptions(
-        prompt=prompt, system=system, documents=documents,
+        prompt=prompt, system=system, documents=[Path(f).expanduser() for f in files],
         sampling=Sampling(temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty,
                           presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, seed=seed),
-        max_tokens=max_tokens, session_file=session_file,
-        history_file=history_file, no_history=no_history, dry_run=dry_run, chat_format=chat_format,
+        max_tokens=max_tokens, session_file=session_file, history_file=history_file, no_history=no_history,
+        dry_run=dry_run,
     )
-    code = run_chat(model, run.get("hub_file"), run.get("revision"), overrides_from(run), options)
+    code = _run(launch, options)
     if code:
         sys.exit(code)
+
+
+def _run(options: LaunchOptions, chat: ChatOptions) -> int:
+    """Up to the plan: nothing here imports the engine or the session, so --dry-run starts fast."""
+    from .chat.startup import check_documents, read_question
+    from .launch.decide import decide_launch
+    from .ui.console import make_console
+    from .ui.launch_view import render_launch, render_launch_notes
+    from .ui.model_loading import download_progress
+
+    out, err = make_console(), make_console(stderr=True)
+    question = read_question(chat)
+    check_documents(chat)
+    with download_progress(err) as download:
+        launch = decide_launch(options, download=download)
+    if chat.dry_run:
+        render_launch(launch, out)
+        return 0
+    if question is None:
+        render_launch(launch, out)
+    else:
+        render_launch_notes(launch, err)
+    return _chat(launch, chat, question, out, err)
+
+
+def _chat(launch: Launch, chat: ChatOptions, question: str | None, out: Any, err: Any) -> int:
+    """The model loaded, the session restored and its documents read, then -p's answer or the interactive loop; the
+    session saved on the way out."""
+    from .chat.startup import restore_session, save_session, start_session
+    from .launch.loaded import open_model
+    from .ui.chat_session_view import answer_once, read_documents, render_restored, render_saved
+    from .ui.model_loading import loading_status
+
+    view = out if question is None else err
+    session_file = chat.session_file
+
+    def save() -> None:
+        if session_file is not None:
+            render_saved(session_file, save_session(session, session_file), view)
+
+    with open_model(launch, loading=loading_status(err)) as model:
+        session = start_session(model, chat)
+        try:
+            if session_file is not None and session_file.exists():
+                render_restored(restore_session(session, session_file), session_file, view)
+            if chat.system is not None:
+                session.set_system(chat.system)
+            if not read_documents(session, chat.documents, view):
+                return 130
+            if question is not None:
+                return answer_once(session, question, err)
+            from .chat.history import default_history_path
+            from .ui.chat_input import make_reader
+            from .ui.chat_repl import ChatRepl
+
+            reader = make_reader(default_history_path().with_name("input_history"))
+            ChatRepl(session, out, reader, on_exit=save).run()
+            return 0
+        finally:
+            if question is not None:
+                save()

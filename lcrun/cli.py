@@ -10,8 +10,8 @@ from typing import Any, NoReturn
 import click
 
 from . import __version__
-from .cli_options import machine_options
-from .param_types import CONTEXT, SIZE, kv_type_from, parse_ctx, worker_memory_map
+from .cli_options import KV_TYPE_HELP, context_option, machine_options
+from .param_types import KV_TYPE, SIZE, kv_type_from, worker_memory_map
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -81,18 +81,21 @@ Examples:
   lcrun convert ./Llama-3.1-8B-Instruct --outtype q8_0
   lcrun convert gradientai/Llama-3-8B-Instruct-Gradient-1048k --outtype Q4_K_M
   lcrun convert ./ckpt --outtype bf16 --split-max-size 4G -o model.gguf
+  lcrun convert nvidia/Llama-3.1-8B-Instruct-FP4        # NVFP4 stays NVFP4, bit for bit
+  lcrun convert ./Llama-3.1-8B-Instruct-GPTQ-INT4       # int4 -> Q4_0 (symmetric) / Q4_1, not re-quantized
+  lcrun convert ./Llama-3.1-8B-Instruct --outtype nvfp4  # quantize to NVFP4 here (ggml's reference quantizer)
 """)
 @click.argument("src")
 @click.option("-o", "--output", "--out", "out", type=click.Path(dir_okay=False, path_type=Path),
               help="Output .gguf (default: the GGUF naming convention, in the current directory).")
 @click.option("--outtype", default="auto", show_default=True, metavar="TYPE",
-              help="auto (keep the source precision), f32, f16, bf16, q8_0, q4_0 — computed here — or any "
-                   "llama.cpp quant type (Q4_K_M, Q5_K_M, Q6_K, IQ4_XS, …) through llama.cpp's quantizer.")
+              help="auto (keep the source precision; 4-bit checkpoints stay NVFP4/MXFP4/Q4_0/Q4_1), f32, f16, "
+                   "bf16, q8_0, q4_0, nvfp4, mxfp4 — computed here — or any llama.cpp quant type (Q4_K_M, Q5_K_M, "
+                   "Q6_K, IQ4_XS, …) through llama.cpp's quantizer.")
 @click.option("--revision", help="Hub revision (branch, tag or commit) when SRC is a repo id.")
 @click.option("--rope-theta", "--rope-freq-base", "rope_theta", type=float,
               help="Override the RoPE base (recorded in the file's metadata).")
-@click.option("-c", "--ctx", "--ctx-size", "ctx", type=CONTEXT, metavar="N",
-              help="Override the context length the file declares, e.g. 1M (recorded in metadata).")
+@context_option("Override the context length the file declares, e.g. 1M (recorded in metadata).")
 @click.option("--split-max-size", type=SIZE, metavar="SIZE",
               help="Write standard -0000N-of-0000M.gguf splits of at most SIZE (e.g. 4G).")
 @click.option("-t", "--threads", type=int,
@@ -103,8 +106,9 @@ def convert(src: str, out: Path | None, outtype: str, revision: str | None, rope
             ctx: int | None, split_max_size: int | None, threads: int | None, force: bool, quiet: bool) -> None:
     """Convert a Hugging Face checkpoint (a local folder, a Hub repo id, or `demo`) to GGUF.
 
-    Reads safetensors in BF16/F16/F32 or FP8 (fbgemm, AutoFP8, compressed-tensors, block-scaled), keeps RoPE
-    theta and llama3/linear/yarn scaling exact, and refuses what llama.cpp cannot express instead of dropping it.
+    Reads safetensors in BF16/F16/F32, FP8 (fbgemm, AutoFP8, compressed-tensors, block-scaled, ModelOpt) and 4-bit
+    (ModelOpt NVFP4, compressed-tensors NVFP4/MXFP4/int4/int8, GPTQ, AWQ: kept as they are where GGUF holds them),
+    keeps RoPE theta and llama3/linear/yarn scaling exact, and refuses what llama.cpp cannot express.
     """
     from .export import export_model
     from .ui.console import make_console
@@ -156,10 +160,10 @@ Examples:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def inspect(path: Path, as_json: bool) -> None:
     """Show what a GGUF file holds: architecture, RoPE, tokenizer, tensor types — and what looks wrong."""
-    from .gguf_info import inspect_gguf
+    from .gguf_inspect import inspect_gguf
 
     if str(path) == "demo" and not path.exists():
-        from .launch import demo_gguf
+        from .launch.model_file import demo_gguf
 
         path = demo_gguf()
     report = inspect_gguf(path)
@@ -205,9 +209,10 @@ Examples:
 @click.argument("model")
 @click.option("--quant", "quants", multiple=True, metavar="TYPE",
               help="Quant type(s) to plan for (repeatable; default Q8_0 and Q4_K_M; a GGUF file has its own).")
-@click.option("-c", "--ctx", "--ctx-size", "ctxs", type=CONTEXT, multiple=True, metavar="N",
-              help="Context length(s), e.g. 32k, 128k, 1M (default: a ladder up to the model's maximum).")
-@click.option("--kv-type", "kv_types", multiple=True, metavar="K[/V]", help="KV cache type(s): f16, q8_0, q4_0, … or K/V separately, e.g. q8_0/q4_0 (repeatable; default f16).")
+@context_option("Context length(s), e.g. 32k, 128k, 1M (repeatable; default: a ladder up to the model's "
+                "maximum).", dest="ctxs", multiple=True)
+@click.option("--kv-type", "kv_types", type=KV_TYPE, multiple=True, metavar="K[/V]",
+              help=f"{KV_TYPE_HELP} (repeatable; default f16).")
 @machine_options
 @click.option("--allow-ctx-extension", is_flag=True, help="Allow contexts above the model's maximum.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document: the model, devices, every plan and "
@@ -222,29 +227,30 @@ def estimate(model: str, quants: tuple[str, ...], ctxs: tuple[int, ...], kv_type
     MODEL is a Hub repo id (only config.json and safetensors headers are read), a local checkpoint folder, a local
     GGUF (splits included), or a built-in profile (`lcrun models`).
     """
+    from .devices import run_devices
     from .errors import LcrunError
     from .estimate import context_ladder, estimate_grid
+    from .memory_model import parse_kv_type
     from .model_spec import resolve_model
 
     spec = resolve_model(model, revision=revision, gguf_file=hub_file)
-    contexts = list(ctxs) or context_ladder(spec.n_ctx_train)
+    contexts = [c for c in ctxs if c is not None] or context_ladder(spec.n_ctx_train)
     too_long = [c for c in contexts if c > spec.n_ctx_train]
     if too_long and not allow_ctx_extension:
         raise LcrunError(model, f"context {too_long[0]:,} is above the model's maximum of {spec.n_ctx_train:,} "
                                 "(pass --allow-ctx-extension if you extend it with RoPE overrides)")
     if spec.file_tensor_bytes is not None:
         if quants:
-            raise LcrunError(model, f"a GGUF file has its own quantization ({spec.file_type}); drop --quant")
+            raise LcrunError(model, f"this model has its own quantization ({spec.file_type}); drop --quant")
         quants = (spec.file_type or "file",)
     quants = quants or ("Q8_0", "Q4_K_M")
     ll_kv = kv_type_from(None, cache_type_k, cache_type_v)
     if ll_kv and kv_types:
         raise click.UsageError("give the KV cache types once: --kv-type K[/V], or -ctk/-ctv")
-    kv_pairs = [(k.partition("/")[0].lower(), (k.partition("/")[2] or k).lower())
-                for k in ((ll_kv,) if ll_kv else kv_types or ("f16",))]
-    devices = _devices(gpu_mem, ram, rpc, rpc_mem)
+    kv_pairs = [parse_kv_type(k) for k in ((ll_kv,) if ll_kv else [k for k in kv_types if k] or ["f16"])]
+    devices = run_devices(gpu_mem, ram, rpc or (), worker_memory_map(rpc_mem))
     try:
-        plans, largest = estimate_grid(spec, quants, contexts, kv_pairs, devices, flash_attn=flash_attn != "off",
+        estimates, largest = estimate_grid(spec, quants, contexts, kv_pairs, devices, flash_attn=flash_attn != "off",
                                        n_ubatch=ubatch, n_seq=parallel, n_gpu_layers=gpu_layers,
                                        max_ctx=max(spec.n_ctx_train, *contexts))
     except ValueError as exc:
@@ -255,22 +261,14 @@ def estimate(model: str, quants: tuple[str, ...], ctxs: tuple[int, ...], kv_type
         click.echo(json.dumps({
             "model": spec.name, "source": spec.source, "notes": spec.notes,
             "devices": [asdict(d) for d in devices],
-            "plans": [plan.to_dict() for plan in plans],
+            "plans": [estimate.to_dict() for estimate in estimates],  # the JSON key predates the rename
             "largest_fitting_context": [{"quant": q, "kv_type": kv, "ctx": n} for (q, kv), n in largest.items()],
         }, indent=2))
         return
     from .ui.console import make_console
     from .ui.estimate_view import render_estimate
 
-    render_estimate(spec.name, "; ".join(spec.notes) or spec.source, devices, plans, largest, make_console())
-
-
-def _devices(gpu_mem: tuple[int, ...], ram: int | None, rpc: list[str] | None,
-             rpc_mem: tuple[tuple[str, int], ...]) -> list[Any]:
-    """This machine's devices (or --gpu-mem/--ram), then the RPC workers' (asked, or --rpc-mem)."""
-    from .devices import machine_devices, worker_devices
-
-    return [*machine_devices(list(gpu_mem) or None, ram), *worker_devices(rpc or [], worker_memory_map(rpc_mem))]
+    render_estimate(spec.name, "; ".join(spec.notes) or spec.source, devices, estimates, largest, make_console())
 
 
 @cli.command(epilog="""\b
@@ -282,36 +280,36 @@ Examples:
 """)
 @click.argument("model")
 @click.option("--quant", default="Q4_K_M", show_default=True, help="Quant type, when MODEL is not a GGUF file.")
-@click.option("-c", "--ctx", "--ctx-size", "ctx", default="auto", show_default=True, metavar="N",
-              help="Context length (32k, 128k, …) or auto: the largest that fits.")
-@click.option("--kv-type", help="KV cache type (f16, q8_0, q4_0, K/V); default: the least lossy that reaches the "
-              "context.")
+@context_option("Context length (32k, 128k, …) or auto: the largest that fits.", default="auto")
+@click.option("--kv-type", type=KV_TYPE, metavar="K[/V]",
+              help=f"{KV_TYPE_HELP}; default: the least lossy that reaches the context.")
 @machine_options
 @click.option("--verify", is_flag=True, help="Run llama.cpp's allocation dry run (no_alloc) on the GGUF and compare.")
 @click.option("--json", "as_json", is_flag=True)
-def plan(model: str, quant: str, ctx: str, kv_type: str | None, cache_type_k: str | None, cache_type_v: str | None,
+def plan(model: str, quant: str, ctx: int | None, kv_type: str | None, cache_type_k: str | None, cache_type_v: str | None,
          flash_attn: str, gpu_layers: int | None, ubatch: int, parallel: int, gpu_mem: tuple[int, ...],
          ram: int | None, rpc: list[str] | None, rpc_mem: tuple[tuple[str, int], ...], hub_file: str | None,
          revision: str | None, verify: bool, as_json: bool) -> None:
     """Choose context, KV type, flash attention and GPU layers for MODEL on this machine (and RPC workers), and
     explain the choice."""
+    from .devices import run_devices
     from .errors import LcrunError
     from .model_spec import resolve_model
     from .planner import choose
 
     spec = resolve_model(model, revision=revision, gguf_file=hub_file)
-    devices = _devices(gpu_mem, ram, rpc, rpc_mem)
+    devices = run_devices(gpu_mem, ram, rpc or (), worker_memory_map(rpc_mem))
     quant_name = (spec.file_type or quant) if spec.file_tensor_bytes is not None else quant
-    kv = kv_type_from(None if kv_type in (None, "auto") else kv_type.lower(), cache_type_k, cache_type_v)
-    choice = choose(spec, quant_name, devices, ctx=None if ctx == "auto" else parse_ctx(ctx), kv_type=kv, flash_attn=flash_attn, n_gpu_layers=gpu_layers,
+    kv = kv_type_from(kv_type, cache_type_k, cache_type_v)
+    choice = choose(spec, quant_name, devices, ctx=ctx, kv_type=kv, flash_attn=flash_attn, n_gpu_layers=gpu_layers,
                     n_ubatch=ubatch, n_seq=parallel)
-    result = {**choice.plan.to_dict(), "why": choice.why}
+    result = {**choice.estimate.to_dict(), "why": choice.why}
     if verify:
         if spec.source != "gguf":
             raise LcrunError(model, "--verify needs a local GGUF file (llama.cpp's dry run reads its header)")
         from .engine.allocations import measure_allocations_isolated
 
-        p = choice.plan
+        p = choice.estimate
         not_running = [d.host for d in devices if d.host and d.host not in (rpc or [])]
         if not_running:
             raise LcrunError(not_running[0], "--verify loads the model on the workers: they must be running "

@@ -1,14 +1,21 @@
-"""Options shared by the commands that load a model (`chat`, `niah`, `bench`): the planner's choices, each of which
-the user can force, and the chat format (`chat`, `niah`). Only click is imported here, so `lcrun --help` stays
-instant."""
+"""The command line's options, each declared once: those of the commands that load a model (`chat`, `serve`,
+`niah`, `bench`: the planner's choices, each of which the user can force, and the chat format), which become one
+typed `LaunchOptions` record before the command sees them, and those that describe the machine (`estimate`, `plan`).
+Only click is imported here, so `lcrun --help` stays instant."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from .param_types import CONTEXT, MEMORY, RPC_ENDPOINTS, RPC_MEMORY, kv_type_from, worker_memory_map
+from .param_types import CONTEXT, KV_TYPE, MEMORY, RPC_ENDPOINTS, RPC_MEMORY, kv_type_from, worker_memory_map
+
+if TYPE_CHECKING:
+    from .launch.options import LaunchOptions
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 # Each option is declared once; the lists below pick them for each kind of command. lcrun's names come first,
 # llama.cpp's (and llama-server's) spellings beside them as aliases of the same option.
@@ -39,13 +46,22 @@ PARALLEL = click.option("-np", "--parallel", type=click.IntRange(1, 256), defaul
                         help="Parallel sequences (n_seq; a server's slots): requests generated at the same time, "
                              "sharing the context (--ctx is the total; each gets an equal part).")
 
+def context_option(help_text: str, *, dest: str = "ctx", multiple: bool = False,
+                   default: str | None = None) -> Callable[..., Any]:
+    """`-c/--ctx/--ctx-size N`, declared here alone: a token count with binary suffixes (32k, 128k, 1M) or `auto`
+    (None: the planner decides). Each command says what the context is for it."""
+    return click.option("-c", "--ctx", "--ctx-size", dest, type=CONTEXT, metavar="N", multiple=multiple,
+                        default=default, show_default=default is not None, help=help_text)
+
+
+KV_TYPE_HELP = "KV cache type: f16, q8_0, q4_0, or K/V apart (q8_0/q4_0)"
+
 _RUN_OPTIONS = [
     REVISION,
-    click.option("-c", "--ctx", "--ctx-size", "ctx", type=CONTEXT, metavar="N",
-                 help="Context length (32k, 128k, 1M, …); default: the largest that fits (chat) or what the run "
-                      "needs (niah, bench)."),
-    click.option("--kv-type", metavar="K[/V]", help="KV cache type: f16, q8_0, q4_0, or K/V apart (q8_0/q4_0); "
-                 "default: the least lossy that reaches the context."),
+    context_option("Context length (32k, 128k, 1M, …); default: the largest that fits (chat) or what the run needs "
+                   "(niah, bench)."),
+    click.option("--kv-type", type=KV_TYPE, metavar="K[/V]",
+                 help=f"{KV_TYPE_HELP}; default: the least lossy that reaches the context."),
     CACHE_TYPE_K,
     CACHE_TYPE_V,
     FLASH_ATTN,
@@ -67,6 +83,12 @@ _RUN_OPTIONS = [
 # estimate and plan: how the machine (and its workers) is described; they take their own --ctx/--kv-type/--quant
 _MACHINE_OPTIONS = [CACHE_TYPE_K, CACHE_TYPE_V, FLASH_ATTN, UBATCH, PARALLEL, GPU_LAYERS, GPU_MEM, RAM, RPC, RPC_MEM,
                     HUB_FILE, REVISION]
+# every parameter the launch reads: taken out of a command's parameters into its one LaunchOptions
+_LAUNCH_PARAMS = frozenset({
+    "model", "hub_file", "revision", "ctx", "kv_type", "cache_type_k", "cache_type_v", "flash_attn", "gpu_layers",
+    "threads", "threads_batch", "ubatch", "rope_theta", "rope_scale", "rope_freq_scale", "gpu_mem", "ram", "rpc",
+    "rpc_mem", "repack", "parallel", "chat_template", "chat_template_file", "raw",
+})
 
 
 def _apply(options: list[Callable[..., Any]], func: Callable[..., Any]) -> Callable[..., Any]:
@@ -80,45 +102,46 @@ def machine_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return _apply(_MACHINE_OPTIONS, func)
 
 
-def run_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Add the model-loading options; the command receives them as keyword arguments (see `overrides_from`)."""
-    return _apply([HUB_FILE, *_RUN_OPTIONS], func)
+def launch_options(*, chat: bool = True, file_flag_free: bool = False) -> Callable[[F], F]:
+    """The options of a command that loads a model. The command does not see them one by one: its first argument is
+    the one typed record they make with MODEL (`LaunchOptions`, built by `launch_options_from`), beside its own
+    options. `chat`: the run prompts in a chat format (the command declares which chat-format options it takes);
+    `file_flag_free`: --file is the command's own (chat's documents), so only --hf-file names a Hub repo's GGUF."""
+    def decorate(func: F) -> F:
+        @functools.wraps(func)
+        def command(**params: Any) -> Any:
+            taken = {name: params.pop(name) for name in list(params) if name in _LAUNCH_PARAMS}
+            return func(launch_options_from(taken, chat=chat), **params)
+
+        hub_file = HUB_FILE_ONLY if file_flag_free else HUB_FILE
+        return _apply([hub_file, *_RUN_OPTIONS], command)  # type: ignore[return-value]
+    return decorate
 
 
-def overrides_from(options: dict[str, Any]) -> Any:
-    """RunOverrides from the parsed options."""
-    from .launch import RunOverrides
+def launch_options_from(params: dict[str, Any], *, chat: bool = True) -> LaunchOptions:
+    """The LaunchOptions of parsed command-line parameters: llama.cpp's spellings folded into lcrun's (-ctk/-ctv into
+    the K/V type, --rope-freq-scale into --rope-scale), conflicts refused."""
+    from .launch.options import LaunchOptions
 
-    kv = options.get("kv_type")
-    kv = kv_type_from(kv.lower() if kv and kv.lower() != "auto" else None, options.get("cache_type_k"),
-                      options.get("cache_type_v"))
-    rope_scale = options.get("rope_scale")
-    if options.get("rope_freq_scale") is not None:
+    kv = kv_type_from(params.get("kv_type"), params.get("cache_type_k"), params.get("cache_type_v"))
+    rope_scale = params.get("rope_scale")
+    if params.get("rope_freq_scale") is not None:
         if rope_scale is not None:
             raise click.UsageError("give the RoPE scaling once: --rope-scale, or --rope-freq-scale (its inverse)")
-        if options["rope_freq_scale"] <= 0:
+        if params["rope_freq_scale"] <= 0:
             raise click.BadParameter("must be above 0", param_hint="--rope-freq-scale")
-        rope_scale = 1.0 / options["rope_freq_scale"]
-    return RunOverrides(
-        ctx=options.get("ctx"),
-        kv_type=kv,
-        flash_attn=options.get("flash_attn") or "auto",
-        gpu_layers=options.get("gpu_layers"),
-        threads=options.get("threads"),
-        rope_theta=options.get("rope_theta"),
-        rope_scale=rope_scale,
-        ubatch=options.get("ubatch") or 512,
-        gpu_mem=tuple(options["gpu_mem"]) if options.get("gpu_mem") else None,
-        ram=options.get("ram"),
-        rpc=tuple(options.get("rpc") or ()),
-        rpc_mem=tuple(worker_memory_map(options.get("rpc_mem")).items()),
-        repack=options.get("repack"),
+        rope_scale = 1.0 / params["rope_freq_scale"]
+    return LaunchOptions(
+        model=params.get("model") or "", hub_file=params.get("hub_file"), revision=params.get("revision"),
+        ctx=params.get("ctx"), kv_type=kv, flash_attn=params.get("flash_attn") or "auto",
+        gpu_layers=params.get("gpu_layers"), threads=params.get("threads"),
+        threads_batch=params.get("threads_batch"), ubatch=params.get("ubatch") or 512,
+        rope_theta=params.get("rope_theta"), rope_scale=rope_scale,
+        gpu_mem=tuple(params["gpu_mem"]) if params.get("gpu_mem") else None, ram=params.get("ram"),
+        rpc=tuple(params.get("rpc") or ()), rpc_mem=tuple(worker_memory_map(params.get("rpc_mem")).items()),
+        repack=params.get("repack"), n_seq=params.get("parallel") or 1,
+        chat=chat, chat_format=_chat_format_from(params) if chat else None,
     )
-
-
-def run_options_without_file(func: Callable[..., Any]) -> Callable[..., Any]:
-    """The model-loading options without --file (`chat`, where --file adds documents): --hf-file names a Hub file."""
-    return _apply([HUB_FILE_ONLY, *_RUN_OPTIONS], func)
 
 
 class ChatTemplateType(click.ParamType):
@@ -168,15 +191,11 @@ def chat_template_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def chat_format_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """--chat-template, --chat-template-file and --raw; the command receives them as keyword arguments (see
-    `chat_format_from`)."""
+    """--chat-template, --chat-template-file and --raw: they become LaunchOptions.chat_format."""
     return chat_template_options(RAW_OPTION(func))
 
 
-CHAT_FORMAT_OPTION_NAMES = ("chat_template", "chat_template_file", "raw")
-
-
-def chat_format_from(options: dict[str, Any]) -> Any:
+def _chat_format_from(options: dict[str, Any]) -> Any:
     """The FormatChoice the user asked for (None: the model's own), from the parsed options."""
     from .chat.formats import RAW
 

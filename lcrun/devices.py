@@ -5,7 +5,8 @@ devices of RPC workers elsewhere (`lcrun worker`), asked over RPC.
 worker that is not running yet."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import psutil
@@ -19,6 +20,13 @@ class Device:
     is_gpu: bool
     detected: bool = True
     host: str = ""       # "" this machine; else the worker's HOST:PORT (its devices are named "RPC0[HOST:PORT]", …)
+
+
+def default_threads() -> int:
+    """One thread per physical core, as llama.cpp's own tools default to (llama-cpp-python would take half the
+    logical CPUs, which on a small machine leaves cores idle while generating)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(psutil.cpu_count(logical=False) or usable, usable))
 
 
 def cpu_device(ram_bytes: int | None = None) -> Device:
@@ -79,3 +87,13 @@ def worker_devices(endpoints: Sequence[str], memory: dict[str, int] | None = Non
         found.append(Device(rpc.device_name(endpoint, 0), size, size, is_gpu=False, detected=False, host=endpoint))
     order = {e: i for i, e in enumerate([*endpoints, *[e for e in memory if e not in endpoints]])}
     return sorted(found, key=lambda d: order[d.host])
+
+
+def run_devices(gpu_mem: Sequence[int] | None = None, ram: int | None = None, rpc: Sequence[str] = (),
+                rpc_mem: Mapping[str, int] | None = None) -> list[Device]:
+    """What a run is planned on: this machine's devices (or what --gpu-mem/--ram say), then the RPC workers' (asked
+    over RPC, or what --rpc-mem says). ggml's RPC client is imported only when there are workers."""
+    devices = machine_devices(list(gpu_mem) if gpu_mem else None, ram)
+    if rpc or rpc_mem:
+        devices += worker_devices(rpc, dict(rpc_mem or {}))
+    return devices

@@ -1,4 +1,4 @@
-"""Memory plans: weights, KV cache, compute and output buffers per device, for a model at a quant, context length
+"""Memory estimates: weights, KV cache, compute and output buffers per device, for a model at a quant, context length
 and KV type — before anything is downloaded. Pure: no llama_cpp, no network (callers bring the ModelSpec)."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from itertools import accumulate
 from typing import Any
 
 from .devices import Device
-from .memory_model import (ModelShape, compute_buffer_bytes, kv_cache_bytes_per_layer, output_buffer_bytes,
-                           validate_kv, weights_bytes)
+from .memory_model import (ModelShape, compute_buffer_bytes, kv_cache_bytes_per_layer, kv_type_name,
+                           output_buffer_bytes, validate_kv, weights_bytes)
 from .model_spec import ModelSpec
 from .quant_mix import llama_tensor_types, quantized_nbytes
 
@@ -34,7 +34,7 @@ class DeviceUse:
 
 
 @dataclass
-class Plan:
+class MemoryEstimate:
     model: str
     quant: str
     ctx: int
@@ -279,13 +279,13 @@ def _placement(costs: _Costs, cpu: Device, offload: list[Device], workers: bool,
     return [cpu_holder, *rest]
 
 
-def plan_memory(spec: ModelSpec, quant: str, ctx: int, devices: list[Device], *, type_k: str = "f16",
-                type_v: str = "f16", flash_attn: bool = True, n_ubatch: int = 512, n_batch: int = 2048,
-                n_seq: int = 1, n_gpu_layers: int | None = None) -> Plan:
-    """One plan: which device holds which layers and their KV cache, and what each then needs.
+def estimate_memory(spec: ModelSpec, quant: str, ctx: int, devices: list[Device], *, type_k: str = "f16",
+                    type_v: str = "f16", flash_attn: bool = True, n_ubatch: int = 512, n_batch: int = 2048,
+                    n_seq: int = 1, n_gpu_layers: int | None = None) -> MemoryEstimate:
+    """One estimate: which device holds which layers and their KV cache, and what each then needs.
 
     `devices` is this machine's (its CPU, its GPUs) and the RPC workers' (Device.host set). n_gpu_layers None lets
-    the plan choose (see _placement); the count includes the output layer, as llama.cpp's -ngl does."""
+    the estimate choose (see _placement); the count includes the output layer, as llama.cpp's -ngl does."""
     shape = model_shape(spec)
     validate_kv(shape, type_k, type_v, flash_attn)
     cpu = next(d for d in devices if not d.is_gpu and not d.host)
@@ -335,21 +335,22 @@ def plan_memory(spec: ModelSpec, quant: str, ctx: int, devices: list[Device], *,
     total_need = sum(u.bytes for u in uses)
     total_free = sum(d.free_bytes for d in [cpu, *offload])
     used = [h for h in rest if h.count]
-    return Plan(model=spec.name, quant=quant.upper(), ctx=ctx, type_k=type_k, type_v=type_v, flash_attn=flash_attn,
-                n_ubatch=n_ubatch, n_seq=n_seq, n_gpu_layers=n_offloaded, weights_bytes=weights, kv_bytes=kv_total,
-                compute_bytes=sum(u.compute_bytes for u in uses), output_bytes=output,
-                total_bytes=weights + kv_total + sum(u.compute_bytes for u in uses) + output,
-                devices=uses, fits=not binding, binding="; ".join(binding), notes=notes,
-                offload=[h.device.name for h in used], tensor_split=[h.count for h in used],
-                shortfall_bytes=max(0, total_need - total_free))
+    return MemoryEstimate(model=spec.name, quant=quant.upper(), ctx=ctx, type_k=type_k, type_v=type_v,
+                          flash_attn=flash_attn, n_ubatch=n_ubatch, n_seq=n_seq, n_gpu_layers=n_offloaded,
+                          weights_bytes=weights, kv_bytes=kv_total,
+                          compute_bytes=sum(u.compute_bytes for u in uses), output_bytes=output,
+                          total_bytes=weights + kv_total + sum(u.compute_bytes for u in uses) + output,
+                          devices=uses, fits=not binding, binding="; ".join(binding), notes=notes,
+                          offload=[h.device.name for h in used], tensor_split=[h.count for h in used],
+                          shortfall_bytes=max(0, total_need - total_free))
 
 
 def largest_fitting_ctx(spec: ModelSpec, quant: str, devices: list[Device], *, max_ctx: int, **options: Any) -> int:
-    """The largest multiple of 256 (≤ max_ctx) whose plan fits, 0 if none does. Memory grows with ctx: bisect."""
+    """The largest multiple of 256 (≤ max_ctx) whose estimate fits, 0 if none does. Memory grows with ctx: bisect."""
     lo, hi = 0, max_ctx // CTX_STEP
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if plan_memory(spec, quant, mid * CTX_STEP, devices, **options).fits:
+        if estimate_memory(spec, quant, mid * CTX_STEP, devices, **options).fits:
             lo = mid
         else:
             hi = mid - 1
@@ -357,17 +358,18 @@ def largest_fitting_ctx(spec: ModelSpec, quant: str, devices: list[Device], *, m
 
 
 def estimate_grid(spec: ModelSpec, quants: Sequence[str], contexts: Sequence[int], kv_pairs: Sequence[tuple[str, str]],
-                  devices: list[Device], *, max_ctx: int, **options: Any) -> tuple[list[Plan], dict[tuple[str, str], int]]:
-    """Plans for every quant × KV type × context, and per quant and KV type the largest context that fits."""
-    plans: list[Plan] = []
+                  devices: list[Device], *, max_ctx: int,
+                  **options: Any) -> tuple[list[MemoryEstimate], dict[tuple[str, str], int]]:
+    """Estimates for every quant × KV type × context, and per quant and KV type the largest context that fits."""
+    estimates: list[MemoryEstimate] = []
     largest: dict[tuple[str, str], int] = {}
     for quant in quants:
         for type_k, type_v in kv_pairs:
             kv_options = dict(options, type_k=type_k, type_v=type_v)
-            plans += [plan_memory(spec, quant, ctx, devices, **kv_options) for ctx in contexts]
-            kv = type_k if type_k == type_v else f"{type_k}/{type_v}"
+            estimates += [estimate_memory(spec, quant, ctx, devices, **kv_options) for ctx in contexts]
+            kv = kv_type_name(type_k, type_v)
             largest[(quant.upper(), kv)] = largest_fitting_ctx(spec, quant, devices, max_ctx=max_ctx, **kv_options)
-    return plans, largest
+    return estimates, largest
 
 
 def context_ladder(max_ctx: int) -> list[int]:

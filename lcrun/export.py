@@ -9,6 +9,7 @@ from pathlib import Path
 from lcrun.convert.convert import OUTTYPES, ConvertResult, SourceInfo, convert_checkpoint
 from lcrun.convert.gguf_out import partial_path
 
+from .atomic_files import atomic_output
 from .errors import GGUFFileError, LcrunError
 
 # a phase name ("download", "convert", "quantize") → a progress callback (done, total)
@@ -36,8 +37,8 @@ def resolve_source(src: str, revision: str | None, progress: ProgressFactory) ->
     if src == "demo":
         from lcrun.models import demo_checkpoint
         return demo_checkpoint(), SourceInfo()
-    from . import hub
-    if not hub.looks_like_repo_id(src):
+    from . import hub, model_ref
+    if not model_ref.looks_like_repo_id(src):
         raise LcrunError(src, "no such file or directory, and not a Hugging Face repo id (org/name)")
     snapshot, commit = hub.download_checkpoint(src, revision, progress=progress("download"))
     return snapshot, SourceInfo(repo_id=src, revision=commit)
@@ -52,7 +53,7 @@ def quantize_file(src: Path, dst: Path, qtype: str, *, force: bool = False, thre
                   progress: Callable[[int, int], None] | None = None) -> Path:
     """Re-quantize a GGUF through llama.cpp's quantizer; `dst` appears only when complete."""
     from .engine import quantize_gguf
-    from .gguf_info import inspect_gguf
+    from .gguf_inspect import inspect_gguf
 
     if src.resolve() == dst.resolve():
         raise LcrunError(dst, "output would overwrite the input")
@@ -60,14 +61,8 @@ def quantize_file(src: Path, dst: Path, qtype: str, *, force: bool = False, thre
     check_not_existing(dst, force)
     if not dst.parent.is_dir() or not os.access(dst.parent, os.W_OK):
         raise LcrunError(dst.parent, "output directory does not exist or is not writable")
-    tmp = partial_path(dst)
-    try:
-        quantize_gguf(src, tmp, qtype, threads=threads, progress=progress)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_output(dst) as partial:
+        quantize_gguf(src, partial, qtype, threads=threads, progress=progress)
     try:
         inspect_gguf(dst)
     except GGUFFileError:
@@ -95,15 +90,19 @@ def export_model(src: str, out: Path | None, outtype: str = "auto", *, revision:
         raise LcrunError(None, f"unknown --outtype {outtype!r}: use one of {', '.join(OUTTYPES)} "
                                "or a llama.cpp quant type such as Q4_K_M, Q5_K_M, Q6_K, IQ4_XS")
     if split_max_size:
-        raise LcrunError(None, "--split-max-size works with f32/f16/bf16/q8_0/q4_0; for llama.cpp quant types "
+        raise LcrunError(None, "--split-max-size works with the outtypes computed here; for llama.cpp quant types "
                                "quantize first, then split with llama-gguf-split")
     if out is not None:
         check_not_existing(out, force)
-    # llama.cpp quantizes best from 16-bit (or f32) weights: keep the source precision for the intermediate
+    # llama.cpp quantizes best from 16-bit (or f32) weights: keep the source precision for the intermediate; a 4-bit
+    # checkpoint's weights are decoded to F16 for it (llama.cpp's quantizer refuses to re-quantize NVFP4, Q4_0, …)
+    from lcrun.convert.planning import carries_quantized, plan_checkpoint
+
+    intermediate_type = "f16" if carries_quantized(plan_checkpoint(model_dir)) else "auto"
     intermediate_dir = (out.parent if out is not None else Path.cwd())
     intermediate = intermediate_dir / f".lcrun-intermediate-{os.getpid()}.gguf"
     try:
-        result = convert_checkpoint(model_dir, intermediate, outtype="auto", rope_theta=rope_theta, ctx=ctx,
+        result = convert_checkpoint(model_dir, intermediate, outtype=intermediate_type, rope_theta=rope_theta, ctx=ctx,
                                     force=True, progress=progress("convert"), source=source, threads=threads)
         if out is None:
             out = intermediate_dir / f"{result.name_stem}-{outtype.upper()}.gguf"

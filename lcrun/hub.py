@@ -1,57 +1,41 @@
-"""The Hugging Face Hub boundary: the only module that imports huggingface_hub.
+"""The Hugging Face Hub boundary: the only module that imports huggingface_hub, and through its API for everything it
+has one for — downloads into the normal Hugging Face cache (snapshot_download, hf_hub_download; never written by
+hand), listings (model_info), a checkpoint's safetensors headers without its weights (get_sharded_safetensors_metadata
+and get_safetensors_metadata).
 
-Checkpoints go into the normal Hugging Face cache and are read back through huggingface_hub, never written by hand.
-huggingface_hub reads its environment once, at its own import; the settings that matter here (endpoint, cache,
-offline mode, token, timeouts) are read again from the environment at every call, so the caller's environment wins.
-"""
+One thing has no such API: the header of a GGUF file on the Hub. A safetensors header is an 8-byte length and that
+much JSON; a GGUF header holds the whole vocabulary (several MB, of a size known only while parsing), so
+`fetch_gguf_header` reads it by range requests that grow until lcrun's GGUF parser (gguf_reader.parse_gguf_header)
+has it whole — through huggingface_hub's own HTTP session, so its redirects to the CDN and its header handling are
+the library's. The environment (endpoint, cache, offline mode, timeouts) is read at every call (lcrun.hub_settings);
+what a reference such as `org/repo:QUANT` names is lcrun.model_ref's."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import struct
 import sys
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
+from . import hub_settings as settings
 from .errors import HubError, HubUnreachable
+from .hub_progress import forwarding_bar_class
 
 if TYPE_CHECKING:
-    from .gguf_header import GGUFHeader
+    from .gguf_reader import GGUFHeader
 
 # What a checkpoint needs, and nothing else: no .bin/.pth duplicates of the weights, no `original/` folder, no
 # consolidated single-file copies (Mistral ships both, which would double the download).
-CHECKPOINT_PATTERNS = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "*.safetensors",
-    "model.safetensors.index.json",
-)
+CHECKPOINT_PATTERNS = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                       "special_tokens_map.json", "tokenizer.model", "chat_template.jinja", "*.safetensors",
+                       "model.safetensors.index.json")
 # huggingface_hub's `*` crosses `/`, so "*/*" is what keeps the download to the repo's top level
 IGNORED_PATTERNS = ("*/*", "consolidated*")
 
-_REPO_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
-_TRUE = {"1", "ON", "YES", "TRUE"}
-_DEFAULT_ENDPOINT = "https://huggingface.co"
-
-
-def looks_like_repo_id(text: str) -> bool:
-    """An "org/name" repo id as the Hub spells them, and not a path that exists here."""
-    parts = text.split("/")
-    if len(parts) != 2 or not all(_REPO_PART.fullmatch(part) for part in parts):
-        return False
-    if any(bad in text for bad in ("--", "..")) or text.endswith((".", "-", ".git")):
-        return False
-    return not Path(text).expanduser().exists()
 
 
 def download_checkpoint(repo_id: str, revision: str | None = None, *,
@@ -63,9 +47,9 @@ def download_checkpoint(repo_id: str, revision: str | None = None, *,
     from huggingface_hub import HfApi, get_token, snapshot_download, try_to_load_from_cache
     from huggingface_hub.utils import filter_repo_objects
 
-    endpoint = _endpoint()
-    cache_dir = _hub_cache_dir()
-    offline = _offline()
+    endpoint = settings.endpoint()
+    cache_dir = settings.hub_cache_dir()
+    offline = settings.offline()
     token = get_token()
     patterns = {"allow_patterns": list(CHECKPOINT_PATTERNS), "ignore_patterns": list(IGNORED_PATTERNS)}
     with _hub_errors(repo_id, revision, endpoint=endpoint, token_sent=bool(token), cache_may_answer=True):
@@ -81,8 +65,8 @@ def download_checkpoint(repo_id: str, revision: str | None = None, *,
                                        str))
         folder = snapshot_download(
             repo_id, revision=revision, cache_dir=cache_dir, endpoint=endpoint, token=token,
-            local_files_only=offline, etag_timeout=_etag_timeout(),
-            tqdm_class=_progress_bar_class(progress, total=sum(sizes.values()), initial=cached), **patterns,
+            local_files_only=offline, etag_timeout=settings.etag_timeout(),
+            tqdm_class=forwarding_bar_class(progress, total=sum(sizes.values()), initial=cached), **patterns,
         )
     snapshot = Path(folder)
     _require_safetensors(repo_id, (path.name for path in snapshot.iterdir()))
@@ -100,49 +84,103 @@ class RemoteCheckpoint:
     tensors: dict[str, tuple[str, tuple[int, ...]]]  # name -> (safetensors dtype, shape)
 
 
-# safetensors refuses headers over 100 MB (MAX_HEADER_SIZE in its Rust crate); a larger length is corruption
-_SAFETENSORS_MAX_HEADER = 100_000_000
 _GGUF_FIRST_READ = 1 << 20
 _GGUF_MAX_HEADER = 64 << 20
 
 
 def fetch_checkpoint_metadata(repo_id: str, revision: str | None = None) -> RemoteCheckpoint:
-    """config.json and every tensor's dtype and shape, from the safetensors headers alone (two small range
-    requests per shard), pinned to the commit that `revision` resolves to."""
-    from huggingface_hub import get_token, hf_hub_download, hf_hub_url
-    from huggingface_hub.errors import EntryNotFoundError
+    """config.json and every tensor's dtype and shape, from the safetensors headers alone, through huggingface_hub:
+    a sharded checkpoint on the main branch in one request (get_sharded_safetensors_metadata: the Hub parses the
+    headers), anything else by get_safetensors_metadata (the shard index, then one ranged read of each shard's
+    header) pinned to the commit that `revision` resolves to."""
+    from huggingface_hub import HfApi, get_token, hf_hub_download, hf_hub_url
+    from huggingface_hub.errors import EntryNotFoundError, NotASafetensorsRepoError, SafetensorsParsingError
 
-    endpoint = _endpoint()
+    endpoint = settings.endpoint()
     token = get_token()
     with _hub_errors(repo_id, revision, endpoint=endpoint, token_sent=bool(token)):
-        download = {"revision": revision, "cache_dir": _hub_cache_dir(), "endpoint": endpoint, "token": token,
-                    "etag_timeout": _etag_timeout()}
         _probe(hf_hub_url(repo_id, "config.json", revision=revision, endpoint=endpoint), token)
-        config_path = Path(hf_hub_download(repo_id, "config.json", **download))
+        config_path = Path(hf_hub_download(repo_id, "config.json", revision=revision, cache_dir=settings.hub_cache_dir(),
+                                           endpoint=endpoint, token=token, etag_timeout=settings.etag_timeout()))
         commit = config_path.parent.name  # the cache names snapshot folders by commit
         config = _load_json(repo_id, "config.json", config_path)
-        download["revision"] = commit
+        api = HfApi(endpoint=endpoint, token=token)
         try:
-            index = _load_json(repo_id, "model.safetensors.index.json",
-                               Path(hf_hub_download(repo_id, "model.safetensors.index.json", **download)))
-            weight_map = index.get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise HubError(repo_id, "model.safetensors.index.json has no weight_map")
-            shards = sorted(set(weight_map.values()))
-        except EntryNotFoundError:
-            shards = ["model.safetensors"]
-        tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
-        for shard in shards:
-            url = hf_hub_url(repo_id, shard, revision=commit, endpoint=endpoint)
-            try:
-                tensors.update(_safetensors_header(repo_id, shard, url, token))
-            except EntryNotFoundError:
-                if shards == ["model.safetensors"]:
-                    raise HubError(repo_id, "has no safetensors weights (only safetensors checkpoints are "
-                                            "supported, not .bin or .pth)") from None
-                raise HubError(repo_id, f"{shard} is listed in model.safetensors.index.json but is not in "
-                                        "the repo") from None
+            found = _sharded_in_one_request(api, repo_id) if revision in (None, "main") else None
+            if found is None:
+                with _no_progress_bars():
+                    found = api.get_safetensors_metadata(repo_id, revision=commit, **_timeout_for(api))
+        except NotASafetensorsRepoError:
+            raise HubError(repo_id, "has no safetensors weights (only safetensors checkpoints are supported, "
+                                    "not .bin or .pth)") from None
+        except SafetensorsParsingError as error:
+            raise _unreadable_header(repo_id, str(error)) from None
+        except EntryNotFoundError as error:
+            shard = unquote(str(error.response.url).rsplit("/", 1)[-1]) if error.response is not None else "a shard"
+            raise HubError(repo_id, f"{shard} is listed in model.safetensors.index.json but is not in the "
+                                    "repo") from None
+        except (ValueError, TypeError) as error:  # an index or a header of the wrong JSON shape
+            raise HubError(repo_id, f"malformed model.safetensors.index.json or safetensors header ({error})") from None
+    if not found.files_metadata:
+        raise HubError(repo_id, "model.safetensors.index.json has no weight_map")
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for shard, header in sorted(found.files_metadata.items()):
+        for name, info in header.tensors.items():
+            shape = info.shape
+            if (not isinstance(info.dtype, str) or not isinstance(shape, list)
+                    or not all(isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in shape)):
+                raise HubError(repo_id, f"{shard} has a malformed safetensors header (tensor {name!r})")
+            tensors[name] = (info.dtype, tuple(shape))
     return RemoteCheckpoint(repo_id=repo_id, commit=commit, config=config, tensors=tensors)
+
+
+def _sharded_in_one_request(api: Any, repo_id: str) -> Any:
+    """Every shard's header of a sharded checkpoint on main, parsed by the Hub; None where this cannot answer (no
+    index, an older huggingface_hub, a mirror without this API, a shard the Hub could not parse): then each header is
+    read and parsed here."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if not hasattr(api, "get_sharded_safetensors_metadata"):
+        return None
+    try:
+        return api.get_sharded_safetensors_metadata(repo_id, timeout=settings.download_timeout())
+    except HfHubHTTPError as error:
+        if error.response is not None and error.response.status_code in (401, 403):
+            raise  # gated, private or a bad token: the same answer the headers would get
+        return None
+
+
+def _unreadable_header(repo_id: str, message: str) -> HubError:
+    """huggingface_hub's SafetensorsParsingError ("Failed to parse safetensors header for 'FILE' (…): PROBLEM") as
+    lcrun's one line naming the file."""
+    match = re.search(r"for '([^']+)' \(.*?\): (.*)$", message)
+    shard, problem = (match[1], match[2].split(". ")[0]) if match else ("a safetensors file", message)
+    if "too big" in problem or "too small" in problem:
+        return HubError(repo_id, f"{shard} is not a valid safetensors file: {problem}")
+    return HubError(repo_id, f"{shard} has a malformed safetensors header ({problem})")
+
+
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """huggingface_hub draws a tqdm bar over the shards it reads; lcrun reports its own progress."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
+
+
+def _timeout_for(api: Any) -> dict[str, float]:
+    """The read timeout from the environment now; get_safetensors_metadata takes one from huggingface_hub 1.x's
+    later releases on (before, it used the value read at import)."""
+    import inspect
+
+    accepts = "timeout" in inspect.signature(api.get_safetensors_metadata).parameters
+    return {"timeout": settings.download_timeout()} if accepts else {}
 
 
 def fetch_gguf_header(repo_id: str, filename: str, revision: str | None = None, *,
@@ -153,9 +191,10 @@ def fetch_gguf_header(repo_id: str, filename: str, revision: str | None = None, 
     from huggingface_hub import get_token, hf_hub_url
     from huggingface_hub.errors import EntryNotFoundError
 
-    from .gguf_header import HeaderError, NeedMoreBytes, parse_gguf_header
+    from .gguf_reader import parse_gguf_header
+    from .gguf_values import HeaderError, NeedMoreBytes
 
-    endpoint = _endpoint()
+    endpoint = settings.endpoint()
     token = get_token()
     with _hub_errors(repo_id, revision, endpoint=endpoint, token_sent=bool(token)):
         url = hf_hub_url(repo_id, filename, revision=revision, endpoint=endpoint)
@@ -192,7 +231,7 @@ def _hub_errors(repo_id: str, revision: str | None, *, endpoint: str, token_sent
                 cache_may_answer: bool = False) -> Iterator[None]:
     """Map the Hub's failures to one-line HubErrors. Offline, metadata reads fail at once; downloads
     (`cache_may_answer`) go on, since the local cache may hold the files."""
-    offline = _offline()
+    offline = settings.offline()
     if offline and not cache_may_answer:
         raise HubUnreachable(repo_id, "HF_HUB_OFFLINE is set, so the Hub cannot be reached to read the model's metadata; "
                                 "give a local checkpoint directory instead")
@@ -217,43 +256,12 @@ def _load_json(repo_id: str, filename: str, path: Path) -> dict[str, Any]:
     return loaded
 
 
-def _safetensors_header(repo_id: str, filename: str, url: str,
-                        token: str | None) -> dict[str, tuple[str, tuple[int, ...]]]:
-    prefix, _ = _read_range(url, 0, 8, token)
-    if len(prefix) < 8:
-        raise HubError(repo_id, f"{filename} is truncated: {len(prefix)} bytes, too short for a safetensors header")
-    (length,) = struct.unpack("<Q", prefix)
-    if not 2 <= length <= _SAFETENSORS_MAX_HEADER:
-        raise HubError(repo_id, f"{filename} is not a valid safetensors file: header length {length}")
-    raw, _ = _read_range(url, 8, 8 + length, token)
-    if len(raw) < length:
-        raise HubError(repo_id, f"{filename} is truncated: the file ends after {len(raw)} of its {length} "
-                                "safetensors header bytes")
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise HubError(repo_id, f"{filename} has a malformed safetensors header ({error})") from None
-    if not isinstance(header, dict):
-        raise HubError(repo_id, f"{filename} has a malformed safetensors header (not a JSON object)")
-    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = entry.get("dtype") if isinstance(entry, dict) else None
-        shape = entry.get("shape") if isinstance(entry, dict) else None
-        if (not isinstance(dtype, str) or not isinstance(shape, list)
-                or not all(isinstance(dim, int) and not isinstance(dim, bool) and dim >= 0 for dim in shape)):
-            raise HubError(repo_id, f"{filename} has a malformed safetensors header (tensor {name!r})")
-        tensors[name] = (dtype, tuple(shape))
-    return tensors
-
-
 def _probe(url: str, token: str | None) -> None:
     """One HEAD request: hf_hub_download retries an unreachable Hub with back-off for ~20 s; this fails at once."""
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
     response = get_session().request("HEAD", url, headers=build_hf_headers(token=token, library_name="lcrun"),
-                                     timeout=_download_timeout())
+                                     timeout=settings.download_timeout())
     if response.status_code >= 400:
         hf_raise_for_status(response)
 
@@ -268,7 +276,7 @@ def _read_range(url: str, start: int, stop: int, token: str | None) -> tuple[byt
     from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
     headers = {**build_hf_headers(token=token, library_name="lcrun"), "Range": f"bytes={start}-{stop - 1}"}
-    with get_session().stream("GET", url, headers=headers, timeout=_download_timeout()) as response:
+    with get_session().stream("GET", url, headers=headers, timeout=settings.download_timeout()) as response:
         if response.status_code == 416:  # start is at or past the end of the file
             return b"", _content_range_total(response.headers.get("Content-Range"))
         if response.status_code >= 400:
@@ -278,9 +286,8 @@ def _read_range(url: str, start: int, stop: int, token: str | None) -> tuple[byt
             skip, total = 0, _content_range_total(response.headers.get("Content-Range"))
         else:
             skip, total = start, _int_or_none(response.headers.get("Content-Length"))
-        wanted = skip + stop - start
+        wanted, received = skip + stop - start, 0
         chunks: list[bytes] = []
-        received = 0
         for chunk in response.iter_bytes():
             chunks.append(chunk)
             received += len(chunk)
@@ -295,17 +302,6 @@ def _content_range_total(value: str | None) -> int | None:
 
 def _int_or_none(text: str | None) -> int | None:
     return int(text) if text and text.isdigit() else None
-
-
-def _env_seconds(name: str, default: float = 10.0) -> float:
-    try:
-        return float(os.environ.get(name) or default)
-    except ValueError:
-        return default
-
-
-def _download_timeout() -> float:
-    return _env_seconds("HF_HUB_DOWNLOAD_TIMEOUT")
 
 
 def _require_safetensors(repo_id: str, names: Iterable[str]) -> None:
@@ -362,94 +358,15 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
-def _progress_bar_class(progress: Callable[[int, int], None] | None, *, total: int, initial: int) -> type | None:
-    """A tqdm stand-in for snapshot_download that renders nothing and forwards bytes to `progress`.
-
-    snapshot_download makes a files bar and two byte bars (bytes received, bytes written); both byte bars see
-    every byte of a plain HTTP download, so the larger of the two is the bytes done.
-    """
-    if progress is None:
-        return None
-    lock = threading.Lock()
-    byte_counts: list[list[int]] = []
-
-    def report() -> None:
-        done = initial + max((count[0] for count in byte_counts), default=0)
-        progress(min(done, total) if total else done, total or done)
-
-    class ForwardingBar:
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            self.n = kwargs.get("initial") or 0
-            self.total = kwargs.get("total")
-            self.format_dict: dict[str, Any] = {"rate": None}
-            self._count: list[int] | None = None
-            if kwargs.get("unit") == "B":
-                self._count = [0]
-                with lock:
-                    byte_counts.append(self._count)
-
-        def update(self, n: float | None = 1) -> None:
-            self.n += n or 0
-            if self._count is not None and n:
-                with lock:
-                    self._count[0] += int(n)
-                    report()
-
-        def __enter__(self) -> ForwardingBar:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            return None
-
-        def __getattr__(self, name: str) -> Callable[..., None]:
-            # close, refresh, set_description, set_postfix_str, ...: nothing to render
-            return lambda *args, **kwargs: None
-
-    return ForwardingBar
-
-
-def _endpoint() -> str:
-    return (os.environ.get("HF_ENDPOINT") or _DEFAULT_ENDPOINT).rstrip("/")
-
-
-def _offline() -> bool:
-    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return value.upper() in _TRUE
-
-
-def _etag_timeout() -> float:
-    return _env_seconds("HF_HUB_ETAG_TIMEOUT")
-
-
-def _hub_cache_dir() -> Path:
-    """Where huggingface_hub puts its cache, by the same precedence it uses, read now rather than at its import."""
-    explicit = os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE")
-    if explicit:
-        return Path(os.path.expandvars(explicit)).expanduser()
-    home = os.environ.get("HF_HOME")
-    if not home:
-        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        home = os.path.join(xdg, "huggingface")
-    return Path(os.path.expandvars(home)).expanduser() / "hub"
-
-
-def gguf_split_names(filename: str) -> list[str]:
-    """Every file of the split set `filename` belongs to (NAME-0000i-of-0000N.gguf), or just `filename`."""
-    import re
-
-    match = re.match(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$", filename)
-    if not match:
-        return [filename]
-    return [f"{match.group(1)}-{i:05d}-of-{match.group(3)}.gguf" for i in range(1, int(match.group(3)) + 1)]
-
-
 def download_gguf(repo_id: str, filename: str, revision: str | None = None, *,
                   progress: Callable[[int, int], None] | None = None) -> Path:
     """Download a GGUF (every split of a split set) from a Hub repo into the HF cache; returns the first file."""
     from huggingface_hub import HfApi, get_token, hf_hub_download
 
-    endpoint, cache_dir, offline, token = _endpoint(), _hub_cache_dir(), _offline(), get_token()
-    names = gguf_split_names(filename)
+    endpoint, cache_dir, offline, token = settings.endpoint(), settings.hub_cache_dir(), settings.offline(), get_token()
+    from .gguf_split import split_set_names
+
+    names = split_set_names(filename)
     with _hub_errors(repo_id, revision, endpoint=endpoint, token_sent=bool(token), cache_may_answer=True):
         sizes: dict[str, int] = {}
         if not offline:
@@ -463,69 +380,21 @@ def download_gguf(repo_id: str, filename: str, revision: str | None = None, *,
         total, done_before = sum(sizes.values()), 0
         paths = []
         for name in names:
-            bar = _progress_bar_class(progress, total=total, initial=done_before) if progress else None
+            bar = forwarding_bar_class(progress, total=total, initial=done_before) if progress else None
             paths.append(Path(hf_hub_download(repo_id, name, revision=revision, cache_dir=cache_dir,
                                               endpoint=endpoint, token=token, local_files_only=offline,
-                                              etag_timeout=_etag_timeout(), tqdm_class=bar)))
+                                              etag_timeout=settings.etag_timeout(), tqdm_class=bar)))
             done_before += sizes.get(name, 0)
     if progress is not None and total:
         progress(total, total)
     return paths[0]
 
 
-# llama.cpp's -hf form: org/repo[:QUANT]; a quant name as GGUF file names spell it (Q4_K_M, IQ4_XS, q8_0, F16, BF16, …)
-_QUANT_SUFFIX = re.compile(r"^(?P<repo>[^:]+):(?P<quant>[A-Za-z0-9_]+)$")
-_QUANT_IN_NAME = re.compile(r"(?<![A-Za-z0-9])((?:I?Q\d+_[A-Z0-9_]*?|Q\d+_\d|Q\d+|BF16|F16|F32|TQ\d_\d|MXFP4))"
-                            r"(?=[-.](?:\d{5}-of-\d{5}\.)?gguf$|[-.])", re.IGNORECASE)
-
-
-def split_model_ref(text: str) -> tuple[str, str | None]:
-    """("org/repo", "QUANT") for llama.cpp's `org/repo:QUANT`, ("org/repo", None) without a quant; anything else is
-    returned whole, with no quant."""
-    match = _QUANT_SUFFIX.match(text)
-    if match and looks_like_repo_id(match["repo"]):
-        return match["repo"], match["quant"]
-    return text, None
-
-
-def _quant_of(filename: str) -> str | None:
-    """The quant a GGUF file name states (the last one, as in `Model-8B-Instruct-Q4_K_M.gguf`), upper-cased."""
-    found = _QUANT_IN_NAME.findall(filename.rsplit("/", 1)[-1])
-    return found[-1].upper() if found else None
-
-
-def _first_of_split_set(filename: str) -> bool:
-    match = re.search(r"-(\d{5})-of-\d{5}\.gguf$", filename)
-    return match is None or match[1] == "00001"
-
-
 def list_gguf_files(repo_id: str, revision: str | None = None) -> list[str]:
     """Every .gguf in a Hub repo (sub-folders included), sorted."""
     from huggingface_hub import HfApi, get_token
 
-    endpoint, token = _endpoint(), get_token()
+    endpoint, token = settings.endpoint(), get_token()
     with _hub_errors(repo_id, revision, endpoint=endpoint, token_sent=bool(token)):
         info = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision)
     return sorted(s.rfilename for s in info.siblings or [] if s.rfilename.lower().endswith(".gguf"))
-
-
-def choose_gguf(repo_id: str, files: list[str], quant: str | None) -> str:
-    """The GGUF (the first file of a split set) that `org/repo[:QUANT]` means among `files`, or a one-line HubError
-    listing what the repo has."""
-    # the first file of each split set; vision projectors (mmproj) are not models to chat with
-    models = [f for f in files if f.lower().endswith(".gguf") and _first_of_split_set(f) and "mmproj" not in f.lower()]
-    if not models:
-        raise HubError(repo_id, "has no .gguf files (for a safetensors repo, run `lcrun convert` first)")
-    quants = sorted({q for q in (_quant_of(f) for f in models) if q})
-    if quant is None:
-        if len(models) == 1:
-            return models[0]
-        raise HubError(repo_id, f"holds {len(models)} GGUFs; pick one with {repo_id}:QUANT "
-                                f"({', '.join(quants) or ', '.join(models[:8])})")
-    chosen = [f for f in models if _quant_of(f) == quant.upper()]
-    if not chosen:
-        raise HubError(repo_id, f"has no {quant} GGUF; it has {', '.join(quants) or ', '.join(models[:8])}")
-    if len(chosen) > 1:
-        raise HubError(repo_id, f"has {len(chosen)} {quant} GGUFs ({', '.join(chosen[:4])}); "
-                                "give the file's path instead")
-    return chosen[0]

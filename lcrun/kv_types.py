@@ -1,16 +1,19 @@
-"""A KV cache type as lcrun spells it: `K[/V]` (`q8_0` for both, `q8_0/q4_0` for K and V apart, as llama.cpp's
--ctk/-ctv set them), and how lossy it is, from ggml's own block sizes (gguf-py's GGML_QUANT_SIZES)."""
+"""A KV cache type as a typed pair — spelled `K[/V]` by memory_model's one parser (`q8_0` for both, `q8_0/q4_0`
+for K and V apart, as llama.cpp's -ctk/-ctv set them) — and how lossy it is, from ggml's own block sizes (gguf-py's
+GGML_QUANT_SIZES)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import gguf
+
+from .memory_model import kv_type_name, parse_kv_type
 
 # the cache types llama.cpp's common/arg.cpp accepts for -ctk/-ctv
 CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 
 
 def _bits(type_name: str) -> float:
-    import gguf
-
     block_size, block_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name.upper()]]
     return 8 * block_bytes / block_size
 
@@ -23,8 +26,7 @@ class KvType:
     @classmethod
     def parse(cls, text: str) -> KvType:
         """`f16`, `q8_0`, `q8_0/q4_0` (K/V); ValueError naming the accepted types otherwise."""
-        k, _, v = text.strip().lower().partition("/")
-        v = v or k
+        k, v = parse_kv_type(text)
         for name in (k, v):
             if name not in CACHE_TYPES:
                 raise ValueError(f"unknown KV cache type {name!r} in {text!r}; use one of {', '.join(CACHE_TYPES)} "
@@ -33,7 +35,7 @@ class KvType:
 
     @property
     def label(self) -> str:
-        return self.type_k if self.type_k == self.type_v else f"{self.type_k}/{self.type_v}"
+        return kv_type_name(self.type_k, self.type_v)
 
     @property
     def bits(self) -> tuple[float, float]:

@@ -74,6 +74,19 @@ def _kv_fix(role: str, type_k: str, type_v: str) -> str:
     return k if k == v else f"{k}/{v}"
 
 
+def parse_kv_type(text: str) -> tuple[str, str]:
+    """lcrun's `--kv-type K[/V]` as (K type, V type), lower-cased: one type for both caches, or K and V apart."""
+    k, sep, v = text.strip().lower().partition("/")
+    if not k or (sep and not v) or "/" in v:
+        raise ValueError(f"{text!r} is not a KV cache type such as q8_0, or K/V apart such as q8_0/q4_0")
+    return k, v or k
+
+
+def kv_type_name(type_k: str, type_v: str, separator: str = "/") -> str:
+    """The way --kv-type spells a pair: "q8_0" for both caches, "q8_0/q4_0" for K and V apart."""
+    return type_k if type_k == type_v else f"{type_k}{separator}{type_v}"
+
+
 def validate_kv(shape: ModelShape, type_k: str, type_v: str, flash_attn: bool) -> None:
     """Raise ValueError, naming the fix, for a KV cache type llama.cpp would refuse for this model."""
     for role, type_name, head_dim in (("K", type_k, shape.head_dim_k), ("V", type_v, shape.head_dim_v)):

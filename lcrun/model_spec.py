@@ -11,7 +11,8 @@ from .errors import HubError, HubUnreachable, LcrunError
 if TYPE_CHECKING:
     from lcrun.convert.arch import ModelAdapter
 
-    from .gguf_header import GGUFHeader, GGUFSet
+    from .gguf_reader import GGUFHeader
+    from .gguf_split import GGUFSet
 
 
 @dataclass
@@ -49,22 +50,45 @@ def spec_from_config(config: dict[str, Any], where: str, name: str, source: str)
 
 def spec_from_checkpoint_dir(model_dir: Path) -> ModelSpec:
     from lcrun.convert.convert import read_config
+    from lcrun.convert.planning import plan_checkpoint
 
     config, path = read_config(model_dir)
-    return spec_from_config(config, str(path), model_dir.name, "checkpoint")
+    spec = spec_from_config(config, str(path), model_dir.name, "checkpoint")
+    quantized = config.get("quantization_config") or config.get("compression_config")
+    if quantized or (model_dir / "hf_quant_config.json").is_file():
+        _fix_quantization(spec, plan_checkpoint(model_dir))
+    return spec
+
+
+def _fix_quantization(spec: ModelSpec, plan: Any) -> None:
+    """A checkpoint whose 4-/8-bit weights `lcrun convert` carries as they are (NVFP4, MXFP4, int4 -> Q4_0/Q4_1):
+    its GGUF's size is fixed, like a GGUF file's (lcrun.convert.planning)."""
+    from lcrun.convert.planning import carries_quantized
+
+    if not carries_quantized(plan):
+        return
+    sizes = plan.sizes()
+    spec.tensors = [(name, shape) for name, shape, _, _ in sizes]
+    spec.file_tensor_bytes = {name: nbytes for name, _, _, nbytes in sizes}
+    spec.file_type = plan.outtype.upper()
+    by_type: dict[str, int] = {}
+    for _, _, qtype, nbytes in sizes:
+        by_type[qtype.name] = by_type.get(qtype.name, 0) + nbytes
+    mix = ", ".join(f"{t} {b / 2**30:.2f} GiB" for t, b in sorted(by_type.items(), key=lambda kv: -kv[1]))
+    spec.notes.append(f"lcrun convert keeps its quantization: {mix}")
 
 
 def spec_from_gguf(path: Path, gguf_set: GGUFSet | None = None) -> ModelSpec:
     """Exact tensor sizes from the file (all splits); shapes and hyper-parameters from its metadata. Pass `gguf_set`
     when the headers are already read (each command reads a file once)."""
-    from .gguf_header import read_gguf_set
+    from .gguf_split import read_gguf_set
 
     files = gguf_set or read_gguf_set(path)  # validates the file (and its splits) with one-line errors
     return _spec_from_headers([h for _, h in files.headers], files.meta, path.stem, str(path))
 
 
 def _spec_from_headers(headers: list[GGUFHeader], meta: GGUFHeader, fallback_name: str, where: str) -> ModelSpec:
-    from .gguf_info import file_type_name
+    from .gguf_inspect import file_type_name
 
     fields: dict[str, Any] = {}
     for header in headers:
@@ -129,11 +153,11 @@ def resolve_model(text: str, *, revision: str | None = None, gguf_file: str | No
         spec = spec_from_checkpoint_dir(demo_checkpoint())
         spec.name = "demo"
         return spec
-    from . import hub
+    from . import hub, model_ref
 
-    repo_id, quant = hub.split_model_ref(text)
+    repo_id, quant = model_ref.split_model_ref(text)
     profile = spec_from_profile(repo_id)
-    if not hub.looks_like_repo_id(repo_id):
+    if not model_ref.looks_like_repo_id(repo_id):
         if profile is not None:
             profile.notes.append("built-in profile")
             return profile
@@ -142,7 +166,7 @@ def resolve_model(text: str, *, revision: str | None = None, gguf_file: str | No
         raise LcrunError(text, f"both :{quant} and --file {gguf_file} say which GGUF to read; give one")
     try:
         if gguf_file or quant:
-            filename = gguf_file or hub.choose_gguf(repo_id, hub.list_gguf_files(repo_id, revision), quant)
+            filename = gguf_file or model_ref.choose_gguf(repo_id, hub.list_gguf_files(repo_id, revision), quant)
             return _spec_from_remote_gguf(repo_id, filename, revision)
         try:
             remote = hub.fetch_checkpoint_metadata(repo_id, revision)
@@ -152,7 +176,7 @@ def resolve_model(text: str, *, revision: str | None = None, gguf_file: str | No
             ggufs = hub.list_gguf_files(repo_id, revision)
             if not ggufs:
                 raise
-            return _spec_from_remote_gguf(repo_id, hub.choose_gguf(repo_id, ggufs, None), revision)
+            return _spec_from_remote_gguf(repo_id, model_ref.choose_gguf(repo_id, ggufs, None), revision)
     except HubUnreachable as exc:
         if profile is None:
             raise
@@ -160,14 +184,25 @@ def resolve_model(text: str, *, revision: str | None = None, gguf_file: str | No
         return profile
     spec = spec_from_config(remote.config, f"{repo_id}/config.json", repo_id, "hub")
     spec.notes.append(f"config and safetensors headers of {repo_id}@{remote.commit[:12]} (no weights downloaded)")
+    if _quantized_headers(remote.config, remote.tensors):
+        from lcrun.convert.planning import plan_from_headers
+
+        _fix_quantization(spec, plan_from_headers(remote.config, remote.tensors, Path(f"{repo_id}/config.json")))
     return spec
+
+
+def _quantized_headers(config: dict[str, Any], tensors: dict[str, tuple[str, tuple[int, ...]]]) -> bool:
+    # ModelOpt's older uploads declare NVFP4 only in hf_quant_config.json; their weight_scale_2 tensors say it too
+    return bool(config.get("quantization_config") or config.get("compression_config")
+                or any(name.endswith(".weight_scale_2") for name in tensors))
 
 
 def _spec_from_remote_gguf(repo_id: str, filename: str, revision: str | None) -> ModelSpec:
     """A GGUF on the Hub, from its header alone (range requests); split sets are read split by split."""
     from . import hub
+    from .gguf_split import split_set_names
 
-    headers = [hub.fetch_gguf_header(repo_id, name, revision) for name in hub.gguf_split_names(filename)]
+    headers = [hub.fetch_gguf_header(repo_id, name, revision) for name in split_set_names(filename)]
     where = f"{repo_id}/{filename}"
     spec = _spec_from_headers(headers, headers[0], where, where)
     spec.source = "hub"

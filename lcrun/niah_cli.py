@@ -1,19 +1,19 @@
-"""`lcrun niah`: parse, plan, load, run the grid into the results log, then show and save the heatmap. The click
-callback only parses; `_run` strings the core (lcrun.niah) and the view (lcrun.ui.niah_view) together."""
+"""`lcrun niah`: parse, decide the launch, open the model, run the grid into the results log, then show and save the
+heatmap. The click callback only parses; `_run` strings the launch, the core (lcrun.niah) and the view
+(lcrun.ui.niah_view) together."""
 from __future__ import annotations
 
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
-from .cli_options import chat_format_options, run_options
+from .cli_options import chat_format_options, launch_options
 
 if TYPE_CHECKING:
-    from .chat.formats import FormatChoice
-    from .launch import Launch, RunOverrides
+    from .launch.options import LaunchOptions
     from .niah.run import NiahParams
 
 _PLAN_ROOM = 256  # tokens planned beyond --max-ctx for the template, question and answer (measured after loading)
@@ -36,7 +36,7 @@ Examples:
   lcrun niah base-model.gguf --max-ctx 16k --raw                     # a base model: a sentence to complete
 """)
 @click.argument("model")
-@run_options
+@launch_options()
 @chat_format_options
 @click.option("--min-ctx", default="100", show_default=True, metavar="N", callback=_ctx_value,
               help="Shortest context (haystack with needle) in tokens.")
@@ -62,10 +62,10 @@ Examples:
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON summary on stdout (the heatmap on stderr).")
 @click.option("--svg", type=click.Path(dir_okay=False, path_type=Path), help="Save the heatmap as SVG.")
 @click.option("--html", type=click.Path(dir_okay=False, path_type=Path), help="Save the heatmap as HTML.")
-def niah(model: str, min_ctx: int, max_ctx: int | None, ctx_interval: int | None, ctx_steps: int | None,
+def niah(launch: LaunchOptions, min_ctx: int, max_ctx: int | None, ctx_interval: int | None, ctx_steps: int | None,
          depth_interval: float, samples: int, digits: int, seed: int, haystack_file: Path | None,
-         output: Path | None, resume: bool, force: bool, as_json: bool, svg: Path | None, html: Path | None,
-         **run: Any) -> None:
+         output: Path | None, resume: bool, force: bool, as_json: bool, svg: Path | None,
+         html: Path | None) -> None:
     """Needle in a haystack on MODEL (a GGUF file, `demo`, or a Hub GGUF repo as org/repo[:QUANT]): can it find a number
     hidden at each depth of each context length?
 
@@ -74,7 +74,6 @@ def niah(model: str, min_ctx: int, max_ctx: int | None, ctx_interval: int | None
     prompt with a sentence to complete) and scores the greedy answer 1 if it holds the number. The planner sizes
     the engine; --kv-type and the other options force it.
     """
-    from .cli_options import chat_format_from, overrides_from
     from .niah.grid import GRADIENT_MAX_CTX
     from .niah.run import NiahParams
 
@@ -83,45 +82,43 @@ def niah(model: str, min_ctx: int, max_ctx: int | None, ctx_interval: int | None
     params = NiahParams(min_ctx=min_ctx, max_ctx=max_ctx or GRADIENT_MAX_CTX, ctx_interval=ctx_interval,
                         ctx_steps=ctx_steps, depth_interval=depth_interval, samples=samples, digits=digits,
                         seed=seed)
-    code = _run(model, params, overrides_from(run), run.get("hub_file"), run.get("revision"), haystack_file,
-                output, resume=resume, force=force, as_json=as_json, svg=svg, html=html,
-                chat_format=chat_format_from(run))
+    code = _run(launch, params, haystack_file, output, resume=resume, force=force, as_json=as_json, svg=svg,
+                html=html)
     if code:
         sys.exit(code)
 
 
-def _run(model: str, params: NiahParams, overrides: RunOverrides, hub_file: str | None, revision: str | None,
-         haystack_file: Path | None, output: Path | None, *, resume: bool, force: bool, as_json: bool,
-         svg: Path | None, html: Path | None, chat_format: FormatChoice | None = None) -> int:
-    from .chat.formats import choose_format, header_vocabulary
-    from .launch import no_larger_than_needed, plan_launch
+def _run(options: LaunchOptions, params: NiahParams, haystack_file: Path | None, output: Path | None, *,
+         resume: bool, force: bool, as_json: bool, svg: Path | None, html: Path | None) -> int:
+    from .launch.decide import decide_launch, no_larger_than_needed
+    from .launch.loaded import open_model
+    from .memory_model import kv_type_name
     from .niah.haystack import read_haystack
     from .niah.results import ResultsLog
     from .niah.run import prepare_run, run_cells, run_identity
     from .niah.summary import summarize, summary_path, write_summary
-    from .ui.chat_view import render_plan_panel
     from .ui.console import make_console
-    from .ui.model_loading import loaded_engine, locate_model
+    from .ui.launch_view import render_launch
+    from .ui.model_loading import download_progress, loading_status
     from .ui.niah_view import NiahProgress, export_picture, render_heatmap
 
     out, err = make_console(), make_console(stderr=True)
     params.check()
     haystack = read_haystack(haystack_file)
-    path = locate_model(err, model, hub_file, revision)
-    launch = no_larger_than_needed(plan_launch(path, overrides), params.max_ctx + _PLAN_ROOM)
-    if launch.gguf is not None:  # decided from the header, before loading; else by prepare_run from the engine
-        chat_format = choose_format(header_vocabulary(launch.gguf.meta), chat_format)
-    plan = launch.choice.plan
-    settings = {"type_k": plan.type_k, "type_v": plan.type_v, "flash_attn": plan.flash_attn,
-                "rope_theta": overrides.rope_theta, "rope_scale": overrides.rope_scale,
+    with download_progress(err) as download:
+        launch = no_larger_than_needed(decide_launch(options, download=download), params.max_ctx + _PLAN_ROOM)
+    path, chat_format, estimate = launch.model_path, launch.chat_format, launch.choice.estimate
+    settings = {"type_k": estimate.type_k, "type_v": estimate.type_v, "flash_attn": estimate.flash_attn,
+                "rope_theta": options.rope_theta, "rope_scale": options.rope_scale,
                 "chat_format": chat_format.key if chat_format is not None else None}
-    kv = plan.type_k if plan.type_k == plan.type_v else f"{plan.type_k}-{plan.type_v}"
+    kv = kv_type_name(estimate.type_k, estimate.type_v, separator="-")
     output = output or Path(f"niah-{path.stem}-{kv}.jsonl")
     log = ResultsLog(output, run_identity(path, haystack, params, settings), resume=resume, force=force)
-    render_plan_panel(launch, err, chat_format=chat_format)
+    render_launch(launch, err)
 
     try:
-        with loaded_engine(err, launch) as engine:
+        with open_model(launch, loading=loading_status(err)) as model:
+            engine = model.engine
             niah_run = prepare_run(engine, params, haystack, chat_format)
             for note in niah_run.notes:
                 err.print(f"note: {note}", highlight=False, markup=False)
@@ -134,7 +131,7 @@ def _run(model: str, params: NiahParams, overrides: RunOverrides, hub_file: str 
         return 130
 
     summary = summarize(niah_run, log.done, model=path.name, results=output,
-                        settings={**settings, "n_gpu_layers": plan.n_gpu_layers})
+                        settings={**settings, "n_gpu_layers": estimate.n_gpu_layers})
     write_summary(summary, summary_path(output))
     render_heatmap(summary, err if as_json else out)
     if as_json:

@@ -50,20 +50,34 @@ class _Parsed(click.ParamType):
             self.fail(bad.message, param, ctx)
 
 
+def _auto_or(parse: Any) -> Any:
+    """`auto` (None: the planner decides), else what `parse` makes of the text."""
+    return lambda text: None if text.strip().lower() == "auto" else parse(text)
+
+
+def _kv_type(text: str) -> str:
+    from .memory_model import kv_type_name, parse_kv_type
+
+    try:
+        return kv_type_name(*parse_kv_type(text))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 SIZE = _Parsed("size", parse_size)
 MEMORY = _Parsed("memory", parse_memory)
-CONTEXT = _Parsed("context", parse_ctx)
+CONTEXT = _Parsed("context", _auto_or(parse_ctx))
+KV_TYPE = _Parsed("kv_type", _auto_or(_kv_type))   # "q8_0" or "q8_0/q4_0", lower-cased
 
 
 def kv_type_from(kv_type: str | None, cache_type_k: str | None, cache_type_v: str | None) -> str | None:
-    """lcrun's `--kv-type K[/V]`, from itself or from llama.cpp's `-ctk`/`-ctv`, which set K and V apart (the one not
-    given stays f16, as in llama.cpp)."""
+    """lcrun's `--kv-type K[/V]` (already parsed by KV_TYPE), from itself or from llama.cpp's `-ctk`/`-ctv`, which
+    set K and V apart (the one not given stays f16, as in llama.cpp)."""
     if cache_type_k is None and cache_type_v is None:
         return kv_type
     if kv_type:
         raise click.UsageError("give the KV cache type once: --kv-type K[/V], or -ctk/-ctv")
-    k, v = (cache_type_k or "f16").lower(), (cache_type_v or "f16").lower()
-    return k if k == v else f"{k}/{v}"
+    return _kv_type(f"{cache_type_k or 'f16'}/{cache_type_v or 'f16'}")
 
 
 class _Endpoints(click.ParamType):

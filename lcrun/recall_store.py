@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_atomic
+from .atomic_files import write_atomic
 from .errors import LcrunError
 from .kv_types import KvType
 from .recall_advice import KvRecall, StoredRecall
@@ -148,7 +148,8 @@ def save_recall(model_fingerprint: str, model: str, summary: dict[str, Any]) -> 
             "samples": summary["samples"], "seed": summary["seed"], "prompt_format": summary["prompt_format"],
             "settings": summary.get("settings", {}), "measured_at": when,
         }
-    write_atomic(path, (json.dumps(data, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+    write_atomic(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n", make_parents=True,
+                 error=RecallStoreError)
     return path
 
 

@@ -1,13 +1,17 @@
-"""`lcrun serve`: plan as `lcrun chat` does (for N slots sharing one context), load, and serve the OpenAI API."""
+"""`lcrun serve`: decide the launch as `lcrun chat` does (for N slots sharing one context), open the model, and serve
+the OpenAI API."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
-from .cli_options import PARALLEL, chat_template_options, run_options
+from .cli_options import PARALLEL, chat_template_options, launch_options
 from .param_types import MEMORY
+
+if TYPE_CHECKING:
+    from .launch.options import LaunchOptions
 
 
 @click.command(epilog="""\b
@@ -18,7 +22,7 @@ Examples:
   LCRUN_API_KEY=secret lcrun serve model.gguf --host 0.0.0.0
 """)
 @click.argument("model")
-@run_options
+@launch_options()
 @chat_template_options
 @PARALLEL
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
@@ -40,37 +44,29 @@ Examples:
 @click.option("-a", "--alias", metavar="NAME", help="The model's id in the API (default: the GGUF's file name).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every request (uvicorn's access log).")
 @click.option("--dry-run", is_flag=True, help="Show the plan and exit without loading the model.")
-def serve(model: str, parallel: int, host: str, port: int, api_key: str | None, cache_dir: Path | None,
-          cache_size: int, cache_min_tokens: int, max_queue: int, threads_batch: int | None, alias: str | None,
-          verbose: bool, dry_run: bool, **run: Any) -> None:
+def serve(launch: LaunchOptions, host: str, port: int, api_key: str | None, cache_dir: Path | None,
+          cache_size: int, cache_min_tokens: int, max_queue: int, alias: str | None, verbose: bool,
+          dry_run: bool) -> None:
     """Serve MODEL (a GGUF file, `demo`, or a Hub GGUF repo) over an OpenAI-compatible HTTP API.
 
     /v1/chat/completions and /v1/completions (streamed or not), /v1/models, /health and /metrics (Prometheus).
     The slots are decoded together in one batch per step (continuous batching); a request reuses the longest
     prefix of its prompt that any slot holds in its KV cache.
     """
-    from dataclasses import replace
-
-    from .chat.formats import choose_format, header_vocabulary
-    from .cli_options import chat_format_from, overrides_from
-    from .launch import plan_launch
-    from .serve.server import ServeOptions, bind, is_loopback, prepare
+    from .launch.decide import decide_launch
+    from .launch.loaded import open_model
+    from .net import is_loopback
+    from .serve.server import ServeOptions, bind, prepare
     from .serve.server import serve as run_server
-    from .ui.chat_view import render_plan_panel
     from .ui.console import make_console
-    from .ui.model_loading import load_engine, locate_model
+    from .ui.launch_view import render_launch, render_slots
+    from .ui.model_loading import download_progress, loading_status
 
     out, err = make_console(), make_console(stderr=True)
-    path = locate_model(err, model, run.get("hub_file"), run.get("revision"))
-    launch = plan_launch(path, overrides_from(run), n_seq=parallel)
-    config = replace(launch.config, n_threads_batch=threads_batch or launch.config.n_threads_batch)
-    chat_format = chat_format_from(run)
-    if launch.gguf is not None:  # decided from the header, before loading, as chat does
-        chat_format = choose_format(header_vocabulary(launch.gguf.meta), chat_format)
-    render_plan_panel(launch, out, chat_format=chat_format)
-    out.print(f"{parallel} slot{'s' if parallel > 1 else ''} · {config.n_ctx // parallel:,} tokens each"
-              + (f" (the {config.n_ctx:,}-token context split {parallel} ways)" if parallel > 1 else ""),
-              highlight=False)
+    with download_progress(err) as download:
+        decided = decide_launch(launch, download=download)
+    render_launch(decided, out)
+    render_slots(decided, out)
     if not is_loopback(host) and not api_key:
         err.print(f"warning: listening on {host} without an API key: anyone who can reach this port can use the "
                   "model (set --api-key or LCRUN_API_KEY)", style="yellow", highlight=False)
@@ -80,10 +76,10 @@ def serve(model: str, parallel: int, host: str, port: int, api_key: str | None, 
                            cache_max_bytes=cache_size, cache_min_tokens=cache_min_tokens, verbose=verbose)
     sock = bind(host, port)  # before the model loads: a busy port fails at once
     try:
-        engine = load_engine(err, config)
-        try:
-            state = prepare(engine, options, model_id=alias or path.name, aliases=(model, path.name, path.stem),
-                            chat_format=chat_format)
+        with open_model(decided, loading=loading_status(err)) as model:
+            path = model.model_path
+            state = prepare(model.engine, options, model_id=alias or path.name,
+                            aliases=(launch.model, path.name, path.stem), chat_format=model.chat_format)
             bound = sock.getsockname()
             where = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
             url = f"http://{where}:{bound[1]}"
@@ -91,8 +87,6 @@ def serve(model: str, parallel: int, host: str, port: int, api_key: str | None, 
                 f"serving {state.model_id} at {url}/v1 (health {url}/health, metrics {url}/metrics); "
                 "Ctrl-C to stop", highlight=False, soft_wrap=True)
             run_server(state, sock, options, on_ready=on_ready)
-        finally:
-            engine.close()
     finally:
         sock.close()
     out.print("stopped", highlight=False)

@@ -41,7 +41,8 @@ def worker(host: str | None, port: int, devices: tuple[str, ...], threads: int |
     """Serve this machine's devices to an lcrun elsewhere (`--rpc HOST:PORT` there) until Ctrl-C."""
     from .engine import rpc
     from .errors import LcrunError
-    from .launch import default_threads
+    from .devices import default_threads
+    from .net import is_loopback
 
     rpc.require_rpc("lcrun worker")
     address = _resolve(host or "127.0.0.1")
@@ -60,7 +61,7 @@ def worker(host: str | None, port: int, devices: tuple[str, ...], threads: int |
     for device in offered:
         out(f"  offers {device.name} ({device.description}): {device.free_bytes / GIB:,.1f} GiB free of "
             f"{device.total_bytes / GIB:,.1f} GiB")
-    loopback = rpc.is_loopback(address)
+    loopback = is_loopback(address)
     if not loopback:
         click.echo(f"warning: listening on {endpoint}, reachable from other machines. ggml's RPC protocol has no "
                    "authentication and no encryption: anyone who can reach this port can use this machine's "

@@ -33,7 +33,7 @@ def _gguf_files_read_like_gguf_py(tmp_path: Path) -> Any:
     values and tensor infos. Files either reader refuses (damaged on purpose) are the damage tests' business."""
     yield
     from lcrun.errors import GGUFFileError
-    from lcrun.gguf_header import read_gguf_header
+    from lcrun.gguf_reader import read_gguf_header
     from tests.fixtures.gguf_equivalence import TEARDOWN_ELEMENT_LIMIT, array_elements, assert_same_as_gguf_reader
 
     for path in sorted(tmp_path.rglob("*.gguf")):
@@ -54,10 +54,12 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     if _EQUIVALENCE["compared"] or _EQUIVALENCE["left_to_dedicated_tests"]:
         terminalreporter.write_line(
             f"GGUF header reader vs gguf-py GGUFReader: {_EQUIVALENCE['compared']} files the tests built compared, "
-            f"{_EQUIVALENCE['left_to_dedicated_tests']} with big vocabularies left to tests/test_gguf_header.py")
+            f"{_EQUIVALENCE['left_to_dedicated_tests']} with big vocabularies left to tests/test_gguf_reader.py")
 
 
+from tests.fixtures.engines import engines  # noqa: E402,F401  (the one way tests put engines into the launch)
 from tests.fixtures.hub_server import fake_hub  # noqa: E402,F401  (the local stand-in for the Hub, as a fixture)
+from tests.fixtures.tiny_gguf import demo_gguf_file, tiny_gguf  # noqa: E402,F401  (tiny real GGUFs, made once a session)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -5,24 +5,30 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from lcrun.bench import (BenchError, bench_tokens, context_for, default_depths, fill_cache, measure,
-                         plan_bench, run_bench)
-from lcrun.convert.convert import convert_checkpoint
+from lcrun.bench import (BenchError, BenchSetup, bench_tokens, context_for, default_depths, fill_cache, measure,
+                         run_bench, set_up_bench)
 from lcrun.engine.runtime import Engine, EngineConfig
-from lcrun.launch import RunOverrides
-from tests.fixtures.checkpoint_factory import make_llama_checkpoint
+from lcrun.launch.decide import decide_launch
+from lcrun.launch.options import LaunchOptions
 from tests.fixtures.cli import invoke as cli_invoke
+from tests.fixtures.engines import Engines
+from tests.fixtures.tiny_gguf import write_tiny_gguf
 
 
 @pytest.fixture(scope="module")
 def gguf_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("bench")
-    # head size 32, so a q8_0 KV cache is legal
-    ck = make_llama_checkpoint(root / "ckpt", hidden=64, layers=2, heads=2, kv_heads=1, ffn=128)
-    return convert_checkpoint(ck.path, root / "tiny.gguf", outtype="f16").paths[0]
+    # half the usual tiny model (head size still 32, so a q8_0 KV cache is legal): small enough for the memory tests
+    return write_tiny_gguf(tmp_path_factory.mktemp("bench"), hidden=64, heads=2, kv_heads=1, ffn=128)
+
+
+def bench_setup(path: Path, depths: list[int], *, pp: int = 512, tg: int = 128, **options: Any) -> BenchSetup:
+    """What `lcrun bench PATH --depth … [options]` sets up, with one repetition."""
+    launch = decide_launch(LaunchOptions(str(path), chat=False, **options))
+    return set_up_bench(launch, depths, pp=pp, tg=tg, repetitions=1)
 
 
 @pytest.fixture(scope="module")
@@ -112,10 +118,10 @@ def test_default_depths_and_context() -> None:
 
 
 def test_plan_sizes_the_context_to_the_deepest_measurement(gguf_path: Path) -> None:
-    plan = plan_bench(gguf_path, RunOverrides(), [], pp=512, tg=128, repetitions=1)
+    plan = bench_setup(gguf_path, [])
     assert plan.depths == [0, 1024]
     assert plan.launch.config.n_ctx == 1792
-    forced = plan_bench(gguf_path, RunOverrides(ctx=2048, kv_type="q8_0"), [0], pp=512, tg=128, repetitions=1)
+    forced = bench_setup(gguf_path, [0], ctx=2048, kv_type="q8_0")
     assert forced.launch.config.n_ctx == 2048 and forced.launch.config.type_k == "q8_0"
 
 
@@ -155,11 +161,8 @@ def test_cli_json_has_plan_and_every_repetition(gguf_path: Path) -> None:
 
 
 @pytest.fixture
-def no_engine(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*_args, **_kw):
-        raise AssertionError("the model was loaded before the input was checked")
-
-    monkeypatch.setattr("lcrun.engine.runtime.Engine", refuse)
+def no_engine(engines: Engines) -> None:
+    engines.refuse("the model was loaded before the input was checked")
 
 
 @pytest.mark.parametrize("args, subject, fix", [
@@ -180,7 +183,7 @@ def test_bad_input_is_one_line_before_loading(gguf_path: Path, no_engine: None, 
 
 def test_depth_that_does_not_fit_in_memory_names_the_kv_type(gguf_path: Path) -> None:
     with pytest.raises(BenchError, match=r"most that fits in memory here; lower the depth or use a smaller --kv-type"):
-        plan_bench(gguf_path, RunOverrides(ram=3 << 20), [1024], pp=256, tg=64, repetitions=1)
+        bench_setup(gguf_path, [1024], ram=3 << 20, pp=256, tg=64)
 
 
 def test_unparsable_depth_is_a_usage_error(gguf_path: Path, no_engine: None) -> None:

@@ -7,52 +7,21 @@ import os
 import signal
 from pathlib import Path
 
-import click
 import pytest
-from click.testing import CliRunner
 
-from lcrun.cli import main
-from lcrun.convert.convert import convert_checkpoint
-from lcrun.models import demo_checkpoint
-from tests.fixtures.fake_engine import FakeEngine
+from tests.fixtures.cli import invoke
+from tests.fixtures.engines import Engines
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return convert_checkpoint(demo_checkpoint(), tmp_path_factory.mktemp("chat") / "demo.gguf", outtype="f16").paths[0]
-
-
-class Engines(list):
-    """The FakeEngines the chat created, in order; `settings` go to the next ones made."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.settings: dict = {}
-
-
-@pytest.fixture
-def engines(monkeypatch: pytest.MonkeyPatch) -> Engines:
-    """Every Engine the chat creates is a FakeEngine sized by the real plan."""
-    made = Engines()
-
-    def factory(config):  # type: ignore[no-untyped-def]
-        engine = FakeEngine(n_ctx=config.n_ctx, **made.settings)
-        made.append(engine)
-        return engine
-
-    monkeypatch.setattr("lcrun.engine.runtime.Engine", factory)
-    return made
-
-
-@click.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def _lcrun_chat(args: tuple[str, ...]) -> None:
-    """lcrun's real entry point (one-line errors, exit codes), under CliRunner."""
-    main(["chat", *args])
+def model(demo_gguf_file: Path) -> Path:
+    return demo_gguf_file
 
 
 def run(args: list[str], stdin: str | None = None):  # type: ignore[no-untyped-def]
-    return CliRunner().invoke(_lcrun_chat, args, input=stdin, catch_exceptions=False)
+    """`lcrun chat ARGS` through lcrun's real entry point; every engine it makes is a FakeEngine sized by the real
+    plan (the `engines` fixture)."""
+    return invoke("chat", *args, stdin=stdin)
 
 
 def test_one_shot_prints_only_the_answer_on_stdout(model: Path, engines: Engines, tmp_path: Path) -> None:

@@ -13,19 +13,17 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
 import pytest
-from click.testing import CliRunner
 
 from lcrun.chat.formats import (FORMAT_RULES, RAW, TEKKEN_VARIANTS, BuiltinFormat, RawFormat, Vocabulary,
                                 choose_format, engine_vocabulary, requested_format)
 from lcrun.chat.session import ChatSession
 from lcrun.chat.template import ChatTemplate, TemplateError
-from lcrun.cli import cli, main
+from lcrun.cli import cli
 from lcrun.engine.chat_format import apply_builtin_format, builtin_formats
 from lcrun.engine.runtime import Engine, EngineConfig, Finished, Sampling, TextChunk
 from lcrun.niah.grid import Cell
@@ -34,6 +32,8 @@ from lcrun.niah.prompt import needle_for
 from lcrun.niah.results import ResultsLog
 from lcrun.niah.run import CellDone, NiahParams, prepare_run, run_cells
 from lcrun.niah_cli import niah
+from tests.fixtures.cli import invoke
+from tests.fixtures.engines import Engines
 from tests.fixtures.fake_engine import FakeEngine
 from tests.fixtures.realistic_gguf import FAMILIES, write_realistic_gguf
 
@@ -98,48 +98,29 @@ def _niah_registered(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(cli.commands, "niah", niah)
 
 
-@click.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def _lcrun(args: tuple[str, ...]) -> None:
-    """lcrun's real entry point (one-line errors, exit codes), under CliRunner."""
-    main(list(args))
-
-
 def lcrun(*args: str | Path, stdin: str | None = None):  # type: ignore[no-untyped-def]
-    return CliRunner().invoke(_lcrun, [str(a) for a in args], input=stdin, catch_exceptions=False)
+    return invoke(*map(str, args), stdin=stdin)
 
 
-class Engines(list):
-    """Every Engine the command creates, kept open after it is done with it (its cache holds what ran)."""
+class Kept(Engine):
+    """llama.cpp's engine, kept open after the command is done with it (its cache holds what ran)."""
 
-    def close_all(self) -> None:
-        for engine in self:
-            Engine.close(engine)
-
-
-@pytest.fixture
-def engines(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
-    made = Engines()
-
-    class Kept(Engine):
-        def __init__(self, config: EngineConfig) -> None:
-            super().__init__(config)
-            made.append(self)
-
-        def close(self) -> None:
-            pass
-
-    monkeypatch.setattr("lcrun.engine.runtime.Engine", Kept)
-    yield made
-    made.close_all()
+    def close(self) -> None:
+        pass
 
 
 @pytest.fixture
-def no_engine(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(config: EngineConfig) -> None:
-        raise AssertionError("the model was loaded")
+def engines(engines: Engines) -> Iterator[Engines]:
+    """The real engines the command made, kept open for the test to look into (closed at the end)."""
+    engines.use(Kept)
+    yield engines
+    for engine in engines:
+        Engine.close(engine)
 
-    monkeypatch.setattr("lcrun.engine.runtime.Engine", refuse)
+
+@pytest.fixture
+def no_engine(engines: Engines) -> None:
+    engines.refuse("the model was loaded")
 
 
 # -- llama.cpp's built-in formats -----------------------------------------------------------------------------------

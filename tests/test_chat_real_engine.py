@@ -11,19 +11,15 @@ from pathlib import Path
 import pytest
 
 from lcrun.chat.session import ChatSession
-from lcrun.convert.convert import convert_checkpoint
 from lcrun.engine.runtime import Engine, EngineConfig, Sampling, TextChunk
-from tests.fixtures.checkpoint_factory import make_llama_checkpoint
 from tests.fixtures.cli import run_lcrun
 
 MAX = 24
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("chat-real")
-    ck = make_llama_checkpoint(root / "ckpt", hidden=128, layers=2, heads=4, kv_heads=2, ffn=256)
-    return convert_checkpoint(ck.path, root / "tiny.gguf", outtype="f16").paths[0]
+def tiny(tiny_gguf: Path) -> Path:
+    return tiny_gguf
 
 
 def direct_llama(path: Path, n_ctx: int):  # type: ignore[no-untyped-def]

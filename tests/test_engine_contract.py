@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from lcrun.convert.convert import convert_checkpoint
 from lcrun.engine.protocol import (
     EngineProtocol,
     Finished,
@@ -25,7 +24,6 @@ from lcrun.engine.protocol import (
 )
 from lcrun.engine.runtime import Engine, EngineConfig
 from lcrun.errors import EngineError
-from tests.fixtures.checkpoint_factory import make_llama_checkpoint
 from tests.fixtures.fake_engine import FakeEngine
 
 N_CTX = 512
@@ -102,10 +100,8 @@ def contract_problems(engine: object, protocol: type) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def gguf_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("contract")
-    ck = make_llama_checkpoint(root / "ckpt", hidden=128, layers=2, heads=4, kv_heads=2, ffn=256)
-    return convert_checkpoint(ck.path, root / "tiny.gguf", outtype="f16").paths[0]
+def gguf_path(tiny_gguf: Path) -> Path:
+    return tiny_gguf
 
 
 @pytest.fixture(params=["real", "fake"])

@@ -22,10 +22,8 @@ TEXT = "The quick brown fox jumps over the lazy dog. Ünïcödé ✓ 日本語 t
 
 
 @pytest.fixture(scope="module")
-def gguf_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("engine")
-    ck = make_llama_checkpoint(root / "ckpt", hidden=128, layers=2, heads=4, kv_heads=2, ffn=256)
-    return convert_checkpoint(ck.path, root / "tiny.gguf", outtype="f16").paths[0]
+def gguf_path(tiny_gguf: Path) -> Path:
+    return tiny_gguf
 
 
 def make_config(path: Path) -> EngineConfig:

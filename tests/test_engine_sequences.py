@@ -10,10 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lcrun.convert.convert import convert_checkpoint
 from lcrun.engine.runtime import Engine, EngineConfig, Feed, Finished, Sampling, TextChunk
 from lcrun.errors import EngineError
-from tests.fixtures.checkpoint_factory import make_llama_checkpoint
 
 GREEDY = Sampling(temperature=0.0, max_tokens=16)
 TEXT_A = "The quick brown fox jumps over the lazy dog. Ünïcödé ✓ 日本語 text, numbers 12345 and more words follow here."
@@ -21,10 +19,8 @@ TEXT_B = "Another prompt, quite different: numbers 999 and café, then a long ta
 
 
 @pytest.fixture(scope="module")
-def gguf_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("sequences")
-    ck = make_llama_checkpoint(root / "ckpt", hidden=128, layers=2, heads=4, kv_heads=2, ffn=256)
-    return convert_checkpoint(ck.path, root / "tiny.gguf", outtype="f16").paths[0]
+def gguf_path(tiny_gguf: Path) -> Path:
+    return tiny_gguf
 
 
 def config(path: Path, *, n_ctx: int = 1024, n_seq: int = 2, unified: bool = False,

@@ -11,7 +11,7 @@ import pytest
 from click.testing import Result
 
 from lcrun.devices import Device
-from lcrun.estimate import plan_memory
+from lcrun.estimate import estimate_memory
 from lcrun.model_spec import spec_from_profile
 from tests.fixtures.checkpoint_factory import make_llama_checkpoint
 from tests.fixtures.cli import assert_one_line_error, invoke, run_lcrun
@@ -31,12 +31,12 @@ def plans(run: Result) -> list[dict]:
     ("gradient-8b-1048k", "f16", 128)])
 def test_kv_cache_of_the_big_models_matches_model_facts(profile: str, type_kv: str, gib: int) -> None:
     spec = spec_from_profile(profile)
-    plan = plan_memory(spec, "Q4_K_M", 1 << 20, BIG_MACHINE, type_k=type_kv, type_v=type_kv, flash_attn=True)
+    plan = estimate_memory(spec, "Q4_K_M", 1 << 20, BIG_MACHINE, type_k=type_kv, type_v=type_kv, flash_attn=True)
     assert plan.kv_bytes == gib * GIB
 
 
 def test_kv_per_token_of_405b() -> None:
-    plan = plan_memory(spec_from_profile("llama-3.1-405b"), "Q4_K_M", 1024, BIG_MACHINE)
+    plan = estimate_memory(spec_from_profile("llama-3.1-405b"), "Q4_K_M", 1024, BIG_MACHINE)
     assert plan.kv_bytes == 504 * 1024 * 1024  # 504 KiB per token in f16
 
 
@@ -71,8 +71,8 @@ def test_largest_context_is_the_edge_of_fitting() -> None:
     options = dict(type_k="q4_0", type_v="q4_0", flash_attn=True)
     best = largest_fitting_ctx(spec, "Q4_K_M", machine, max_ctx=1 << 20, **options)
     assert 0 < best < 1 << 20 and best % 256 == 0
-    at_best = plan_memory(spec, "Q4_K_M", best, machine, **options)
-    beyond = plan_memory(spec, "Q4_K_M", best + 256, machine, **options)
+    at_best = estimate_memory(spec, "Q4_K_M", best, machine, **options)
+    beyond = estimate_memory(spec, "Q4_K_M", best + 256, machine, **options)
     assert at_best.fits and not beyond.fits and "RAM needs" in beyond.binding
     assert 0 < at_best.n_gpu_layers < spec.n_layer  # partial offload: as many layers as the 24 GiB GPU holds
     assert at_best.devices[0].bytes <= 24 * GIB

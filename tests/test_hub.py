@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from lcrun.errors import HubError
-from lcrun.hub import download_checkpoint, looks_like_repo_id
+from lcrun.hub import download_checkpoint
+from lcrun.model_ref import looks_like_repo_id
 from tests.fixtures.hub_server import VALID_TOKEN, FakeHub, closed_port_url, safetensors_bytes
 from tests.fixtures.one_line_errors import assert_one_line_message
 

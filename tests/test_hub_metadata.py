@@ -24,6 +24,7 @@ CONFIG = {"architectures": ["LlamaForCausalLM"], "hidden_size": 1024, "num_hidde
 SHARDS = [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
 VOCAB = 70_000
 MiB = 1 << 20
+FIRST_READ = 100_001   # huggingface_hub reads a safetensors file's first 100 KB in one request (most headers fit)
 
 
 def file_bytes(tmp_path: Path, name: str, write) -> bytes:
@@ -67,7 +68,8 @@ def served_ranges(hub: FakeHub, filename: str) -> list[tuple[int, int]]:
     return ranges
 
 
-def test_checkpoint_metadata_reads_only_config_and_headers(fake_hub: FakeHub, tmp_path: Path) -> None:
+def test_a_sharded_checkpoint_on_main_is_one_request(fake_hub: FakeHub, tmp_path: Path) -> None:
+    """huggingface_hub's get_sharded_safetensors_metadata: the Hub parses the shard headers; no shard is read."""
     files, expected = three_shard_repo(tmp_path)
     commit = fake_hub.add_repo(REPO, files)
 
@@ -75,12 +77,28 @@ def test_checkpoint_metadata_reads_only_config_and_headers(fake_hub: FakeHub, tm
 
     assert (checkpoint.repo_id, checkpoint.commit, checkpoint.config) == (REPO, commit, CONFIG)
     assert checkpoint.tensors == expected
+    assert fake_hub.files_fetched(REPO) == {"config.json"}
+    assert [r.path for r in fake_hub.requests if "safetensors-metadata" in r.path] == [
+        f"/api/models/{REPO}/safetensors-metadata/model.safetensors.index.json"]
+
+
+def test_checkpoint_metadata_reads_only_config_and_headers(fake_hub: FakeHub, tmp_path: Path) -> None:
+    """At a revision (or where the Hub cannot parse them), huggingface_hub's get_safetensors_metadata: the index, then
+    one ranged read from the start of each shard, bounded by its first read — never the weights."""
+    files, expected = three_shard_repo(tmp_path)
+    commit = fake_hub.add_repo(REPO, files, revision="v1")
+
+    checkpoint = fetch_checkpoint_metadata(REPO, "v1")
+
+    assert (checkpoint.repo_id, checkpoint.commit, checkpoint.config) == (REPO, commit, CONFIG)
+    assert checkpoint.tensors == expected
     assert fake_hub.bytes_served() < MiB < sum(len(files[shard]) for shard in SHARDS)
     assert fake_hub.files_fetched(REPO) == {"config.json", "model.safetensors.index.json", *SHARDS}
     for shard in SHARDS:
-        # the 8-byte length, then exactly the JSON header: not one byte of the data section
-        assert served_ranges(fake_hub, shard) == [(0, 7), (8, header_end(files[shard]) - 1)]
-        assert fake_hub.bytes_served(shard) == header_end(files[shard])
+        # one request from byte 0, holding the whole header, and a small part of the file
+        [(first, last)] = served_ranges(fake_hub, shard)
+        assert first == 0 and header_end(files[shard]) <= last + 1 <= FIRST_READ
+        assert fake_hub.bytes_served(shard) <= FIRST_READ < len(files[shard]) / 10
     # pinned to one commit, so a push between the requests cannot mix two versions of the checkpoint
     resolves = [r.path for r in fake_hub.requests if "/resolve/" in r.path]
     assert all(f"/resolve/{commit}/" in path for path in resolves if not path.endswith("config.json"))
@@ -96,7 +114,18 @@ def test_single_file_checkpoint_and_revision(fake_hub: FakeHub, tmp_path: Path) 
 
     assert checkpoint.commit == v2 and checkpoint.config == {"hidden_size": 256}
     assert checkpoint.tensors == {"w": ("F32", (256, 256))}
-    assert fake_hub.bytes_served("model.safetensors") == header_end(weights)
+    assert header_end(weights) <= fake_hub.bytes_served("model.safetensors") <= FIRST_READ < len(weights)
+
+
+def test_a_header_beyond_the_first_read_takes_exactly_one_more_request(fake_hub: FakeHub, tmp_path: Path) -> None:
+    tensors = {f"model.layers.{i}.mlp.down_proj.weight_with_a_long_name": np.ones((2, 2), np.float16)
+               for i in range(2000)}
+    weights = file_bytes(tmp_path, "big", lambda path: save_safetensors(path, tensors))
+    assert header_end(weights) > FIRST_READ   # the header alone is larger than the first read
+    fake_hub.add_repo(REPO, {"config.json": b'{"hidden_size": 2}', "model.safetensors": weights})
+    checkpoint = fetch_checkpoint_metadata(REPO)
+    assert len(checkpoint.tensors) == 2000
+    assert served_ranges(fake_hub, "model.safetensors") == [(0, FIRST_READ - 1), (8, header_end(weights) - 1)]
 
 
 def test_gated_repo_needs_hf_token(fake_hub: FakeHub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -111,11 +140,13 @@ def test_gated_repo_needs_hf_token(fake_hub: FakeHub, tmp_path: Path, monkeypatc
     monkeypatch.setenv("HF_TOKEN", VALID_TOKEN)  # read when called, not at import
     fake_hub.clear_log()
     assert fetch_checkpoint_metadata(REPO).tensors == expected
-    resolves = [r for r in fake_hub.requests if "/resolve/" in r.path]
-    assert resolves and all(r.authorization == f"Bearer {VALID_TOKEN}" for r in resolves)
+    hub_side = [r for r in fake_hub.requests if not r.path.startswith("/_cdn/")]
+    assert hub_side and all(r.authorization == f"Bearer {VALID_TOKEN}" for r in hub_side)
+    fake_hub.clear_log()
+    assert fetch_checkpoint_metadata(REPO, fake_hub.repos[REPO].refs["main"]).tensors == expected  # shard by shard
     # the token stays on the Hub: the CDN the weights are redirected to never sees it, as with huggingface_hub
     cdn = [r for r in fake_hub.requests if r.path.startswith("/_cdn/")]
-    assert len(cdn) == 2 * len(SHARDS) and all(r.authorization is None for r in cdn)
+    assert len(cdn) == len(SHARDS) and all(r.authorization is None for r in cdn)
 
 
 def test_missing_repo(fake_hub: FakeHub) -> None:
@@ -132,16 +163,21 @@ def test_repo_without_safetensors(fake_hub: FakeHub) -> None:
     assert fake_hub.bytes_served("pytorch_model.bin") == 0
 
 
-@pytest.mark.parametrize(("header", "data", "problem"), [
-    (b'{"w":{"dtype":"F16","shape":[4],"data_offsets":[0,8]}}', b"", "is truncated"),  # length says more than there is
-    (b"{not json" + b" " * 7, b"\0" * 8, "malformed safetensors header"),
-    (b'{"w":{"dtype":"F16","shape":"4"}}      ', b"\0" * 8, "malformed safetensors header (tensor 'w')"),
+@pytest.mark.parametrize(("header", "data", "cut", "problem"), [
+    # the length says more than there is: the header read comes back short (huggingface_hub does not tell that
+    # apart from text that is not JSON)
+    (b'{"w":{"dtype":"F16","shape":[4],"data_offsets":[0,8]}}', b"", True, "malformed safetensors header (header is "
+                                                                             "not json-encoded string)"),
+    (b"{not json" + b" " * 7, b"\0" * 8, False, "malformed safetensors header"),
+    (b'{"w":{"dtype":"F16","shape":"4"}}      ', b"\0" * 8, False, "malformed safetensors header"),
+    (b'{"w":{"dtype":"F16","shape":[-4],"data_offsets":[0,0]}}', b"", False,
+     "malformed safetensors header (tensor 'w')"),
 ])
 def test_broken_safetensors_header_names_the_file(fake_hub: FakeHub, tmp_path: Path, header: bytes, data: bytes,
-                                                  problem: str) -> None:
+                                                  cut: bool, problem: str) -> None:
     files, _ = three_shard_repo(tmp_path)
     broken = file_bytes(tmp_path, "broken", lambda path: write_raw_safetensors(path, header, data))
-    if problem == "is truncated":
+    if cut:
         broken = broken[:8 + len(header) // 2]
     files[SHARDS[1]] = broken
     fake_hub.add_repo(REPO, files)
@@ -158,7 +194,7 @@ def test_absurd_safetensors_header_length_is_not_requested(fake_hub: FakeHub, tm
     with pytest.raises(HubError) as caught:
         fetch_checkpoint_metadata(REPO)
     assert f"{SHARDS[0]} is not a valid safetensors file" in assert_one_line_message(caught.value)
-    assert fake_hub.bytes_served(SHARDS[0]) == 8
+    assert len(served_ranges(fake_hub, SHARDS[0])) == 1   # the length is refused: its bytes are never asked for
 
 
 def gguf_file(tmp_path: Path) -> bytes:

@@ -1,6 +1,7 @@
 """The import graph of the lcrun package has no cycle (static: every import statement, including those inside
 functions), and the layering holds: only lcrun.engine imports llama_cpp, only lcrun.ui rich, only lcrun.hub
-huggingface_hub, and the converter nothing of the application."""
+huggingface_hub, and the converter nothing of the application; the layers cli -> launch -> generation -> engine are
+imported downwards only, and ui/ renders without reaching what loads or runs a model."""
 from __future__ import annotations
 
 import ast
@@ -111,7 +112,8 @@ def external_imports(path: Path) -> set[str]:
 
 
 def test_layering() -> None:
-    owners = {"llama_cpp": "lcrun.engine", "rich": "lcrun.ui", "huggingface_hub": "lcrun.hub"}
+    owners = {"llama_cpp": "lcrun.engine", "rich": "lcrun.ui", "huggingface_hub": "lcrun.hub",
+              "prometheus_client": "lcrun.serve.metrics"}
     for name, path in modules().items():
         used = external_imports(path)
         for library, owner in owners.items():
@@ -121,3 +123,52 @@ def test_layering() -> None:
             assert not used & {"click", "rich", "llama_cpp", "huggingface_hub"}, name
             assert not any(t.startswith("lcrun.") and not t.startswith(("lcrun.convert", "lcrun.models"))
                            for t in imports_of(name, path, set(modules()))), name
+
+
+# -- the layers: cli -> launch -> generation -> engine, and ui/ beside them, rendering --------------------------------
+LAYERS = ("cli", "launch", "generation", "engine")   # a layer imports only the layers after it
+UI_MAY_IMPORT = {"lcrun.engine.protocol", "lcrun.generation.records"}   # records the engine and the loop stream
+
+
+def layer_of(name: str) -> str | None:
+    if name in ("lcrun.cli", "lcrun.cli_options", "lcrun.param_types") or name.endswith("_cli"):
+        return "cli"
+    for layer in ("launch", "generation", "engine", "ui"):
+        if name == f"lcrun.{layer}" or name.startswith(f"lcrun.{layer}."):
+            return layer
+    return None   # the rest (chat, serve, niah, planner, hub, …) sits beside the layers
+
+
+def layer_breaches(edges: dict[str, set[str]]) -> list[str]:
+    """Every import that goes up the layers, and every import by ui/ of what loads or runs a model: the engine but
+    its protocol records, the generation loop but its records, the launch's loader, the command line."""
+    found = []
+    for module, targets in edges.items():
+        here = layer_of(module)
+        for target in sorted(targets):
+            there = layer_of(target)
+            if here in LAYERS and there in LAYERS and LAYERS.index(there) < LAYERS.index(here):
+                found.append(f"{module} -> {target} (up from {here} to {there})")
+            if here == "ui" and target not in UI_MAY_IMPORT and (
+                    there in ("engine", "generation", "cli") or target == "lcrun.launch.loaded"):
+                found.append(f"{module} -> {target} (ui/ only renders)")
+    return found
+
+
+def test_the_layers_hold() -> None:
+    edges = graph()
+    assert any(layer_of(name) == "launch" for name in edges) and any(layer_of(name) == "ui" for name in edges)
+    assert layer_breaches(edges) == []
+
+
+def test_the_layer_check_finds_a_breach() -> None:  # negative control, on the real graph with one import added
+    edges = graph()
+    assert "lcrun.engine.protocol" in edges["lcrun.ui.chat_session_view"]           # allowed: the records
+    edges["lcrun.ui.chat_session_view"] = {*edges["lcrun.ui.chat_session_view"], "lcrun.engine.runtime"}
+    edges["lcrun.engine.runtime"] = {*edges["lcrun.engine.runtime"], "lcrun.launch.decide"}
+    edges["lcrun.ui.launch_view"] = {*edges["lcrun.ui.launch_view"], "lcrun.launch.loaded"}
+    assert sorted(layer_breaches(edges)) == [
+        "lcrun.engine.runtime -> lcrun.launch.decide (up from engine to launch)",
+        "lcrun.ui.chat_session_view -> lcrun.engine.runtime (ui/ only renders)",
+        "lcrun.ui.launch_view -> lcrun.launch.loaded (ui/ only renders)",
+    ]

@@ -9,7 +9,7 @@ import pytest
 
 from lcrun.convert.convert import convert_checkpoint
 from lcrun.errors import HubError
-from lcrun.hub import _quant_of, choose_gguf, split_model_ref
+from lcrun.model_ref import choose_gguf, quant_in_file_name, split_model_ref
 from lcrun.models import demo_checkpoint
 from tests.fixtures.cli import invoke
 from tests.fixtures.hub_server import FakeHub
@@ -51,7 +51,7 @@ def test_split_model_ref() -> None:
     ("model.gguf", None),
 ])
 def test_quant_in_file_names(name: str, quant: str | None) -> None:
-    assert _quant_of(name) == quant
+    assert quant_in_file_name(name) == quant
 
 
 def test_choose_gguf() -> None:

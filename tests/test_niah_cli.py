@@ -12,19 +12,17 @@ import sys
 import time
 from pathlib import Path
 
-import click
 import pytest
-from click.testing import CliRunner
 
-from lcrun.cli import cli, main
-from lcrun.convert.convert import convert_checkpoint
+from lcrun.cli import cli
 from lcrun.engine.runtime import Engine, EngineConfig
-from lcrun.models import demo_checkpoint
 from lcrun.niah.grid import Cell
 from lcrun.niah.haystack import read_haystack
 from lcrun.niah.prompt import needle_for
 from lcrun.niah.run import NiahParams, prepare_run
 from lcrun.niah_cli import niah
+from tests.fixtures.cli import invoke
+from tests.fixtures.engines import Engines
 from tests.fixtures.fake_engine import FakeEngine
 from tests.fixtures.niah_responders import finds_shallow_needles_in_short_documents
 
@@ -33,8 +31,8 @@ RUN_NIAH = ("import sys; from lcrun.cli import cli, main; from lcrun.niah_cli im
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return convert_checkpoint(demo_checkpoint(), tmp_path_factory.mktemp("niah") / "demo.gguf", outtype="f16").paths[0]
+def model(demo_gguf_file: Path) -> Path:
+    return demo_gguf_file
 
 
 @pytest.fixture(autouse=True)
@@ -42,28 +40,15 @@ def _niah_registered(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(cli.commands, "niah", niah)
 
 
-@click.command(context_settings={"ignore_unknown_options": True, "help_option_names": []})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def _lcrun(args: tuple[str, ...]) -> None:
-    """lcrun's real entry point (one-line errors, exit codes), under CliRunner."""
-    main(list(args))
-
-
 def run(*args: str | Path):  # type: ignore[no-untyped-def]
-    return CliRunner().invoke(_lcrun, ["niah", *map(str, args)], catch_exceptions=False)
+    return invoke("niah", *map(str, args))
 
 
 @pytest.fixture
-def fake_engines(monkeypatch: pytest.MonkeyPatch) -> list[FakeEngine]:
-    made: list[FakeEngine] = []
-
-    def factory(config: EngineConfig) -> FakeEngine:
-        # one token per character: four times the planned context holds what the plan's tokens would
-        made.append(FakeEngine(n_ctx=4 * config.n_ctx, responder=finds_shallow_needles_in_short_documents))
-        return made[-1]
-
-    monkeypatch.setattr("lcrun.engine.runtime.Engine", factory)
-    return made
+def fake_engines(engines: Engines) -> Engines:
+    # one token per character: four times the planned context holds what the plan's tokens would
+    engines.use(lambda config: FakeEngine(n_ctx=4 * config.n_ctx, responder=finds_shallow_needles_in_short_documents))
+    return engines
 
 
 def cells_in(path: Path) -> list[dict]:
@@ -100,7 +85,7 @@ def test_without_json_the_heatmap_is_on_stdout(model: Path, fake_engines: list, 
     assert "cell 12/12" in result.stderr and "needle in a haystack" not in result.stderr
 
 
-def test_ctrl_c_keeps_the_finished_cells_and_resume_completes_them(model: Path, monkeypatch: pytest.MonkeyPatch,
+def test_ctrl_c_keeps_the_finished_cells_and_resume_completes_them(model: Path, engines: Engines,
                                                                    tmp_path: Path) -> None:
     calls = []
 
@@ -110,8 +95,8 @@ def test_ctrl_c_keeps_the_finished_cells_and_resume_completes_them(model: Path, 
             if len(calls) == 3:
                 os.kill(os.getpid(), signal.SIGINT)
 
-    monkeypatch.setattr("lcrun.engine.runtime.Engine", lambda config: FakeEngine(
-        n_ctx=4 * config.n_ctx, responder=lambda p: "42", on_token=interrupt_the_third_cell))
+    engines.use(lambda config: FakeEngine(n_ctx=4 * config.n_ctx, responder=lambda p: "42",
+                                          on_token=interrupt_the_third_cell))
     out = tmp_path / "r.jsonl"
     grid = ["--min-ctx", "500", "--max-ctx", "800", "--ctx-steps", "2", "-o", out]
     stopped = run(model, *grid)
@@ -122,7 +107,7 @@ def test_ctrl_c_keeps_the_finished_cells_and_resume_completes_them(model: Path, 
     calls.clear()
     resumed = run(model, *grid, "--resume")
     assert resumed.exit_code == 130 and len(cells_in(out)) == 4   # interrupted again, at its third cell
-    monkeypatch.setattr("lcrun.engine.runtime.Engine", lambda config: FakeEngine(n_ctx=4 * config.n_ctx))
+    engines.use(lambda config: FakeEngine(n_ctx=4 * config.n_ctx))
     finished = run(model, *grid, "--resume")
     assert finished.exit_code == 0 and "resuming: 4 of 12 cells already done" in finished.stderr
     assert len({(c["ctx"], c["depth"]) for c in cells_in(out)}) == len(cells_in(out)) == 12

@@ -7,16 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from lcrun.convert.convert import convert_checkpoint
-from tests.fixtures.checkpoint_factory import make_llama_checkpoint
 from tests.fixtures.cli import invoke
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("opt")  # head_dim 32: quantized KV types are possible
-    ckpt = make_llama_checkpoint(root / "ckpt", hidden=128, layers=2, heads=4, kv_heads=2, ffn=256)
-    return convert_checkpoint(ckpt.path, root / "m.gguf", outtype="f16").paths[0]
+def model(tiny_gguf: Path) -> Path:
+    return tiny_gguf  # head_dim 32: quantized KV types are possible
 
 
 def output(*args: str) -> dict:
@@ -99,11 +95,11 @@ def _parsed(command: str, args: list[str]) -> dict:
 @pytest.mark.parametrize("command", ["chat", "niah", "bench"])
 def test_llama_cpp_names_give_the_same_run(command: str, ours: list[str], theirs: list[str],
                                           different: list[str] | None) -> None:
-    from lcrun.cli_options import overrides_from
+    from lcrun.cli_options import launch_options_from
 
-    assert overrides_from(_parsed(command, ours)) == overrides_from(_parsed(command, theirs))
+    assert launch_options_from(_parsed(command, ours)) == launch_options_from(_parsed(command, theirs))
     if different is not None:
-        assert overrides_from(_parsed(command, different)) != overrides_from(_parsed(command, theirs))
+        assert launch_options_from(_parsed(command, different)) != launch_options_from(_parsed(command, theirs))
 
 
 @pytest.mark.parametrize(("ours", "theirs"), [
@@ -119,11 +115,12 @@ def test_chat_dry_run_plans_the_same(model: Path, ours: list[str], theirs: list[
 
 @pytest.mark.parametrize("command", ["chat", "niah", "bench", "serve"])
 def test_repacking_reaches_the_engine_config(model: Path, command: str) -> None:
-    from lcrun.cli_options import overrides_from
-    from lcrun.launch import plan_launch
+    from lcrun.cli_options import launch_options_from
+    from lcrun.launch.decide import decide_launch
 
     def config(*args: str) -> object:
-        return plan_launch(model, overrides_from(_parsed(command, ["--ram", "8G", "-c", "1k", *args]))).config
+        options = launch_options_from(_parsed(command, ["--ram", "8G", "-c", "1k", *args]))
+        return decide_launch(options, model_path=model).config
 
     assert [config(*a).repack for a in ([], ["--repack"], ["--no-repack"], ["-nr"])] == [None, True, False, False]
 

@@ -22,7 +22,7 @@ def machine(gpu_gib: float | None, ram_gib: float) -> list[Device]:
 
 def test_everything_fits_gives_the_full_context_at_f16() -> None:
     choice = choose(spec_from_profile("llama-3.1-8b"), "Q4_K_M", machine(80, 64))
-    assert choice.plan.ctx == 131072 and choice.plan.type_k == "f16" and choice.plan.n_gpu_layers == 33
+    assert choice.estimate.ctx == 131072 and choice.estimate.type_k == "f16" and choice.estimate.n_gpu_layers == 33
     assert "maximum context" in choice.why
 
 
@@ -31,29 +31,30 @@ def test_auto_kv_takes_the_least_lossy_type_that_reaches_the_context() -> None:
     # f16 KV at 128K is 16 GiB: with 4.6 GiB of weights it fits neither a 16 GiB GPU nor, in part, 2 GiB of RAM;
     # q8_0 (8.5 GiB) does
     choice = choose(spec, "Q4_K_M", machine(16, 2))
-    assert (choice.plan.type_k, choice.plan.ctx, choice.plan.fits) == ("q8_0", 131072, True)
+    assert (choice.estimate.type_k, choice.estimate.ctx, choice.estimate.fits) == ("q8_0", 131072, True)
     assert "less compressed types do not reach it" in choice.why
 
 
 def test_auto_context_is_limited_by_memory_and_says_why() -> None:
     spec = spec_from_profile("gradient-70b-1048k")
     choice = choose(spec, "Q4_K_M", machine(24, 64))
-    assert choice.plan.fits and 0 < choice.plan.ctx < spec.n_ctx_train and choice.plan.ctx % 256 == 0
-    assert choice.plan.type_k == "q4_0"
+    assert choice.estimate.fits and 0 < choice.estimate.ctx < spec.n_ctx_train and choice.estimate.ctx % 256 == 0
+    assert choice.estimate.type_k == "q4_0"
     assert choice.why.startswith("context limited to") and "RAM needs" in choice.why
 
 
 def test_cpu_only_runs_take_flash_attention_off_when_its_compute_buffer_fits() -> None:
     spec = spec_from_profile("llama-3.1-8b")
     roomy = choose(spec, "Q4_K_M", machine(None, 64), ctx=32768)
-    assert not roomy.plan.flash_attn and roomy.plan.fits and "flash attention off" in roomy.why
+    assert not roomy.estimate.flash_attn and roomy.estimate.fits and "flash attention off" in roomy.why
     on = choose(spec, "Q4_K_M", machine(None, 64), ctx=32768, flash_attn="on")
-    assert on.plan.flash_attn and on.plan.compute_bytes < roomy.plan.compute_bytes  # what "off" costs in memory
+    assert on.estimate.flash_attn
+    assert on.estimate.compute_bytes < roomy.estimate.compute_bytes  # what "off" costs in memory
     # negative controls: too little RAM for the larger buffer, a GPU run, a quantized V cache
-    tight = choose(spec, "Q4_K_M", machine(None, on.plan.total_bytes / GIB + 0.5), ctx=32768)
-    assert tight.plan.flash_attn and tight.plan.fits and "flash attention off" not in tight.why
-    assert choose(spec, "Q4_K_M", machine(80, 64), ctx=32768).plan.flash_attn
-    assert choose(spec, "Q4_K_M", machine(None, 64), ctx=32768, kv_type="q8_0").plan.flash_attn
+    tight = choose(spec, "Q4_K_M", machine(None, on.estimate.total_bytes / GIB + 0.5), ctx=32768)
+    assert tight.estimate.flash_attn and tight.estimate.fits and "flash attention off" not in tight.why
+    assert choose(spec, "Q4_K_M", machine(80, 64), ctx=32768).estimate.flash_attn
+    assert choose(spec, "Q4_K_M", machine(None, 64), ctx=32768, kv_type="q8_0").estimate.flash_attn
 
 
 def test_an_explicit_context_that_cannot_fit_is_refused_with_the_fix() -> None:
@@ -94,7 +95,7 @@ def worker(host: str, gib: float) -> Device:
 def test_workers_hold_layers_in_proportion_to_what_fits_them() -> None:
     spec = spec_from_profile("llama-3.1-70b")
     devices = [*machine(None, 32), worker("a:50052", 64), worker("b:50052", 32)]
-    plan = choose(spec, "Q4_K_M", devices, ctx=32768, kv_type="f16").plan
+    plan = choose(spec, "Q4_K_M", devices, ctx=32768, kv_type="f16").estimate
     cpu, a, b = (next(d for d in plan.devices if d.host == h) for h in ("", "a:50052", "b:50052"))
     # llama.cpp's order: the CPU's layers first, then the workers', the output layer with the last
     assert (cpu.first_layer, a.first_layer, b.first_layer) == (0, cpu.layers, cpu.layers + a.layers)
@@ -109,7 +110,7 @@ def test_workers_hold_layers_in_proportion_to_what_fits_them() -> None:
 
 def test_a_local_gpu_comes_after_the_workers_and_takes_the_output_layer() -> None:
     spec = spec_from_profile("llama-3.1-70b")
-    plan = choose(spec, "Q4_K_M", [*machine(24, 32), worker("a:50052", 48)], ctx=16384, kv_type="q8_0").plan
+    plan = choose(spec, "Q4_K_M", [*machine(24, 32), worker("a:50052", 48)], ctx=16384, kv_type="q8_0").estimate
     assert plan.offload == ["RPC0[a:50052]", "CUDA0"]
     gpu = next(d for d in plan.devices if d.name == "CUDA0")
     assert gpu.output_layer and gpu.bytes <= gpu.free_bytes and gpu.layers > 0
@@ -118,7 +119,7 @@ def test_a_local_gpu_comes_after_the_workers_and_takes_the_output_layer() -> Non
 def test_forced_gpu_layers_fix_the_cpus_share_with_workers() -> None:
     spec = spec_from_profile("llama-3.1-8b")
     plan = choose(spec, "Q8_0", [*machine(None, 64), worker("a:50052", 64), worker("b:50052", 64)], ctx=8192,
-                  n_gpu_layers=10).plan
+                  n_gpu_layers=10).estimate
     cpu = next(d for d in plan.devices if not d.host)
     assert plan.n_gpu_layers == 10 and cpu.layers == 33 - 10 and sum(plan.tensor_split) == 10
 
@@ -126,7 +127,7 @@ def test_forced_gpu_layers_fix_the_cpus_share_with_workers() -> None:
 def test_partial_gpu_offload_takes_the_output_layer_first() -> None:
     """llama.cpp 0.3.36 offloads the output layer first, then the repeating layers from the last one down."""
     spec = spec_from_profile("llama-3.1-8b")
-    plan = choose(spec, "Q4_K_M", machine(4, 64), ctx=8192, kv_type="f16").plan
+    plan = choose(spec, "Q4_K_M", machine(4, 64), ctx=8192, kv_type="f16").estimate
     gpu = next(d for d in plan.devices if d.name == "CUDA0")
     assert 1 < plan.n_gpu_layers < 33 and gpu.output_layer
     assert gpu.layers == plan.n_gpu_layers - 1 and gpu.first_layer == 32 - gpu.layers
@@ -141,4 +142,4 @@ def test_a_plan_that_fits_nowhere_says_how_much_memory_is_missing() -> None:
                kv_type="q8_0")
     # with a third 80 GiB worker it fits (so the refusal above is about memory, not about workers)
     assert choose(spec, "Q4_K_M", [*machine(None, 64), *(worker(f"{h}:50052", 80) for h in "abc")], ctx=131072,
-                  kv_type="q8_0").plan.fits
+                  kv_type="q8_0").estimate.fits

@@ -117,19 +117,20 @@ def child(code: str, *args: str, env: dict[str, str] | None = None, timeout: flo
                           env={**os.environ, **(env or {})})
 
 
-# The engine as chat, niah and bench load it (lcrun.launch.plan_launch), greedy, in a child process: the abort
+# The engine as chat, niah and bench load it (lcrun.launch.decide_launch), greedy, in a child process: the abort
 # handler a split run installs, and ggml's RPC connections, stay out of the test process.
 GREEDY_RUN = r"""
 import json, sys
 from pathlib import Path
 from lcrun.engine.runtime import Engine, Sampling
-from lcrun.launch import RunOverrides, plan_launch
+from lcrun.launch.decide import decide_launch
+from lcrun.launch.options import LaunchOptions
 rpc = tuple(sys.argv[2].split(",")) if sys.argv[2] else ()
-launch = plan_launch(Path(sys.argv[1]), RunOverrides(ctx=512, flash_attn="off", threads=1, ram=16 << 30, rpc=rpc))
+launch = decide_launch(LaunchOptions(sys.argv[1], ctx=512, flash_attn="off", threads=1, ram=16 << 30, rpc=rpc))
 engine = Engine(launch.config)
 prompt = engine.tokenize("The quick brown fox jumps over the lazy dog, again and again.", add_bos=True)
 list(engine.generate(prompt, Sampling(temperature=0.0, max_tokens=48), ignore_eog=True))
-plan = launch.choice.plan
+plan = launch.choice.estimate
 print(json.dumps({"tokens": engine.cached_tokens[len(prompt):], "devices": [d.__dict__ for d in plan.devices],
                   "offload": plan.offload, "tensor_split": plan.tensor_split, "n_gpu_layers": plan.n_gpu_layers,
                   "config_devices": launch.config.devices}))
@@ -280,11 +281,12 @@ import sys
 from pathlib import Path
 from lcrun.engine import rpc
 from lcrun.engine.runtime import Engine, Sampling
-from lcrun.launch import RunOverrides, plan_launch
+from lcrun.launch.decide import decide_launch
+from lcrun.launch.options import LaunchOptions
 if sys.argv[3] == "off":
     rpc.keep_alive = lambda endpoints: 0
-launch = plan_launch(Path(sys.argv[1]), RunOverrides(ctx=512, flash_attn="off", threads=1, ram=16 << 30,
-                                                     rpc=(sys.argv[2],)))
+launch = decide_launch(LaunchOptions(sys.argv[1], ctx=512, flash_attn="off", threads=1, ram=16 << 30,
+                                     rpc=(sys.argv[2],)))
 engine = Engine(launch.config)
 prompt = engine.tokenize("The quick brown fox", add_bos=True)
 print("generating", flush=True)

@@ -15,7 +15,8 @@ import pytest
 
 from lcrun.convert import safetensors_io
 from lcrun.convert.errors import CheckpointError, UnsupportedModelError
-from lcrun.convert.fp8 import Fp8Scheme, detect_fp8_scheme
+from lcrun.convert.fp8 import Fp8Scheme
+from lcrun.convert.quant_config import detect_scheme
 from lcrun.convert.safetensors_io import INDEX_NAME, Checkpoint
 from tests.fixtures.one_line_errors import assert_one_line_message
 from tests.fixtures.safetensors_writer import save_safetensors, write_raw_safetensors
@@ -223,15 +224,17 @@ def test_fp8_nan_encodings_and_e5m2(tmp_path: Path) -> None:
     ({k: v for k, v in _ct_config("tensor").items() if k != "quant_method"}, Fp8Scheme("compressed_tensors")),
 ])
 def test_detect_fp8_scheme(config: dict | None, expected: Fp8Scheme | None) -> None:
-    assert detect_fp8_scheme(config, Path("config.json")) == expected
+    scheme = detect_scheme(config, Path("config.json"))
+    assert (scheme.fp8 if scheme else None) == expected
 
 
 @pytest.mark.parametrize("config", [
-    {"quant_method": "gptq", "bits": 4},
-    {"quant_method": "awq", "bits": 4},
+    {"quant_method": "gptq", "bits": 3, "group_size": 128},
+    {"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"},
     {"quant_method": "bitsandbytes", "load_in_4bit": True},
-    {**_ct_config("group", group_size=128), "format": "pack-quantized"},
-    _ct_config("channel", type="int", num_bits=8),
+    {**_ct_config("group", group_size=128), "format": "marlin-24"},
+    _ct_config("channel", type="int", num_bits=3),
+    {"quant_method": "modelopt", "quant_algo": "INT4_AWQ"},
 ])
 def test_unsupported_quantization_names_config_json(tmp_path: Path, config: dict) -> None:
     save_safetensors(tmp_path / "model.safetensors", {"w": np.ones(2, np.float32)})

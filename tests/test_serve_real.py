@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from tests.fixtures.cli import invoke
-from tests.fixtures.serve_support import ServeProcess, gguf_for_tests, metrics, wait_for
+from tests.fixtures.serve_support import ServeProcess, metrics, wait_for
 
 MAX = 24
 QUESTION = "Tell me about foxes."
@@ -23,8 +23,8 @@ DOCUMENT = " ".join(f"Paragraph {i}: the river runs past the old mill and the fo
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return gguf_for_tests(tmp_path_factory.mktemp("serve-real"))
+def tiny(tiny_gguf: Path) -> Path:
+    return tiny_gguf
 
 
 def chat(client: openai.OpenAI, content: str, **kw) -> openai.types.chat.ChatCompletion:  # type: ignore[no-untyped-def]

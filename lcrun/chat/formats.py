@@ -87,7 +87,7 @@ class Vocabulary:
 
 
 def header_vocabulary(meta: Any) -> Vocabulary:
-    """From a GGUF header (lcrun.gguf_header.GGUFHeader): lookups in the token list, nothing decoded whole."""
+    """From a GGUF header (lcrun.gguf_reader.GGUFHeader): lookups in the token list, nothing decoded whole."""
     from gguf import TokenType
 
     types = meta.get("tokenizer.ggml.token_type")

@@ -5,7 +5,6 @@ to the history. No llama_cpp and no rich here: the engine comes in as a paramete
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from lcrun.atomic_files import write_atomic
 from lcrun.engine.protocol import EngineProtocol, Finished, PrefillProgress, Sampling, TextChunk
 from lcrun.errors import LcrunError
 
@@ -285,7 +285,7 @@ class ChatSession:
     # -- files --------------------------------------------------------------------------------------------------
     def save(self, path: Path) -> None:
         data = {"lcrun_chat": 1, "model": self.model_name, "n_ctx": self.n_ctx, **self.conversation.to_dict()}
-        write_atomic(path, json.dumps(data, ensure_ascii=False, indent=1).encode("utf-8"))
+        write_atomic(path, json.dumps(data, ensure_ascii=False, indent=1), make_parents=True)
 
     def load(self, path: Path) -> None:
         try:
@@ -306,15 +306,3 @@ def kv_state_path(session_path: Path) -> Path:
     return session_path.with_name(session_path.name + ".kv")
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    partial = path.with_name(path.name + ".partial")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(partial, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
-    except OSError as exc:
-        partial.unlink(missing_ok=True)
-        raise LcrunError(str(path), f"cannot be written ({exc.strerror or exc})") from None

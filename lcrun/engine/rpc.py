@@ -12,7 +12,6 @@ loading `libggml-rpc.so` by name would start a second ggml with its own state.
 from __future__ import annotations
 
 import ctypes
-import ipaddress
 import os
 import socket
 import struct
@@ -77,15 +76,6 @@ def parse_endpoint(text: str) -> str:
 def split_endpoint(endpoint: str) -> tuple[str, int]:
     host, _, port = endpoint.rpartition(":")
     return host, int(port)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` (an address or a name) is this machine's loopback only."""
-    try:
-        infos = socket.getaddrinfo(host, None, family=socket.AF_INET)
-    except socket.gaierror:
-        return False
-    return bool(infos) and all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
 
 
 # -- the handshake, in Python ----------------------------------------------------------------------------------------
@@ -268,13 +258,8 @@ def keep_alive(endpoints: list[str]) -> int:
     return count
 
 _watched: list[str] = []
-_loss_note = ["the turn in progress is lost; finished chat turns (the transcript) and niah cells (the results file) are kept"]
+_LOSS_NOTE = "the turn in progress is lost; finished chat turns (the transcript) and niah cells (the results file) are kept"
 _callback_keepalive: list[Any] = []
-
-
-def set_loss_note(note: str) -> None:
-    """What the one-line error says is kept when a worker goes away (chat: where the transcript is)."""
-    _loss_note[0] = note
 
 
 def watch_workers(endpoints: list[str]) -> None:
@@ -318,10 +303,10 @@ def _on_abort(message: bytes | None) -> None:
     gone = named or gone_workers(_watched)
     if gone:
         line = (f"error: worker {', '.join(gone)} went away (its connection closed or stopped answering mid-run); "
-                f"{_loss_note[0]}\n")
+                f"{_LOSS_NOTE}\n")
     else:
         line = f"error: a worker stopped answering ({', '.join(_watched)}: {text.rpartition(': ')[2]}); " \
-               f"{_loss_note[0]}\n"
+               f"{_LOSS_NOTE}\n"
     if sys.stderr.isatty():
         line = "\x1b[?25h\n" + line  # a live display may have hidden the cursor
     try:

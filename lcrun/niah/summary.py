@@ -3,10 +3,11 @@ One JSON-ready dict feeds the terminal heatmap, the picture and `--json`."""
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from lcrun.atomic_files import write_atomic
 
 from .run import NiahRun, cell_key
 
@@ -52,10 +53,4 @@ def summary_path(results: Path) -> Path:
 
 
 def write_summary(summary: dict[str, Any], path: Path) -> None:
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(partial, path)
+    write_atomic(path, json.dumps(summary, indent=2) + "\n")

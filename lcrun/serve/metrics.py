@@ -1,12 +1,15 @@
-"""The server's counters and gauges, rendered in Prometheus' text exposition format (version 0.0.4) for `/metrics`.
-Counters are bumped from the scheduler thread and the event loop; gauges are read when scraped."""
+"""The server's counters and gauges for `/metrics`, kept by prometheus_client in a registry of the server's own (not
+the library's global one: two servers in one process, as in the tests, never share a count) and written in
+Prometheus' text exposition format 0.0.4 by the library. Counters are bumped from the scheduler thread and the event
+loop (prometheus_client's metrics are thread-safe); gauges are read when scraped."""
 from __future__ import annotations
 
-import threading
-from collections import Counter
 from collections.abc import Callable
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+from prometheus_client import CollectorRegistry, Counter, Gauge, exposition
+
+# the classic text format, which every Prometheus reads (newer prometheus_client releases default to 1.0.0)
+CONTENT_TYPE = getattr(exposition, "CONTENT_TYPE_PLAIN_0_0_4", exposition.CONTENT_TYPE_LATEST)
 
 _COUNTERS = {
     "prompt_tokens": "Prompt tokens of the requests admitted to a slot.",
@@ -21,38 +24,23 @@ _COUNTERS = {
 
 class Metrics:
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counters: Counter[str] = Counter()
-        self._requests: Counter[tuple[str, int]] = Counter()
-        self._gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._requests = Counter("lcrun_requests", "HTTP requests answered, by endpoint and status code.",
+                                 ["endpoint", "code"], registry=self.registry)
+        self._counters = {name: Counter(f"lcrun_{name}", help_text, registry=self.registry)
+                          for name, help_text in _COUNTERS.items()}
 
     def add(self, name: str, value: int = 1) -> None:
-        if name not in _COUNTERS:
-            raise KeyError(name)
-        with self._lock:
-            self._counters[name] += value
+        self._counters[name].inc(value)   # an unknown name is a KeyError, as a typo should be
 
     def request(self, endpoint: str, status: int) -> None:
-        with self._lock:
-            self._requests[(endpoint, status)] += 1
+        self._requests.labels(endpoint=endpoint, code=str(status)).inc()
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
-        self._gauges[name] = (help_text, read)
+        Gauge(f"lcrun_{name}", help_text, registry=self.registry).set_function(read)
 
     def value(self, name: str) -> int:
-        with self._lock:
-            return self._counters[name]
+        return int(self.registry.get_sample_value(f"lcrun_{name}_total") or 0)
 
     def render(self) -> str:
-        with self._lock:
-            counters, requests = dict(self._counters), dict(self._requests)
-        lines = ["# HELP lcrun_requests_total HTTP requests answered, by endpoint and status code.",
-                 "# TYPE lcrun_requests_total counter"]
-        for (endpoint, status), n in sorted(requests.items()):
-            lines.append(f'lcrun_requests_total{{endpoint="{endpoint}",code="{status}"}} {n}')
-        for name, help_text in _COUNTERS.items():
-            lines += [f"# HELP lcrun_{name}_total {help_text}", f"# TYPE lcrun_{name}_total counter",
-                      f"lcrun_{name}_total {counters.get(name, 0)}"]
-        for name, (help_text, read) in self._gauges.items():
-            lines += [f"# HELP lcrun_{name} {help_text}", f"# TYPE lcrun_{name} gauge", f"lcrun_{name} {read():g}"]
-        return "\n".join(lines) + "\n"
+        return exposition.generate_latest(self.registry).decode("utf-8")

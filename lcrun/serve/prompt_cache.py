@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lcrun.atomic_files import write_atomic
 from lcrun.engine.protocol import SequenceState
 from lcrun.errors import LcrunError
 
@@ -134,18 +135,8 @@ class PromptCache:
             return None
         digest = hashlib.blake2b(self.fingerprint.encode() + token_bytes, digest_size=16).hexdigest()
         path = self.directory / f"{self.fingerprint[:16]}-{digest}{SUFFIX}"
-        partial = path.with_name(path.name + ".partial")
-        try:
-            with open(partial, "wb") as f:
-                f.write(MAGIC + struct.pack("<I", len(header)) + header)
-                f.write(token_bytes)
-                f.write(state.data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(partial, path)
-        except OSError as exc:
-            partial.unlink(missing_ok=True)
-            raise PromptCacheError(str(path), f"cannot write ({exc.strerror})") from None
+        write_atomic(path, [MAGIC + struct.pack("<I", len(header)) + header, token_bytes, state.data],
+                     error=PromptCacheError)
         entry = Entry(path, len(state.tokens), hashes, size, os.stat(path).st_mtime)
         with self._lock:
             superseded = [e.path for e in self._entries.values()

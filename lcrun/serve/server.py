@@ -24,8 +24,6 @@ from .metrics import Metrics
 from .prompt_cache import PromptCache, model_fingerprint
 from .scheduler import Scheduler
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
 
 @dataclass(frozen=True)
 class ServeOptions:
@@ -38,10 +36,6 @@ class ServeOptions:
     cache_min_tokens: int = 1024
     shutdown_grace_s: float = 5.0
     verbose: bool = False
-
-
-def is_loopback(host: str) -> bool:
-    return host in LOOPBACK or host.startswith("127.")
 
 
 def bind(host: str, port: int) -> socket.socket:

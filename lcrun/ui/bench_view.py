@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from lcrun.bench import BenchReport, Rate
+from lcrun.memory_model import kv_type_name
 
 
 def _rate(rate: Rate | None) -> str:
@@ -19,7 +20,7 @@ def _rate(rate: Rate | None) -> str:
 
 
 def plan_line(report: BenchReport) -> str:
-    kv = report.type_k if report.type_k == report.type_v else f"{report.type_k}/{report.type_v}"
+    kv = kv_type_name(report.type_k, report.type_v)
     return (f"context {report.ctx:,} · KV {kv} · flash attention {'on' if report.flash_attn else 'off'} · "
             f"GPU layers {report.n_gpu_layers}/{report.n_layer + 1} · threads {report.n_threads or 'auto'} · "
             f"batch {report.n_batch}/{report.n_ubatch}")

@@ -14,7 +14,7 @@ from rich.markup import escape
 
 from lcrun.chat.commands import COMMANDS, UnknownCommand, literal_message, parse_command
 from lcrun.chat.session import ChatEvent, ChatSession, Notice, TurnStarted
-from lcrun.engine.runtime import Finished, PrefillProgress, TextChunk
+from lcrun.engine.protocol import Finished, PrefillProgress, TextChunk
 from lcrun.errors import LcrunError
 
 from .chat_input import ReadLine, read_message

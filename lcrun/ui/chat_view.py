@@ -1,4 +1,4 @@
-"""What the chat shows: the plan panel, the reply streaming as Markdown (settled lines printed once, only a small tail
+"""What the chat shows: the reply streaming as Markdown (settled lines printed once, only a small tail
 repainted — a live region taller than the screen duplicates text), the status line, prefill progress, /ctx and
 /stats. Plain text, straight through, when the output is not a terminal or NO_COLOR is set."""
 from __future__ import annotations
@@ -11,23 +11,13 @@ from typing import Any
 
 from rich.console import Console, Group
 from rich.live import Live
-from rich.markup import escape
-from rich.panel import Panel
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
+from .console import is_plain
+
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # C0 controls and DEL, except tab and newline
-MIB = 1 << 20
-GIB = 1 << 30
-
-
-def is_plain(console: Console) -> bool:
-    return not console.is_terminal or console.no_color
-
-
-def _size(n: int) -> str:
-    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / MIB:.0f} MiB"
 
 
 def meter(used: int, total: int, width: int = 20) -> str:
@@ -59,30 +49,6 @@ def _status(used: int, n_ctx: int, tokens_per_s: float | None, ttft_s: float | N
     if note:
         parts.append(note)
     return " · ".join(parts)
-
-
-# -- the plan ---------------------------------------------------------------------------------------------------
-def render_plan_panel(launch: Any, console: Console, *, chat_format: Any = None) -> None:
-    """The plan; `chat_format` (a lcrun.chat.formats.FormatChoice) adds the format the model will be prompted in."""
-    plan, spec, cfg = launch.choice.plan, launch.spec, launch.config
-    kv = plan.type_k if plan.type_k == plan.type_v else f"{plan.type_k}/{plan.type_v}"
-    where = ", ".join(f"{d.name} {_size(d.bytes)} of {_size(d.free_bytes)} free" for d in plan.devices if d.bytes)
-    lines = [
-        f"[bold]{launch.model_path.name}[/] · {spec.file_type or '?'} · {spec.n_layer} layers · "
-        f"trained context {spec.n_ctx_train:,}",
-        f"context [bold]{plan.ctx:,}[/] tokens · KV {kv} · flash attention {'on' if plan.flash_attn else 'off'} · "
-        f"GPU layers {plan.n_gpu_layers}/{spec.n_layer + 1} · threads {cfg.n_threads or 'auto'}",
-        f"memory {_size(plan.total_bytes)}: {where}",
-        f"[dim]{launch.choice.why}[/]",
-    ]
-    if chat_format is not None:
-        lines.append(f"chat format [bold]{escape(chat_format.what)}[/] · {escape(chat_format.why)}")
-    lines += [f"[yellow]warning:[/] {w}" for w in launch.warnings]
-    if is_plain(console):
-        for line in lines:
-            console.print(Text.from_markup(line).plain, markup=False, highlight=False)
-        return
-    console.print(Panel("\n".join(lines), title="plan", title_align="left", expand=False, border_style="blue"))
 
 
 # -- streaming a reply ------------------------------------------------------------------------------------------

@@ -15,3 +15,8 @@ def make_console(*, stderr: bool = False) -> Console:
     width = None if tty or "COLUMNS" in os.environ else 140
     # a pipe or a file gets whole lines: a one-line message must stay one line whatever the width
     return Console(file=stream, no_color=no_color, highlight=False, soft_wrap=not tty, width=width)
+
+
+def is_plain(console: Console) -> bool:
+    """Plain text, straight through: not a terminal, or NO_COLOR set."""
+    return not console.is_terminal or console.no_color

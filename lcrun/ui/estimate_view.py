@@ -8,7 +8,8 @@ from rich.table import Table
 from rich.text import Text
 
 from lcrun.devices import Device
-from lcrun.estimate import Plan
+from lcrun.estimate import MemoryEstimate
+from lcrun.memory_model import kv_type_name
 from lcrun.models import published_recall
 from lcrun.recall_advice import ctx_label
 
@@ -19,9 +20,9 @@ def _gib(n: int) -> str:
     return f"{n / GIB:,.1f}"
 
 
-def render_estimate(model: str, source_note: str, devices: Sequence[Device], plans: Sequence[Plan],
+def render_estimate(model: str, source_note: str, devices: Sequence[Device], estimates: Sequence[MemoryEstimate],
                     largest: dict[tuple[str, str], int], console: Console) -> None:
-    kv_types = list(dict.fromkeys(f"{p.type_k}/{p.type_v}" if p.type_k != p.type_v else p.type_k for p in plans))
+    kv_types = list(dict.fromkeys(kv_type_name(e.type_k, e.type_v) for e in estimates))
     machine = ", ".join(f"{d.name} {_gib(d.free_bytes)} GiB free{'' if d.detected else ' (given)'}"
                         for d in devices if not d.host)
     console.print(Text(f"{model}  ·  {source_note}", style="bold"))
@@ -46,45 +47,44 @@ def render_estimate(model: str, source_note: str, devices: Sequence[Device], pla
     for kv in kv_types:
         table.add_column(f"KV {kv}", justify="right")
         table.add_column(f"total ({kv})", justify="right")
-    rows: dict[tuple[str, int], dict[str, Plan]] = {}
-    for plan in plans:
-        kv = f"{plan.type_k}/{plan.type_v}" if plan.type_k != plan.type_v else plan.type_k
-        rows.setdefault((plan.quant, plan.ctx), {})[kv] = plan
+    rows: dict[tuple[str, int], dict[str, MemoryEstimate]] = {}
+    for estimate in estimates:
+        rows.setdefault((estimate.quant, estimate.ctx), {})[kv_type_name(estimate.type_k, estimate.type_v)] = estimate
     for (quant, ctx), by_kv in rows.items():
         first = next(iter(by_kv.values()))
         cells: list[Text | str] = [quant, f"{ctx:,}", _gib(first.weights_bytes)]
         for kv in kv_types:
-            plan = by_kv.get(kv)
-            if plan is None:
+            estimate = by_kv.get(kv)
+            if estimate is None:
                 cells += ["", ""]
                 continue
-            cells.append(_gib(plan.kv_bytes))
-            cells.append(Text(_gib(plan.total_bytes), style="bold green" if plan.fits else "red"))
+            cells.append(_gib(estimate.kv_bytes))
+            cells.append(Text(_gib(estimate.total_bytes), style="bold green" if estimate.fits else "red"))
         table.add_row(*cells)
     console.print(table)
     for (quant, kv), ctx in largest.items():
         verdict = f"up to {ctx:,} tokens" if ctx else "does not fit at any context"
         console.print(f"largest context that fits: {quant} with KV {kv}: {verdict}")
     if workers:
-        render_spread(plans, console)
+        render_spread(estimates, console)
 
 
-def render_spread(plans: Sequence[Plan], console: Console) -> None:
+def render_spread(estimates: Sequence[MemoryEstimate], console: Console) -> None:
     """How each quant × KV type spreads over the hosts at the longest context that fits (else the shortest asked,
     with what is missing): llama.cpp's -ngl and tensor split, and what each host holds."""
-    chosen: dict[tuple[str, str], Plan] = {}
-    for plan in plans:
-        key = (plan.quant, f"{plan.type_k}/{plan.type_v}" if plan.type_k != plan.type_v else plan.type_k)
+    chosen: dict[tuple[str, str], MemoryEstimate] = {}
+    for estimate in estimates:
+        key = (estimate.quant, kv_type_name(estimate.type_k, estimate.type_v))
         best = chosen.get(key)
-        if best is None or (plan.fits and (not best.fits or plan.ctx > best.ctx)) or \
-                (not plan.fits and not best.fits and plan.ctx < best.ctx):
-            chosen[key] = plan
-    for (quant, kv), plan in chosen.items():
-        state = "fits" if plan.fits else f"does not fit ({plan.binding})"
-        console.print(Text(f"spread of {quant}, KV {kv} at {plan.ctx:,} tokens: {state}; -ngl {plan.n_gpu_layers}, "
-                           f"tensor split {','.join(map(str, plan.tensor_split)) or '—'}", style="bold"))
+        if best is None or (estimate.fits and (not best.fits or estimate.ctx > best.ctx)) or \
+                (not estimate.fits and not best.fits and estimate.ctx < best.ctx):
+            chosen[key] = estimate
+    for (quant, kv), estimate in chosen.items():
+        state = "fits" if estimate.fits else f"does not fit ({estimate.binding})"
+        console.print(Text(f"spread of {quant}, KV {kv} at {estimate.ctx:,} tokens: {state}; "
+                           f"-ngl {estimate.n_gpu_layers}, tensor split {','.join(map(str, estimate.tensor_split)) or '—'}", style="bold"))
         hosts: dict[str, list] = {}
-        for use in plan.devices:
+        for use in estimate.devices:
             hosts.setdefault(use.host or "this machine", []).append(use)
         for host, uses in hosts.items():
             layers = sum(u.layers for u in uses) + sum(u.output_layer for u in uses)
@@ -94,6 +94,6 @@ def render_spread(plans: Sequence[Plan], console: Console) -> None:
                           f" · weights {_gib(sum(u.weights_bytes for u in uses))} + KV {_gib(sum(u.kv_bytes for u in uses))}"
                           f" + compute {_gib(sum(u.compute_bytes for u in uses))} GiB = {_gib(need)} of {_gib(free)} GiB "
                           "free", highlight=False)
-        if plan.shortfall_bytes:
-            console.print(f"  {plan.shortfall_bytes / GIB:,.1f} GiB more memory is needed over all hosts",
+        if estimate.shortfall_bytes:
+            console.print(f"  {estimate.shortfall_bytes / GIB:,.1f} GiB more memory is needed over all hosts",
                           highlight=False)

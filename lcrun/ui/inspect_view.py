@@ -7,7 +7,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from lcrun.gguf_info import GGUFReport, TokenRef
+from lcrun.gguf_inspect import GGUFReport, TokenRef
 
 # provenance keys worth a line, in order; the rest stay in --json
 _PROVENANCE = ("general.source.repo_url", "general.source.url", "general.base_model.0.repo_url",
@@ -115,6 +115,19 @@ def _facts(report: GGUFReport) -> Table:
     return grid.grid
 
 
+def _origins(report: GGUFReport) -> Table:
+    """Where the converted tensors came from, one row per kind (`--json` lists every tensor)."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    table.add_column("converted from")
+    table.add_column("tensors", justify="right")
+    counts: dict[str, int] = {}
+    for origin in report.tensor_origins.values():
+        counts[origin] = counts.get(origin, 0) + 1
+    for origin, n in sorted(counts.items(), key=lambda kv: -kv[1]):
+        table.add_row(Text(origin), str(n))
+    return table
+
+
 def _types(report: GGUFReport) -> Table:
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     table.add_column("type")
@@ -127,7 +140,9 @@ def _types(report: GGUFReport) -> Table:
 
 def render_inspect(report: GGUFReport, console: Console) -> None:
     title = Text(report.path.name, style="bold")
-    console.print(Panel(Group(_facts(report), Text(""), _types(report)), title=title, title_align="left",
-                        box=box.ROUNDED, expand=False))
+    parts = [_facts(report), Text(""), _types(report)]
+    if report.tensor_origins:
+        parts += [Text(""), _origins(report)]
+    console.print(Panel(Group(*parts), title=title, title_align="left", box=box.ROUNDED, expand=False))
     for warning in report.warnings:
         console.print(Text.assemble(("warning: ", "bold yellow"), (warning, "yellow")))

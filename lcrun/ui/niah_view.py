@@ -16,6 +16,7 @@ from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 
+from lcrun.atomic_files import write_atomic
 from lcrun.niah.run import CellDone, CellPrefill, CellStarted, NiahEvent, RunStarted
 
 _STOPS = [(0.0, (215, 48, 39)), (0.5, (254, 224, 139)), (1.0, (26, 152, 80))]  # red, yellow, green
@@ -93,13 +94,7 @@ def export_picture(summary: dict[str, Any], *, svg: Path | None = None, html: Pa
     for path, text in ((svg, lambda: console.export_svg(title=title, clear=False)),
                        (html, lambda: console.export_html(clear=False))):
         if path is not None:
-            _write(path, text())
-
-
-def _write(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(path)
+            write_atomic(path, text())
 
 
 class NiahProgress:

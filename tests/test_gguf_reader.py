@@ -1,4 +1,4 @@
-"""lcrun.gguf_header: the one GGUF header reader. Equivalence with gguf-py's GGUFReader on files of real vocabulary
+"""lcrun.gguf_reader: the one GGUF header reader. Equivalence with gguf-py's GGUFReader on files of real vocabulary
 shape, the two ways of stepping over string arrays, big-endian files, ≥ 1,000 damaged headers (one-line errors, no
 hang, no big allocation), bounded memory on a 262K-token header, and Hub prefixes."""
 from __future__ import annotations
@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 
 from lcrun.errors import GGUFFileError
-from lcrun.gguf_header import (STRING, GGUFArray, HeaderError, NeedMoreBytes, _Cursor, _string_starts_fast,
-                               parse_gguf_header, read_gguf_header, read_gguf_set)
+from lcrun.gguf_reader import parse_gguf_header, read_gguf_header
+from lcrun.gguf_split import read_gguf_set
+from lcrun.gguf_values import STRING, GGUFArray, HeaderError, NeedMoreBytes, _Cursor, _string_starts_fast
 from tests.fixtures.cli import run_lcrun
 from tests.fixtures.gguf_equivalence import assert_same_as_gguf_reader
 from tests.fixtures.realistic_gguf import FAMILIES, write_realistic_gguf
@@ -220,7 +221,7 @@ def test_giant_claims_are_refused_at_once(tmp_path: Path) -> None:
 
 RSS_PROBE = """
 import json, sys, psutil
-from lcrun.gguf_header import read_gguf_set
+from lcrun.gguf_split import read_gguf_set
 process = psutil.Process()
 before = process.memory_info().rss
 files = read_gguf_set(sys.argv[1])
@@ -277,3 +278,19 @@ def test_split_set_read_once_per_file(tmp_path: Path) -> None:
     (files.paths[-1]).unlink()
     partial = read_gguf_set(first)
     assert partial.missing == [files.paths[-1]] and "split set incomplete" in partial.warnings[0]
+
+
+def test_the_one_split_name_pattern_matches_what_the_converter_writes(tmp_path: Path) -> None:
+    from lcrun.convert.convert import convert_checkpoint
+    from lcrun.gguf_split import is_first_split, split_set_names
+    from lcrun.models import demo_checkpoint
+
+    written = convert_checkpoint(demo_checkpoint(), tmp_path / "demo.gguf", outtype="f16", split_max_size=100_000).paths
+    names = [p.name for p in written]
+    assert len(names) > 1 and all(split_set_names(name) == names for name in names)
+    assert [is_first_split(name) for name in names] == [True] + [False] * (len(names) - 1)
+    # a Hub path keeps its folder; a whole file is its own set (negative controls: no split suffix, 5 digits only)
+    assert split_set_names("q4/M-Q4_K_M-00002-of-00002.gguf") == ["q4/M-Q4_K_M-00001-of-00002.gguf",
+                                                                  "q4/M-Q4_K_M-00002-of-00002.gguf"]
+    assert split_set_names("M-Q4_K_M.gguf") == ["M-Q4_K_M.gguf"] and is_first_split("M-Q4_K_M.gguf")
+    assert split_set_names("M-0001-of-0002.gguf") == ["M-0001-of-0002.gguf"]

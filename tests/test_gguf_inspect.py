@@ -1,4 +1,4 @@
-"""lcrun.gguf_info against real GGUF files written by gguf's GGUFWriter: tiny Llama-3-shaped models (head_dim 128,
+"""lcrun.gguf_inspect against real GGUF files written by gguf's GGUFWriter: tiny Llama-3-shaped models (head_dim 128,
 so rope_freqs has Llama 3.1's 64 entries), split sets, and files damaged on purpose."""
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import pytest
 from rich.console import Console
 
 from lcrun.errors import GGUFFileError
-from lcrun.gguf_info import GGUFReport, inspect_gguf
+from lcrun.gguf_inspect import GGUFReport, inspect_gguf
 from lcrun.ui.inspect_view import render_inspect
 
 HEAD_DIM = 128

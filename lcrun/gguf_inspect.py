@@ -1,6 +1,6 @@
 """What a GGUF file (or a split set) says about itself, and what in it will quietly hurt long-context use.
 
-Read with lcrun's one header reader (`lcrun.gguf_header`), memory-mapped: only the header is parsed, the tokenizer's
+Read with lcrun's one header reader (`lcrun.gguf_reader`), memory-mapped: only the header is parsed, the tokenizer's
 big arrays are not decoded (a few token texts are looked up), and the one small tensor we look into
 (`rope_freqs.weight`) is read. Anything malformed becomes a one-line `GGUFFileError` naming the file.
 """
@@ -15,7 +15,9 @@ from typing import Any
 import numpy as np
 from gguf import Keys, LlamaFileType, size_label
 
-from .gguf_header import GGUFArray, GGUFHeader, GGUFSet, TensorInfo, read_gguf_set, read_tensor_data
+from .gguf_reader import GGUFHeader, TensorInfo, read_tensor_data
+from .gguf_split import GGUFSet, read_gguf_set
+from .gguf_values import GGUFArray
 
 ROPE_FREQS = "rope_freqs.weight"
 GGML_F32, GGML_F16 = 0, 1  # ggml_type numbers
@@ -95,6 +97,7 @@ class GGUFReport:
     general: dict[str, Any]
     lcrun: dict[str, Any]
     warnings: list[str]
+    tensor_origins: dict[str, str] = field(default_factory=dict)   # from lcrun.tensor_origin.* (lcrun convert)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -248,9 +251,25 @@ def _build_report(path: Path, files: GGUFSet, meta: dict[str, Any], tensors: lis
         rope=rope,
         tokenizer=tokenizer,
         general={k: _plain(v) for k, v in meta.items() if k.startswith("general.")},
-        lcrun={k: _plain(v) for k, v in meta.items() if k.startswith("lcrun.")},
+        lcrun={k: _plain(v) for k, v in meta.items() if k.startswith("lcrun.") and not k.startswith(_ORIGIN)},
         warnings=[],
+        tensor_origins=_tensor_origins(meta),
     )
+
+
+_ORIGIN = "lcrun.tensor_origin."
+
+
+def _tensor_origins(meta: Any) -> dict[str, str]:
+    """What `lcrun convert` recorded about the tensors it did not copy as they were (a quantized checkpoint's)."""
+    names, values = meta.get(_ORIGIN + "name"), meta.get(_ORIGIN + "value")
+    arrays = (list, GGUFArray)
+    if not isinstance(names, arrays) or not isinstance(values, arrays) or len(names) != len(values):
+        return {}
+    try:
+        return {str(names[i]): str(values[i]) for i in range(min(len(names), 100_000))}
+    except (TypeError, IndexError):
+        return {}
 
 
 def _model_warnings(report: GGUFReport, header: GGUFHeader) -> list[str]:

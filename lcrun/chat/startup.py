@@ -1,0 +1,90 @@
+"""`lcrun chat` around its session, without a screen: what the chat was asked for (`ChatOptions`), checking the input
+before anything loads, the session on a loaded model (its transcript, a `--session` restored, saved on the way out).
+The command (lcrun.chat_cli) strings these together; ui/ shows what they return."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lcrun.engine.protocol import CHAT_SAMPLING, Sampling
+from lcrun.errors import EngineError, LcrunError
+
+from .documents import read_document
+
+if TYPE_CHECKING:
+    from lcrun.launch.loaded import LoadedModel
+
+    from .session import ChatSession
+
+
+@dataclass
+class ChatOptions:
+    prompt: str | None = None            # -p: answer this one prompt ("-": read it from stdin)
+    system: str | None = None
+    documents: list[Path] = field(default_factory=list)
+    sampling: Sampling = CHAT_SAMPLING   # max_tokens aside: that is `max_tokens` below
+    max_tokens: int | None = None
+    session_file: Path | None = None
+    history_file: Path | None = None
+    no_history: bool = False
+    dry_run: bool = False
+
+
+def read_question(options: ChatOptions) -> str | None:
+    """-p's prompt (from stdin for `-p -`), None for the interactive chat; an empty one is refused."""
+    if options.prompt is None:
+        return None
+    text = sys.stdin.read() if options.prompt == "-" else options.prompt
+    if not text.strip():
+        raise LcrunError("-p", "the prompt is empty" + (" (nothing on stdin)" if options.prompt == "-" else ""))
+    return text
+
+
+def check_documents(options: ChatOptions) -> None:
+    """A bad --file fails now, before the model loads."""
+    for document in options.documents:
+        read_document(document)
+
+
+def start_session(model: LoadedModel, options: ChatOptions) -> ChatSession:
+    """The chat session on `model`, with its transcript (unless --no-history) and its system prompt."""
+    from .history import History, default_history_path
+    from .session import ChatSession
+
+    history = None if options.no_history else History(options.history_file or default_history_path())
+    return ChatSession(model.engine, chat_format=model.chat_format, system=options.system,
+                       max_tokens=options.max_tokens, history=history, model_name=model.model_path.name,
+                       sampling=options.sampling, session_path=options.session_file)
+
+
+@dataclass(frozen=True)
+class Restored:
+    messages: int
+    kv_tokens: int                       # tokens of KV cache restored (0: the conversation will be prefilled)
+    problem: str | None = None           # why the KV cache could not be restored
+
+
+def restore_session(session: ChatSession, path: Path) -> Restored:
+    """A saved --session: the conversation, and its KV cache when the state file beside it still fits the model."""
+    from .session import kv_state_path
+
+    session.load(path)
+    kv = kv_state_path(path)
+    restored, problem = 0, None
+    if kv.exists():
+        try:
+            restored = session.engine.load_state(kv)
+        except EngineError as exc:
+            problem = str(exc)
+    return Restored(len(session.conversation.messages), restored, problem)
+
+
+def save_session(session: ChatSession, path: Path) -> int:
+    """The conversation and its KV cache (llama.cpp's state file beside it); returns the tokens of KV saved."""
+    from .session import kv_state_path
+
+    session.save(path)
+    session.engine.save_state(kv_state_path(path))
+    return len(session.engine.cached_tokens)
