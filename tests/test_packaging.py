@@ -33,7 +33,7 @@ def test_wheel_installs_and_runs_outside_the_repo(tmp_path: Path) -> None:
     workdir.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
     probe = subprocess.run(
-        [str(py), "-c", "import lcrun, lcrun.convert.convert, lcrun.models, lcrun.cli;"
+        [str(py), "-c", "import lcrun, lcrun.convert.convert, lcrun.models, lcrun.cli, lcrun.niah.ruler.run;"
                         "print(lcrun.__file__); print(lcrun.models.demo_checkpoint())"],
         check=True, cwd=workdir, env=env, capture_output=True, text=True)
     lcrun_file, demo_dir = probe.stdout.split()

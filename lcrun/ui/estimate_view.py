@@ -11,6 +11,8 @@ from rich.text import Text
 from lcrun.devices import Device
 from lcrun.estimate import MemoryEstimate
 from lcrun.memory_model import kv_type_name
+from lcrun.models import published_recall
+from lcrun.recall_advice import ctx_label
 
 GIB = 1 << 30
 
@@ -25,6 +27,13 @@ def render_estimate(model: str, source_note: str, devices: Sequence[Device], est
     machine = ", ".join(f"{d.name} {_gib(d.free_bytes)} GiB free{'' if d.detected else ' (given)'}"
                         for d in devices if not d.host)
     console.print(Text(f"{model}  ·  {source_note}", style="bold"))
+    published = published_recall(model)
+    if published is not None:
+        figures, advertised = published
+        console.print(Text(f"published effective context: {ctx_label(figures.effective_context)} of the "
+                           f"{ctx_label(advertised)} advertised (RULER suite score ≥ 85.6, bf16 weights; "
+                           "arXiv 2404.06654); a quant or KV cache type of your own is not measured",
+                           style="dim"))
     console.print(Text(f"machine: {machine}", style="dim"))
     workers = [d for d in devices if d.host]
     if workers:
