@@ -16,7 +16,7 @@ import uvicorn
 
 from lcrun.chat.formats import FormatChoice, engine_renderer
 from lcrun.chat.template import ChatRenderer
-from lcrun.engine.protocol import SequenceEngineProtocol
+from lcrun.engine.protocol import EngineProtocol
 from lcrun.errors import LcrunError
 
 from .app import ServerState, create_app
@@ -62,13 +62,13 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def prepare(engine: SequenceEngineProtocol, options: ServeOptions, *, model_id: str, aliases: tuple[str, ...] = (),
+def prepare(engine: EngineProtocol, options: ServeOptions, *, model_id: str, aliases: tuple[str, ...] = (),
             fingerprint: str | None = None, template: ChatRenderer | None = None,
             chat_format: FormatChoice | None = None) -> ServerState:
     """Everything but the socket: metrics, the disk cache, the scheduler (not started) and the app's state."""
     config = engine.config
     if fingerprint is None:
-        from lcrun.engine.runtime import LLAMA_CPP_PYTHON_VERSION
+        from lcrun import LLAMA_CPP_PYTHON_VERSION
 
         fingerprint = model_fingerprint(Path(config.model_path), type_k=config.type_k, type_v=config.type_v,
                                         flash_attn=config.flash_attn, rope_freq_base=config.rope_freq_base,

@@ -1,0 +1,88 @@
+"""The loaded model's vocabulary (llama.cpp's tokenizer, token pieces, special and end-of-generation tokens) and its
+GGUF metadata as llama.cpp reads it."""
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from lcrun.errors import EngineError
+
+
+class Vocabulary:
+    def __init__(self, lc: Any, model: Any) -> None:
+        self._lc = lc
+        self._vocab = lc.llama_model_get_vocab(model)
+        self.n_vocab: int = lc.llama_vocab_n_tokens(self._vocab)
+        self._pieces: dict[int, bytes] = {}     # token → its bytes: a token's piece never changes
+        self._eog: dict[int, bool] = {}
+
+    @property
+    def add_bos(self) -> bool:
+        """Whether prompts start with BOS (llama.cpp adds it when tokenizing with add_special)."""
+        return bool(self._lc.llama_vocab_get_add_bos(self._vocab))
+
+    def special_tokens(self) -> dict[str, int]:
+        """bos, eos and eot ids the vocabulary defines (absent ones left out)."""
+        lc, vocab = self._lc, self._vocab
+        found = {"bos": lc.llama_vocab_bos(vocab), "eos": lc.llama_vocab_eos(vocab), "eot": lc.llama_vocab_eot(vocab)}
+        return {name: int(tok) for name, tok in found.items() if tok >= 0}
+
+    def is_eog(self, token: int) -> bool:
+        eog = self._eog.get(token)
+        if eog is None:
+            eog = self._eog[token] = bool(self._lc.llama_vocab_is_eog(self._vocab, token))
+        return eog
+
+    def token_text(self, token: int) -> str:
+        return self._lc.llama_vocab_get_text(self._vocab, token).decode("utf-8", errors="replace")
+
+    def tokenize(self, text: str, *, special: bool = True, add_bos: bool = False) -> list[int]:
+        # Chat templates spell out <|begin_of_text|> themselves, hence no BOS by default.
+        lc, data = self._lc, text.encode("utf-8")
+        size = len(data) + 2
+        for _ in range(2):
+            buf = np.empty(size, dtype=np.int32)
+            n = lc.llama_tokenize(self._vocab, data, len(data), buf.ctypes.data_as(ctypes.POINTER(lc.llama_token)),
+                                  size, add_bos, special)
+            if n >= 0:
+                return buf[:n].tolist()
+            size = -n
+        raise EngineError("text", f"llama.cpp could not tokenize {len(data):,} bytes")
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def token_bytes(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            # llama-cpp-python's own token_to_piece/detokenize use a fixed 32-byte buffer; long pieces need more
+            lc, size = self._lc, 64
+            while True:
+                buf = ctypes.create_string_buffer(size)
+                n = lc.llama_token_to_piece(self._vocab, lc.llama_token(int(token)), buf, size, 0, False)
+                if n >= 0:
+                    piece = self._pieces[token] = buf.raw[:n]
+                    break
+                size = -n
+        return piece
+
+
+def _meta_string(fn: Any, model: Any, index: int, buf: list[Any]) -> str:
+    n = fn(model, index, buf[0], len(buf[0]))
+    if n >= len(buf[0]):  # the return is the full length, like snprintf
+        buf[0] = ctypes.create_string_buffer(n + 1)
+        n = fn(model, index, buf[0], len(buf[0]))
+    return buf[0].raw[: max(n, 0)].decode("utf-8", errors="replace")
+
+
+def model_metadata(lc: Any, model: Any) -> dict[str, str]:
+    """Every GGUF key/value llama.cpp read (arrays left out), as strings."""
+    buf = [ctypes.create_string_buffer(1024)]
+    return {
+        _meta_string(lc.llama_model_meta_key_by_index, model, i, buf):
+            _meta_string(lc.llama_model_meta_val_str_by_index, model, i, buf)
+        for i in range(lc.llama_model_meta_count(model))
+    }
