@@ -122,15 +122,18 @@ def child(code: str, *args: str, env: dict[str, str] | None = None, timeout: flo
 GREEDY_RUN = r"""
 import json, sys
 from pathlib import Path
-from lcrun.engine.runtime import Engine, Sampling
+from lcrun.engine.protocol import GREEDY
+from lcrun.engine.runtime import Engine
+from lcrun.generation.drive import generate
+from lcrun.generation.records import GenerationParams, Request
 from lcrun.launch import RunOverrides, plan_launch
 rpc = tuple(sys.argv[2].split(",")) if sys.argv[2] else ()
 launch = plan_launch(Path(sys.argv[1]), RunOverrides(ctx=512, flash_attn="off", threads=1, ram=16 << 30, rpc=rpc))
 engine = Engine(launch.config)
 prompt = engine.tokenize("The quick brown fox jumps over the lazy dog, again and again.", add_bos=True)
-list(engine.generate(prompt, Sampling(temperature=0.0, max_tokens=48), ignore_eog=True))
+finished = list(generate(engine, Request(prompt, GenerationParams(GREEDY, max_tokens=48, ignore_eos=True))))[-1]
 plan = launch.choice.plan
-print(json.dumps({"tokens": engine.cached_tokens[len(prompt):], "devices": [d.__dict__ for d in plan.devices],
+print(json.dumps({"tokens": list(finished.tokens), "devices": [d.__dict__ for d in plan.devices],
                   "offload": plan.offload, "tensor_split": plan.tensor_split, "n_gpu_layers": plan.n_gpu_layers,
                   "config_devices": launch.config.devices}))
 engine.close()
@@ -279,7 +282,10 @@ LOOP_RUN = r"""
 import sys
 from pathlib import Path
 from lcrun.engine import rpc
-from lcrun.engine.runtime import Engine, Sampling
+from lcrun.engine.protocol import GREEDY
+from lcrun.engine.runtime import Engine
+from lcrun.generation.drive import generate
+from lcrun.generation.records import GenerationParams, Request
 from lcrun.launch import RunOverrides, plan_launch
 if sys.argv[3] == "off":
     rpc.keep_alive = lambda endpoints: 0
@@ -289,7 +295,7 @@ engine = Engine(launch.config)
 prompt = engine.tokenize("The quick brown fox", add_bos=True)
 print("generating", flush=True)
 while True:
-    list(engine.generate(prompt, Sampling(temperature=0.0, max_tokens=400), ignore_eog=True))
+    list(generate(engine, Request(prompt, GenerationParams(GREEDY, max_tokens=400, ignore_eos=True))))
 """
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from lcrun.chat.documents import read_document
 from lcrun.chat.formats import FormatChoice, choose_format, header_vocabulary
-from lcrun.engine.protocol import CHAT_SAMPLING, Sampling
 from lcrun.errors import LcrunError
+from lcrun.generation.records import GenerationParams
 from lcrun.launch import RunOverrides, plan_launch
 
 from .chat_view import render_plan_panel
@@ -23,8 +23,7 @@ class ChatOptions:
     prompt: str | None = None
     system: str | None = None
     documents: list[Path] = field(default_factory=list)
-    sampling: Sampling = CHAT_SAMPLING   # max_tokens aside: that is `max_tokens` below
-    max_tokens: int | None = None
+    params: GenerationParams = GenerationParams()   # sampling, max_tokens, stop strings of every reply
     session_file: Path | None = None
     history_file: Path | None = None
     no_history: bool = False

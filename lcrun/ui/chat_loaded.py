@@ -10,8 +10,8 @@ from typing import Any
 from lcrun.chat.formats import FormatChoice
 from lcrun.chat.history import History, default_history_path
 from lcrun.chat.session import ChatSession, Notice, kv_state_path
-from lcrun.engine.protocol import Finished, PrefillProgress, TextChunk
 from lcrun.errors import EngineError
+from lcrun.generation.records import Finished, PrefillProgress, TextChunk
 from lcrun.launch import Launch
 
 from .chat_repl import ChatRepl, show_events, sigint_cancels
@@ -27,10 +27,8 @@ def chat_with_engine(launch: Launch, chat_format: FormatChoice | None, options: 
     try:
         history = None if options.no_history else History(options.history_file or default_history_path())
         session = ChatSession(
-            engine, chat_format=chat_format, system=options.system, max_tokens=options.max_tokens, history=history,
-            model_name=path.name,
-            sampling=options.sampling,
-            session_path=options.session_file,
+            engine, chat_format=chat_format, system=options.system, params=options.params, history=history,
+            model_name=path.name, session_path=options.session_file,
         )
         view = err if one_shot else out
         if options.session_file is not None and options.session_file.exists():
