@@ -77,6 +77,12 @@ class Engine:
                                kv_unified=config.kv_unified, where=str(config.model_path))
         self._samplers = SamplerChains(lc, self.n_vocab)
         self._steps = Steps(lc, self._ctx, config, batch, self._seqs, self._samplers, self.n_vocab)
+        # called once per generated token: the parts' methods themselves, without the delegating call (the class's
+        # methods below say what they are)
+        self.decode = self._steps.decode  # type: ignore[method-assign]
+        self.sample = self._steps.sample  # type: ignore[method-assign]
+        self.is_eog = self._vocab.is_eog  # type: ignore[method-assign]
+        self.token_bytes = self._vocab.token_bytes  # type: ignore[method-assign]
 
     # -- the model and its vocabulary -----------------------------------------------------------------------------
     @property

@@ -63,6 +63,10 @@ class Steps:
         if not feeds:
             return
         seqs, b = self._seqs, self._batch
+        if len(feeds) == 1 and len(feeds[0].tokens) == 1:
+            feed = feeds[0]
+            self._decode_one(feed.seq, feed.tokens[0], feed.logits)
+            return
         n_ctx_seq = seqs.n_ctx_seq
         total = sum(len(feed.tokens) for feed in feeds)
         if total > b.capacity:
@@ -93,7 +97,35 @@ class Steps:
                 b.logits[i + n - 1] = feed.logits
             parts.append((seq, i, n, feed.logits))
             i += n
-        b.struct.n_tokens = total
+        self._submit(total, parts)
+
+    def _decode_one(self, seq: int, token: int, logits: bool) -> None:
+        """`decode` of one sequence's next token — once per generated token while one reply streams, so written out
+        in full here (the general path costs a few microseconds more a token)."""
+        seqs, b = self._seqs, self._batch
+        s = seqs.get(seq)
+        n = s.n
+        if n >= seqs.n_ctx_seq:
+            raise EngineError(f"sequence {seq}", f"{n + 1:,} tokens do not fit its {seqs.n_ctx_seq:,}-token context")
+        b.token[0], b.pos[0], b.seq[0], b.logits[0] = token, n, seq, logits
+        b.struct.n_tokens = 1
+        outputs = seqs.outputs
+        outputs.clear()
+        rc = self._lc.llama_decode(self._ctx, b.struct)
+        if rc != 0:
+            raise seqs.decode_failed(rc, [(seq, 0, 1, logits)])
+        seqs.pending_copies.clear()
+        s.tokens[n] = token
+        if s.extendable and s.runs[-1][2] == n:
+            s.runs[-1][2] = s.n = n + 1
+        else:
+            s.appended(1, seqs.new_block)
+        if logits:
+            outputs[seq] = 0
+
+    def _submit(self, n_tokens: int, parts: list[Part]) -> None:
+        seqs, b = self._seqs, self._batch
+        b.struct.n_tokens = n_tokens
         seqs.outputs.clear()
         rc = self._lc.llama_decode(self._ctx, b.struct)
         if rc != 0:

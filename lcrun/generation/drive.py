@@ -3,9 +3,11 @@
 
 `generate` is a generator: each `next()` runs loop steps until the request has events to hand back, so the caller
 renders a token while nothing else happens, and a `cancel` event set meanwhile (Ctrl-C) ends the request at the
-next step — between two tokens, or two prefill chunks — leaving the cache consistent. Driving the loop from a thread
-instead, with the events crossing a queue, measured slower per token and gives nothing back for one request
-(docs/performance.md, issue 16)."""
+next step — between two tokens, or two prefill chunks — leaving the cache consistent. A thread of its own stepping the
+loop, the events crossing a queue, was measured too (benchmarks/bench_drive.py, docs/performance.md): on the loaded
+shared VM it was faster, but because a freshly started thread runs llama_decode faster there than a long-running one
+(llama-cpp-python's `Llama` alike), not because of the hand-over; and it would outlive a caller that stops reading and
+make Ctrl-C's timing depend on scheduling. So the calling thread, as `Llama` generates in its caller."""
 from __future__ import annotations
 
 import threading
@@ -22,9 +24,9 @@ def generate(engine: EngineProtocol, request: Request, *, seq: int = 0, cancel: 
              prefill_chunk: int = 512, pad_short_batches: bool = True) -> Iterator[GenerateEvent]:
     """Stream one request on sequence `seq`: `PrefillProgress` per chunk of the prompt not reused from the cache,
     `TextChunk`s, then `Finished`. A decode llama.cpp refuses raises its EngineError."""
-    loop = DecodeLoop(engine, prefill_chunk=prefill_chunk, pad_short_batches=pad_short_batches)
+    loop = DecodeLoop(engine, prefill_chunk=prefill_chunk, pad_short_batches=pad_short_batches, seqs=(seq,))
     events: deque[GenerateEvent] = deque()
-    loop.submit(loop.slots[seq], request, events.append, cancel=cancel)
+    loop.submit(loop.slots[0], request, events.append, cancel=cancel)
     while True:
         while events:
             event = events.popleft()

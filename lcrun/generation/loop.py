@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from lcrun.engine.protocol import EngineProtocol, Feed, PromptPlan
 from lcrun.errors import LcrunError
@@ -32,16 +32,19 @@ from lcrun.errors import LcrunError
 from .records import Failed, PrefillProgress, Request
 from .slots import Phase, Sink, Slot
 
+IDLE, PREFILL, GENERATE = Phase.IDLE, Phase.PREFILL, Phase.GENERATE  # looked up once per token below
+
 
 class DecodeLoop:
     def __init__(self, engine: EngineProtocol, *, prefill_chunk: int = 512, prefill_budget: int | None = None,
                  busy_prefill_tokens: int | None = None, pad_short_batches: bool = True,
-                 on_prefilled: Callable[[Slot], None] | None = None) -> None:
+                 on_prefilled: Callable[[Slot], None] | None = None, seqs: Sequence[int] | None = None) -> None:
         """`prefill_chunk`: a prompt is planned in chunks of this many tokens (whole chunks are fed); at most
         `prefill_budget` prompt tokens per step while no slot generates, `busy_prefill_tokens` while some do (both
         default to one chunk: one chunk a decode). `pad_short_batches=False` evaluates exactly the new tokens even
         where llama.cpp is slow for short batches (bench measures llama.cpp as it is). `on_prefilled(slot)` runs when a
-        slot's prompt is all evaluated (serve saves its state to the disk cache then)."""
+        slot's prompt is all evaluated (serve saves its state to the disk cache then). `seqs`: the engine's sequences
+        this loop drives, a slot each (default: all)."""
         self.engine = engine
         config = engine.config
         self.n_batch = max(1, min(config.n_batch, config.n_ctx))
@@ -50,7 +53,7 @@ class DecodeLoop:
         self.busy_prefill_tokens = min(busy_prefill_tokens or self.prefill_chunk, self.n_batch)
         self.pad_short_batches = pad_short_batches
         self.on_prefilled = on_prefilled
-        self.slots = [Slot(seq) for seq in range(engine.n_seq)]
+        self.slots = [Slot(seq) for seq in (range(engine.n_seq) if seqs is None else seqs)]
         self._active: list[Slot] = []      # prefilling or generating, in start order
         self._starts = 0
 
@@ -111,6 +114,19 @@ class DecodeLoop:
 
     # -- one step -------------------------------------------------------------------------------------------------
     def step(self) -> None:
+        if len(self.slots) == 1 and self._active:  # one slot generating: the common case, kept short
+            slot = self._active[0]
+            cancel = slot.cancel
+            if slot.phase is GENERATE and (cancel is None or not cancel.is_set()):
+                engine = self.engine
+                try:
+                    engine.decode((Feed(slot.seq, (slot.next_token,)),))
+                except LcrunError as exc:
+                    self.fail([slot], exc)
+                    return
+                if not slot.on_token(engine.sample(slot.seq), engine):
+                    self._active.clear()
+                return
         self._end_cancelled()
         feeds, owners = self._batch()
         if not feeds:
@@ -122,26 +138,23 @@ class DecodeLoop:
             self.fail(owners, exc)
             return
         for slot, feed in zip(owners, feeds):
-            if slot.phase is Phase.PREFILL:
+            if slot.phase is PREFILL:
                 slot.prefill_done += len(feed.tokens)
                 slot.sink(PrefillProgress(slot.prefill_done, slot.prefill_total))
                 if not slot.chunks:
                     self._prompt_done(slot)
-            if slot.phase is Phase.GENERATE and not slot.on_token(engine.sample(slot.seq), engine):
+            if slot.phase is GENERATE and not slot.on_token(engine.sample(slot.seq), engine):
                 self._active.remove(slot)
 
     def _end_cancelled(self) -> None:
         for slot in self.slots:
-            if slot.phase is not Phase.IDLE and slot.cancel is not None and slot.cancel.is_set():
+            if slot.cancel is not None and slot.phase is not IDLE and slot.cancel.is_set():
                 if slot in self._active:
                     self._active.remove(slot)
                 slot.finish("cancelled")
 
     def _batch(self) -> tuple[list[Feed], list[Slot]]:
         active = self._active
-        if len(active) == 1 and active[0].phase is Phase.GENERATE:  # one reply streaming: the common case
-            slot = active[0]
-            return [Feed(slot.seq, (slot.next_token,))], [slot]
         generating = [s for s in active if s.phase is Phase.GENERATE]
         owners = list(generating)
         feeds = [Feed(s.seq, (s.next_token,)) for s in generating]

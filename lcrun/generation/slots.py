@@ -54,6 +54,7 @@ class Slot:
         self.last_used = 0.0
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.stops: StopMatcher | None = None
+        self.ignore_eos = False
 
     def assign(self, request: Request, sink: Sink, cancel: threading.Event | None) -> None:
         self.request, self.sink, self.cancel = request, sink, cancel
@@ -71,6 +72,7 @@ class Slot:
         self.first_token_at = None
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.stops = StopMatcher(stop) if stop else None
+        self.ignore_eos = self.request.params.ignore_eos
         self.phase = Phase.PREFILL
 
     # -- tokens out: the one place --------------------------------------------------------------------------------
@@ -80,8 +82,7 @@ class Slot:
         self.sampled.append(token)
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-        assert self.request is not None
-        if not self.request.params.ignore_eos and engine.is_eog(token):
+        if not self.ignore_eos and engine.is_eog(token):
             self._flush()
             self.finish("stop")
             return False
