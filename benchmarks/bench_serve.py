@@ -12,7 +12,8 @@ Figures (medians over the rounds; each round runs lcrun and the peer one after t
    starts by default (one slot, the same context as the peer); the same request to the 4-slot server is reported
    beside it.
 2. Aggregate generation tok/s with 4 concurrent clients, each sending `--requests` completions of N tokens: all
-   completion tokens over the wall time. lcrun runs 4 slots (-np 4); the peer serves one request at a time behind
+   completion tokens over the wall time; with both, the server process's CPU time per token (all its threads), which
+   a busy shared machine skews far less than wall time. lcrun runs 4 slots (-np 4); the peer serves one request at a time behind
    its lock (interrupt_requests off, so streams are not cut). The ceiling is llama.cpp's own: the same context
    (4 sequences, the engine's parameters) driven through llama_cpp's low-level API — llama_decode of one token of each
    of 4 sequences per batch, against 1 — greedy sampling included, no HTTP. Targets: lcrun's aggregate >= 85 % of the
@@ -98,6 +99,14 @@ class Server:
                     raise
                 time.sleep(0.1)
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=600)
+
+    def cpu_s(self) -> float:
+        """CPU seconds the server process has used (all its threads, llama.cpp's included): what a busy shared
+        machine does not skew the way it skews wall time."""
+        import psutil
+
+        times = psutil.Process(self.proc.pid).cpu_times()
+        return times.user + times.system
 
     def stop(self) -> int:
         if self.proc.poll() is None:
@@ -304,6 +313,14 @@ def table(samples: dict[str, list[Any]], model: str, threads: int, ctx_per_reque
          f"({g('restart_ttft_first'):.2f} s; target <= 10 %)"),
     ]
     if samples.get("base_single"):
+        if samples.get("base_4_cpu_ms"):
+            rows[3:3] = [
+                ("CPU ms per token, single client / 4 clients (server process)",
+                 f"{g('lcrun_single_cpu_ms'):.2f} / {g('lcrun_4_cpu_ms'):.2f}", "",
+                 f"previous main {g('base_single_cpu_ms'):.2f} / {g('base_4_cpu_ms'):.2f}; lcrun / previous main "
+                 f"{per_round(samples, 'lcrun_single_cpu_ms', 'base_single_cpu_ms'):.3f} / "
+                 f"{per_round(samples, 'lcrun_4_cpu_ms', 'base_4_cpu_ms'):.3f} (lower is better)"),
+            ]
         rows[3:3] = [
             ("previous main (--base): single-client tok/s", f"{g('base_single'):.1f}", "",
              f"lcrun / previous main {per_round(samples, 'lcrun_single', 'base_single'):.3f} (target >= 1.00)"),
@@ -343,6 +360,7 @@ def main() -> None:
         return
     if not args.model.is_file():
         sys.exit(f"error: {args.model}: no such GGUF (see the docstring to make bench-work/mid-q8_0.gguf)")
+    args.model = args.model.resolve()  # a --base checkout's server runs in that checkout
 
     from lcrun.launch import RunOverrides, plan_launch
 
@@ -389,13 +407,19 @@ def main() -> None:
         for r in range(args.rounds):
             shift = r % len(singles)  # each round starts with the next server: drift falls on all alike
             for server in singles[shift:] + singles[:shift]:
+                cpu = server.cpu_s()
                 out = stream(server, prompt=GEN_PROMPT, max_tokens=args.gen_tokens)
                 samples[f"{server.name}_single"].append(out["gen_tps"])
+                samples.setdefault(f"{server.name}_single_cpu_ms", []).append(
+                    1000 * (server.cpu_s() - cpu) / max(out["tokens"], 1))
                 log(f"round {r + 1}: {server.name} single {out['gen_tps']:.1f} tok/s ({out['tokens']} tokens)")
             shift = r % len(fours)
             for server in fours[shift:] + fours[:shift]:
+                cpu = server.cpu_s()
                 out = concurrent(server, 4, args.requests, args.gen_tokens)
                 samples[f"{server.name.rstrip('4')}_4"].append(out["aggregate_tps"])
+                samples.setdefault(f"{server.name.rstrip('4')}_4_cpu_ms", []).append(
+                    1000 * (server.cpu_s() - cpu) / max(out["tokens"], 1))
                 log(f"round {r + 1}: {server.name} 4 clients {out['aggregate_tps']:.1f} tok/s aggregate")
             if args.generation_only:
                 continue
