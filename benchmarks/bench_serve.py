@@ -387,21 +387,28 @@ def main() -> None:
         "lcrun_ttft_first", "lcrun_ttft_follow", "peer_ttft_first", "peer_ttft_follow",
         "restart_ttft_first", "restart_ttft_follow", "lcrun_follow_cached", "restart_follow_cached")}
     loads = [os.getloadavg()]
-    lcrun, lcrun1 = start_lcrun(args, settings, 4), start_lcrun(args, settings, 1)
-    lcrun1.name, lcrun.name = "lcrun", "lcrun4"
-    singles, fours = [lcrun1, lcrun], [lcrun]
-    peer = base = base1 = None
-    if not args.no_peer:
-        peer = start_peer(args, settings)
-        singles.append(peer)
-        fours.append(peer)
-    if args.base is not None:
-        base, base1 = start_lcrun(args, settings, 4, checkout=args.base), start_lcrun(args, settings, 1,
-                                                                                      checkout=args.base)
-        base1.name, base.name = "base", "base4"
-        singles += [base1, base]
-        fours.append(base)
+    singles: list[Server] = []   # every server started, stopped at the end whatever happens
+    fours: list[Server] = []
+    peer = None
     try:
+        lcrun1 = start_lcrun(args, settings, 1)
+        singles.append(lcrun1)
+        lcrun = start_lcrun(args, settings, 4)
+        lcrun1.name, lcrun.name = "lcrun", "lcrun4"
+        singles.append(lcrun)
+        fours.append(lcrun)
+        if not args.no_peer:
+            peer = start_peer(args, settings)
+            singles.append(peer)
+            fours.append(peer)
+        if args.base is not None:
+            base1 = start_lcrun(args, settings, 1, checkout=args.base)
+            base1.name = "base"
+            singles.append(base1)
+            base = start_lcrun(args, settings, 4, checkout=args.base)
+            base.name = "base4"
+            singles.append(base)
+            fours.append(base)
         for server in singles:  # warm-up: page the weights in, first-request costs out of the way
             stream(server, prompt=GEN_PROMPT, max_tokens=4)
         for r in range(args.rounds):
