@@ -1,16 +1,17 @@
-"""The chat's quality bars, measured through the path `lcrun chat` takes (launch plan → Engine → ChatSession) against
-llama-cpp-python called directly with the same settings, interleaved.
+"""The chat's quality bars, measured through the path `lcrun chat` takes (launch plan → Engine → ChatSession → the
+decode loop) against llama-cpp-python called directly with the same settings — and, with --base, against another
+lcrun checkout (the previous main) — interleaved.
 
     .venv/bin/python benchmarks/bench_chat.py [--models demo,mid] [--mid GGUF] [--rounds N] [--gen-tokens N]
-        [--doc-tokens N] [--threads N] [--json OUT]
+        [--doc-tokens N] [--threads N] [--base CHECKOUT] [--skip-document] [--json OUT]
 
 Three figures per model:
 
-1. Generation speed (target: lcrun / direct >= 0.97). lcrun: `Engine.generate(prompt, greedy, ignore_eog=True)` for
-   exactly N tokens, the speed its `Finished` record reports ((N-1) tokens over the time from the first sampled token
-   to the last decode: N-1 samples, N decodes). direct: `Llama.generate(prompt, temp=0)` drawn N+1 times, (N-1) tokens
-   over the time from the first token to the (N+1)-th (N-1 samples and N decodes, plus one greedy sample). Same prompt
-   tokens, same cache state (emptied before each run); the first N tokens of both must be equal (same settings).
+1. Generation speed (target: lcrun / direct >= 0.98). Each side in a process of its own (benchmarks/gen_side.py:
+   two lcrun versions cannot share one): lcrun generating through lcrun.generation's decode loop, the --base checkout
+   through its own engine, `Llama.generate(prompt, temp=0)` for direct; N greedy tokens, timed as a front end sees
+   them, from the first token's text to the N-th's (N-1 decodes and N-1 samples on every side). Same prompt tokens,
+   same cache state (emptied before each run); the N tokens of every side must be equal (same settings).
 2. Follow-up time to first token (target: <= 5 % of the first turn). A fresh ChatSession on the real Engine: add a
    long document (`ChatSession.check_document` + `add_document`, as `--file` and `/file` do: render, tokenize,
    prefill), ask a question (first turn = document add + its TTFT), ask a follow-up (its TTFT, from the Finished
@@ -32,6 +33,7 @@ import os
 import platform
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,14 +43,16 @@ from pathlib import Path
 from typing import Any
 
 from lcrun.chat.session import ChatSession
-from lcrun.engine.runtime import Engine, EngineConfig, Finished, Sampling
+from lcrun.engine.protocol import GREEDY
+from lcrun.engine.runtime import Engine, EngineConfig
+from lcrun.generation.drive import prefill
+from lcrun.generation.records import Finished, GenerationParams
 from lcrun.launch.decide import Launch, decide_launch
 from lcrun.launch.model_file import demo_gguf
 from lcrun.launch.options import LaunchOptions
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH_WORK = REPO / "bench-work"
-GREEDY = Sampling(temperature=0.0, top_p=1.0, top_k=40, min_p=0.05, repeat_penalty=1.0)
 GEN_PROMPT = ("You are a careful assistant. Explain, step by step and with examples, how a lighthouse keeper in the "
               "nineteenth century kept the lamp burning through a winter storm, what could go wrong, and why it "
               "mattered to the ships that passed.")
@@ -94,7 +98,7 @@ def direct_llama(config: EngineConfig) -> Any:
 
     return llama_cpp.Llama(
         model_path=str(config.model_path), n_ctx=config.n_ctx, n_gpu_layers=config.n_gpu_layers,
-        n_batch=config.n_batch, n_ubatch=config.n_ubatch, n_threads=config.n_threads, seed=config.seed,
+        n_batch=config.n_batch, n_ubatch=config.n_ubatch, n_threads=config.n_threads, seed=0,
         flash_attn=config.flash_attn, type_k=int(GGMLQuantizationType[config.type_k.upper()]),
         type_v=int(GGMLQuantizationType[config.type_v.upper()]),
         rope_freq_base=config.rope_freq_base or 0.0, rope_freq_scale=config.rope_freq_scale or 0.0,
@@ -131,45 +135,53 @@ def make_document(rng: random.Random, count: Callable[[str], int], target_tokens
             return "\n\n".join(paragraphs)
 
 
-# -- 1. generation ----------------------------------------------------------------------------------------------
-def empty_cache(engine: Engine, token: int) -> None:
-    """Engine.prefill of a one-token prompt that shares no prefix with the cache drops the whole cache."""
-    for _ in engine.prefill([token]):
-        pass
+# -- 1. generation, each side in its own process ---------------------------------------------------------------
+class Side:
+    """benchmarks/gen_side.py for one side, loaded and waiting for commands."""
+
+    def __init__(self, name: str, python: str, cwd: Path, kind: str, config: EngineConfig) -> None:
+        self.name = name
+        cmd = [python, str(Path(__file__).resolve().parent / "gen_side.py"), kind, str(Path(config.model_path).resolve()),
+               "--ctx", str(config.n_ctx), "--threads", str(config.n_threads), "--n-batch", str(config.n_batch),
+               "--n-ubatch", str(config.n_ubatch)] + (["--flash-attn"] if config.flash_attn else [])
+        self.proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        ready = self.proc.stdout.readline()
+        if not ready:
+            raise RuntimeError(f"{name}: the side process did not start")
+
+    def gen(self, prompt: list[int], n: int) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps({"op": "gen", "prompt": prompt, "n": n}) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+            self.proc.stdin.close()
+            self.proc.wait(60)
 
 
-def gen_lcrun(engine: Engine, prompt: list[int], n: int, other: int) -> tuple[dict[str, float], list[int]]:
-    empty_cache(engine, other)
-    started = time.perf_counter()
-    finished = None
-    for event in engine.generate(prompt, replace(GREEDY, max_tokens=n), ignore_eog=True):
-        if isinstance(event, Finished):
-            finished = event
-    wall = time.perf_counter() - started
-    assert finished is not None and finished.completion_tokens == n, finished
-    tokens = engine.cached_tokens[len(prompt):]
-    return {"tok_s": finished.gen_tokens_per_s, "ttft_s": finished.time_to_first_token_s, "wall_s": wall}, tokens
-
-
-def gen_direct(llm: Any, prompt: list[int], n: int) -> tuple[dict[str, float], list[int]]:
-    llm.reset()
-    started = time.perf_counter()
-    tokens: list[int] = []
-    at: list[float] = []
-    for token in llm.generate(prompt, temp=GREEDY.temperature, top_k=GREEDY.top_k, top_p=GREEDY.top_p,
-                              min_p=GREEDY.min_p, repeat_penalty=GREEDY.repeat_penalty, reset=True):
-        at.append(time.perf_counter())
-        tokens.append(int(token))
-        if len(tokens) == n + 1:
-            break
-    wall = at[-1] - started
-    return {"tok_s": (n - 1) / (at[-1] - at[0]), "ttft_s": at[0] - started, "wall_s": wall}, tokens[:n]
+def gen_sides(config: EngineConfig, base: Path | None) -> list[Side]:
+    sides = [Side("lcrun", sys.executable, REPO, "lcrun", config)]
+    if base is not None:
+        sides.append(Side("base", str(base / ".venv" / "bin" / "python"), base, "lcrun", config))
+    sides.append(Side("direct", sys.executable, REPO, "direct", config))
+    return sides
 
 
 # -- 2 and 3. a long document, two turns ------------------------------------------------------------------------
+def empty_cache(engine: Engine, token: int) -> None:
+    """A one-token prompt that shares no prefix with the cache drops the whole cache."""
+    list(prefill(engine, [token]))
+
+
 def doc_lcrun(engine: Engine, document: Path, reply_tokens: int, other: int) -> tuple[dict[str, Any], list[int]]:
     empty_cache(engine, other)
-    session = ChatSession(engine, sampling=GREEDY, max_tokens=reply_tokens, history=None, model_name="bench")
+    session = ChatSession(engine, params=GenerationParams(GREEDY, max_tokens=reply_tokens), history=None,
+                          model_name="bench")
     started = time.perf_counter()
     check = session.check_document(document)
     checked = time.perf_counter()
@@ -213,41 +225,64 @@ def summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def bench_model(setup: ModelSetup, rounds: int, threads: int | None, workdir: Path) -> dict[str, Any]:
+def bench_model(setup: ModelSetup, rounds: int, threads: int | None, workdir: Path, base: Path | None,
+                document_too: bool) -> dict[str, Any]:
     launch: Launch = decide_launch(LaunchOptions(str(setup.path), ctx=setup.ctx, threads=threads))
     config = launch.config
     print(f"[{setup.name}] {setup.path.name}: ctx {config.n_ctx}, KV {config.type_k}/{config.type_v}, flash "
           f"{config.flash_attn}, n_batch {config.n_batch}, n_ubatch {config.n_ubatch}, threads "
           f"{config.n_threads or 'default'}", file=sys.stderr)
+    with Engine(replace(config, n_ctx=256)) as vocab_only:
+        prompt = vocab_only.tokenize(GEN_PROMPT, add_bos=True)
+
+    sides = gen_sides(config, base)
+    gen: dict[str, list[dict[str, float]]] = {side.name: [] for side in sides}
+    same_tokens = True
+    try:
+        for side in sides:  # untimed warm-up of every side (first-touch of the weights, thread pools)
+            side.gen(prompt, 8)
+        for r in range(rounds):
+            order = sides[r % len(sides):] + sides[: r % len(sides)]
+            got = {}
+            for side in order:
+                figures = side.gen(prompt, setup.gen_tokens)
+                got[side.name] = figures.pop("tokens")
+                gen[side.name].append(figures)
+            same_tokens &= len({tuple(t) for t in got.values()}) == 1
+            print(f"[{setup.name}] gen round {r + 1}: " + ", ".join(
+                f"{name} {runs[-1]['tok_s']:.1f} tok/s" for name, runs in gen.items()), file=sys.stderr)
+    finally:
+        for side in sides:
+            side.close()
+
+    def ratio(a: str, b: str) -> list[float]:
+        return [x["tok_s"] / y["tok_s"] for x, y in zip(gen[a], gen[b])]
+
+    result: dict[str, Any] = {
+        "model": setup.name, "file": str(setup.path), "file_bytes": setup.path.stat().st_size,
+        "config": {k: str(v) for k, v in config.__dict__.items()},
+        "gen_tokens": setup.gen_tokens, "prompt_tokens": len(prompt), "same_tokens": same_tokens,
+        "gen_tok_s": {name: summary([g["tok_s"] for g in runs]) for name, runs in gen.items()},
+        "gen_ratio": summary(ratio("lcrun", "direct")),
+        "runs": {"gen": gen},
+    }
+    if base is not None:
+        result["base_gen_ratio"] = summary(ratio("base", "direct"))
+        result["lcrun_vs_base"] = summary(ratio("lcrun", "base"))
+    if document_too:
+        result.update(bench_document(setup, config, rounds, workdir))
+    return result
+
+
+def bench_document(setup: ModelSetup, config: EngineConfig, rounds: int, workdir: Path) -> dict[str, Any]:
     engine = Engine(config)
     llm = direct_llama(config)
     try:
         other = engine.tokenize("Zebra")[0]
-        prompt = engine.tokenize(GEN_PROMPT, add_bos=True)
         rng = random.Random(f"bench-chat-{setup.name}")
         document = workdir / f"{setup.name}-document.txt"
         document.write_text(make_document(rng, lambda text: len(engine.tokenize(text)), setup.doc_tokens),
                             encoding="utf-8")
-
-        # untimed warm-up of both sides (first-touch of the weights, thread pools)
-        gen_lcrun(engine, prompt, 8, other)
-        gen_direct(llm, prompt, 8)
-
-        gen: dict[str, list[dict[str, float]]] = {"lcrun": [], "direct": []}
-        same_tokens = True
-        for r in range(rounds):
-            order = ("lcrun", "direct") if r % 2 == 0 else ("direct", "lcrun")
-            got: dict[str, list[int]] = {}
-            for side in order:
-                if side == "lcrun":
-                    figures, got[side] = gen_lcrun(engine, prompt, setup.gen_tokens, other)
-                else:
-                    figures, got[side] = gen_direct(llm, prompt, setup.gen_tokens)
-                gen[side].append(figures)
-            same_tokens &= got["lcrun"] == got["direct"]
-            print(f"[{setup.name}] gen round {r + 1}: lcrun {gen['lcrun'][-1]['tok_s']:.1f} tok/s, direct "
-                  f"{gen['direct'][-1]['tok_s']:.1f} tok/s", file=sys.stderr)
-
         doc: dict[str, list[dict[str, Any]]] = {"lcrun": [], "direct": []}
         prefilled: list[int] = []  # what the session prefills: the same every round (round 1 runs lcrun first)
         for r in range(rounds):
@@ -267,15 +302,8 @@ def bench_model(setup: ModelSetup, rounds: int, threads: int | None, workdir: Pa
     finally:
         engine.close()
         llm.close()
-
-    gen_ratio = [a["tok_s"] / b["tok_s"] for a, b in zip(gen["lcrun"], gen["direct"])]
     prefill_ratio = [a["prefill_tok_s"] / b["prefill_tok_s"] for a, b in zip(doc["lcrun"], doc["direct"])]
     return {
-        "model": setup.name, "file": str(setup.path), "file_bytes": setup.path.stat().st_size,
-        "config": {k: str(v) for k, v in config.__dict__.items()},
-        "gen_tokens": setup.gen_tokens, "prompt_tokens": len(prompt), "same_tokens": same_tokens,
-        "gen_tok_s": {side: summary([g["tok_s"] for g in runs]) for side, runs in gen.items()},
-        "gen_ratio": summary(gen_ratio),
         "document_tokens": doc["lcrun"][0]["document_tokens"],
         "prefill_tok_s": {"lcrun": summary([d["prefill_tok_s"] for d in doc["lcrun"]]),
                           "direct": summary([d["prefill_tok_s"] for d in doc["direct"]])},
@@ -284,7 +312,7 @@ def bench_model(setup: ModelSetup, rounds: int, threads: int | None, workdir: Pa
         "ttft1_s": summary([d["ttft1_s"] for d in doc["lcrun"]]),
         "ttft2_s": summary([d["ttft2_s"] for d in doc["lcrun"]]),
         "follow_up_ratio": summary([d["follow_up_ratio"] for d in doc["lcrun"]]),
-        "runs": {"gen": gen, "document": doc},
+        "document_runs": doc,
     }
 
 
@@ -299,10 +327,18 @@ def markdown(results: list[dict[str, Any]], rounds: int) -> str:
     ]
     for r in results:
         name = r["model"]
-        ok = "✅" if r["gen_ratio"]["median"] >= 0.97 else "❌"
+        ok = "✅" if r["gen_ratio"]["median"] >= 0.98 else "❌"
         lines.append(f"| {name} | generation, {r['gen_tokens']} tokens greedy (tok/s) | "
                      f"{_range(r['gen_tok_s']['lcrun'], '.1f')} | {_range(r['gen_tok_s']['direct'], '.1f')} | "
-                     f"{_range(r['gen_ratio'], '.3f')} | ≥ 0.97 {ok} |")
+                     f"{_range(r['gen_ratio'], '.3f')} | ≥ 0.98 {ok} |")
+        if "base" in r["gen_tok_s"]:
+            ok = "✅" if r["lcrun_vs_base"]["median"] >= 0.98 else "❌"
+            lines.append(f"| {name} | generation, the previous main (--base) | "
+                         f"{_range(r['gen_tok_s']['base'], '.1f')} | {_range(r['gen_tok_s']['direct'], '.1f')} | "
+                         f"{_range(r['base_gen_ratio'], '.3f')}; lcrun / previous main "
+                         f"{_range(r['lcrun_vs_base'], '.3f')} | not below {ok} |")
+        if "prefill_ratio" not in r:
+            continue
         ok = "✅" if r["prefill_ratio"]["median"] >= 0.97 else "❌"
         lines.append(f"| {name} | document prefill, {r['document_tokens']:,} tokens (tok/s) | "
                      f"{_range(r['prefill_tok_s']['lcrun'], ',.0f')} | {_range(r['prefill_tok_s']['direct'], ',.0f')} "
@@ -311,7 +347,7 @@ def markdown(results: list[dict[str, Any]], rounds: int) -> str:
         lines.append(f"| {name} | follow-up TTFT / first turn (document add + TTFT) | "
                      f"{_range(r['ttft2_s'], '.3f')} s / {_range(r['first_turn_s'], '.2f')} s | — | "
                      f"{_range(r['follow_up_ratio'], '.4f')} | ≤ 0.05 {ok} |")
-        turn1, turn2 = r["runs"]["document"]["lcrun"][0]["turn1"], r["runs"]["document"]["lcrun"][0]["turn2"]
+        turn1, turn2 = r["document_runs"]["lcrun"][0]["turn1"], r["document_runs"]["lcrun"][0]["turn2"]
         lines.append(f"| {name} | TTFT of the first question / of the follow-up (new tokens evaluated) | "
                      f"{_range(r['ttft1_s'], '.3f')} s ({turn1['prompt'] - turn1['reused']}) / "
                      f"{_range(r['ttft2_s'], '.3f')} s ({turn2['prompt'] - turn2['reused']}) | — | — | — |")
@@ -335,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="CPU threads for both sides (default: the plan's)")
     parser.add_argument("--gen-tokens", type=int, help="tokens generated per run (default: demo 1024, mid 96)")
     parser.add_argument("--doc-tokens", type=int, help="document size (default: demo 12000, mid 6000)")
+    parser.add_argument("--base", type=Path, metavar="CHECKOUT",
+                        help="another lcrun checkout (with its .venv) to measure beside this one: the previous main")
+    parser.add_argument("--skip-document", action="store_true", help="generation only")
     parser.add_argument("--json", type=Path, help="write every run and the summary here")
     args = parser.parse_args(argv)
 
@@ -359,15 +398,16 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-chat-") as tmp:
-        results = [bench_model(s, args.rounds, args.threads, Path(tmp)) for s in setups]
+        results = [bench_model(s, args.rounds, args.threads, Path(tmp), args.base, not args.skip_document)
+                   for s in setups]
     table = markdown(results, args.rounds)
     print(table)
     for r in results:
         if not r["same_tokens"]:
-            print(f"note: {r['model']}: lcrun and llama-cpp-python generated different tokens (settings differ?)")
+            print(f"note: {r['model']}: the sides generated different tokens (settings differ?)")
     print(f"\n{info['cpus']} CPUs, {info['memory_gib']} GiB, Python {info['python']}, llama-cpp-python "
-          f"{info['llama_cpp_python']}, load average at start {info['load_avg_at_start'][0]:.2f}; "
-          f"{time.perf_counter() - started:.0f} s")
+          f"{info['llama_cpp_python']}, load average at start {info['load_avg_at_start'][0]:.2f}, at the end "
+          f"{os.getloadavg()[0]:.2f}; {time.perf_counter() - started:.0f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"machine": info, "argv": sys.argv[1:], "results": results,

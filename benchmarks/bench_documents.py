@@ -158,7 +158,7 @@ def bench_tree(root: Path, rounds: int) -> dict:
 
 
 def bench_tokens(text: str, rounds: int) -> dict:
-    from lcrun.engine.vocab import Vocabulary
+    from lcrun.engine.vocab import VocabularyFile
 
     path = WORK / "llama3-vocab.gguf"
     if not path.exists():
@@ -167,7 +167,7 @@ def bench_tokens(text: str, rounds: int) -> dict:
     n = 0
     for _ in range(rounds):
         start = time.perf_counter()
-        vocabulary = Vocabulary(path)
+        vocabulary = VocabularyFile(path)
         loads.append(time.perf_counter() - start)
         start = time.perf_counter()
         n = vocabulary.count(text)

@@ -8,9 +8,10 @@ MODEL is a GGUF path or `demo`. The plan is `lcrun bench`'s (lcrun.bench.set_up_
 deepest measurement, KV type and flash attention from the planner unless forced); both sides get its settings:
 n_ctx, n_batch, n_ubatch, threads, flash_attn, type_k/type_v, YaRN -1 (the GGUF's values), no logits_all.
 
-- lcrun: lcrun.bench.measure, i.e. what `lcrun bench` times: Engine.generate of the cached depth plus `pp` new
-  tokens (prefill in n_batch chunks) and `tg` greedy tokens with ignore_eog; pp = start to the last prefill step,
-  tg = from there to the end (sampler set-up, tg samples, tg decodes, detokenization).
+- lcrun: lcrun.bench.measure, i.e. what `lcrun bench` times: a request through lcrun.generation's decode loop of the
+  cached depth plus `pp` new tokens (prefill in n_batch chunks) and `tg` greedy tokens decoded with ignore_eos;
+  pp = start to the last prefill step, tg = from there to the end (sampler set-up, tg + 1 samples, tg decodes,
+  detokenization).
 - direct: `Llama.n_tokens = depth` (Llama.eval drops the cache from there on), pp = `Llama.eval(prompt)`; tg =
   `Llama.generate([], temp=0.0, reset=False)` for `tg` tokens plus the eval of the last one, so both sides do tg
   samples and tg decodes.
@@ -54,7 +55,7 @@ def direct_llama(config: EngineConfig) -> Any:
 
     return llama_cpp.Llama(
         model_path=str(config.model_path), n_ctx=config.n_ctx, n_gpu_layers=config.n_gpu_layers,
-        n_batch=config.n_batch, n_ubatch=config.n_ubatch, n_threads=config.n_threads, seed=config.seed,
+        n_batch=config.n_batch, n_ubatch=config.n_ubatch, n_threads=config.n_threads, seed=0,
         flash_attn=config.flash_attn, type_k=ggml_type(config.type_k), type_v=ggml_type(config.type_v),
         rope_freq_base=config.rope_freq_base or 0.0, rope_freq_scale=config.rope_freq_scale or 0.0,
         yarn_attn_factor=-1.0, yarn_beta_fast=-1.0, yarn_beta_slow=-1.0, logits_all=False, verbose=False,

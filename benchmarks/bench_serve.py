@@ -12,7 +12,8 @@ Figures (medians over the rounds; each round runs lcrun and the peer one after t
    starts by default (one slot, the same context as the peer); the same request to the 4-slot server is reported
    beside it.
 2. Aggregate generation tok/s with 4 concurrent clients, each sending `--requests` completions of N tokens: all
-   completion tokens over the wall time. lcrun runs 4 slots (-np 4); the peer serves one request at a time behind
+   completion tokens over the wall time; with both, the server process's CPU time per token (all its threads), which
+   a busy shared machine skews far less than wall time. lcrun runs 4 slots (-np 4); the peer serves one request at a time behind
    its lock (interrupt_requests off, so streams are not cut). The ceiling is llama.cpp's own: the same context
    (4 sequences, the engine's parameters) driven through llama_cpp's low-level API — llama_decode of one token of each
    of 4 sequences per batch, against 1 — greedy sampling included, no HTTP. Targets: lcrun's aggregate >= 85 % of the
@@ -81,11 +82,11 @@ def get_json(url: str, timeout: float = 2) -> Any:
 
 
 class Server:
-    def __init__(self, name: str, cmd: list[str], port: int) -> None:
+    def __init__(self, name: str, cmd: list[str], port: int, cwd: Path = REPO) -> None:
         self.name, self.port = name, port
         self.url = f"http://127.0.0.1:{port}"
         self.log = tempfile.NamedTemporaryFile(prefix=f"bench-serve-{name}-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=cwd)
         deadline = time.monotonic() + 300
         while True:
             if self.proc.poll() is not None:
@@ -99,6 +100,14 @@ class Server:
                 time.sleep(0.1)
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=600)
 
+    def cpu_s(self) -> float:
+        """CPU seconds the server process has used (all its threads, llama.cpp's included): what a busy shared
+        machine does not skew the way it skews wall time."""
+        import psutil
+
+        times = psutil.Process(self.proc.pid).cpu_times()
+        return times.user + times.system
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -110,15 +119,18 @@ class Server:
         return self.proc.returncode
 
 
-def start_lcrun(args: argparse.Namespace, settings: dict[str, Any], slots: int, cache_dir: Path | None = None) -> Server:
+def start_lcrun(args: argparse.Namespace, settings: dict[str, Any], slots: int, cache_dir: Path | None = None,
+                checkout: Path | None = None) -> Server:
+    """`lcrun serve` of this checkout, or of `checkout` (another one, with its own .venv: the previous main)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "lcrun.cli", "serve", str(args.model), "--host", "127.0.0.1", "--port", str(port),
+    python = str(checkout / ".venv" / "bin" / "python") if checkout is not None else sys.executable
+    cmd = [python, "-m", "lcrun.cli", "serve", str(args.model), "--host", "127.0.0.1", "--port", str(port),
            "-np", str(slots), "--ctx", str(settings["ctx_per_request"] * slots), "--threads", str(args.threads),
            "--threads-batch", str(settings["n_threads_batch"]),
            "--flash-attn", "on" if settings["flash_attn"] else "off", "--kv-type", settings["kv"]]
     if cache_dir is not None:
         cmd += ["--cache-dir", str(cache_dir)]
-    return Server("lcrun", cmd, port)
+    return Server("lcrun", cmd, port, cwd=checkout or REPO)
 
 
 def start_peer(args: argparse.Namespace, settings: dict[str, Any]) -> Server:
@@ -219,7 +231,7 @@ def ceiling(config: Any, n_seqs: int, n_tokens: int) -> float:
     context made with the engine's parameters, after a short prompt per sequence and 16 untimed steps."""
     import llama_cpp as lc
 
-    from lcrun.engine.runtime import context_params, model_params
+    from lcrun.engine.params import context_params, model_params
 
     if not _QUIET:  # llama.cpp's log would flood stderr
         _QUIET.append(lc.llama_log_callback(lambda level, text, data: None))
@@ -300,6 +312,23 @@ def table(samples: dict[str, list[Any]], model: str, threads: int, ctx_per_reque
          f"{per_round(samples, 'restart_ttft_follow', 'restart_ttft_first'):.1%} of the first "
          f"({g('restart_ttft_first'):.2f} s; target <= 10 %)"),
     ]
+    if samples.get("base_single"):
+        if samples.get("base_4_cpu_ms"):
+            rows[3:3] = [
+                ("CPU ms per token, single client / 4 clients (server process)",
+                 f"{g('lcrun_single_cpu_ms'):.2f} / {g('lcrun_4_cpu_ms'):.2f}", "",
+                 f"previous main {g('base_single_cpu_ms'):.2f} / {g('base_4_cpu_ms'):.2f}; lcrun / previous main "
+                 f"{per_round(samples, 'lcrun_single_cpu_ms', 'base_single_cpu_ms'):.3f} / "
+                 f"{per_round(samples, 'lcrun_4_cpu_ms', 'base_4_cpu_ms'):.3f} (lower is better)"),
+            ]
+        rows[3:3] = [
+            ("previous main (--base): single-client tok/s", f"{g('base_single'):.1f}", "",
+             f"lcrun / previous main {per_round(samples, 'lcrun_single', 'base_single'):.3f} (target >= 1.00)"),
+            ("previous main: single client on the 4-slot server", f"{g('base4_single'):.1f}", "",
+             f"lcrun / previous main {per_round(samples, 'lcrun4_single', 'base4_single'):.3f}"),
+            ("previous main: 4 clients, aggregate tok/s", f"{g('base_4'):.1f}", "",
+             f"lcrun / previous main {per_round(samples, 'lcrun_4', 'base_4'):.3f} (target >= 1.00)"),
+        ]
     lines = [f"| {model}, {threads} thread(s), {ctx_per_request} tokens per request, KV {kv}, flash attention "
              f"{'on' if flash_attn else 'off'} | lcrun serve | llama_cpp.server | ratio |", "|---|---|---|---|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
@@ -315,6 +344,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2, help="requests per client in the 4-client run")
     parser.add_argument("--doc-tokens", type=int, default=4096)
     parser.add_argument("--ttft-rounds", type=int, default=2, help="rounds of the document measurements")
+    parser.add_argument("--base", type=Path, metavar="CHECKOUT",
+                        help="another lcrun checkout (with its .venv), measured beside this one: the previous main")
+    parser.add_argument("--no-peer", action="store_true", help="leave llama_cpp.server out")
+    parser.add_argument("--generation-only", action="store_true",
+                        help="single-client and 4-client generation only (no ceiling, no document measurements)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--table", type=Path, metavar="JSON", help="print the table of a saved --json run and exit")
     args = parser.parse_args()
@@ -326,6 +360,7 @@ def main() -> None:
         return
     if not args.model.is_file():
         sys.exit(f"error: {args.model}: no such GGUF (see the docstring to make bench-work/mid-q8_0.gguf)")
+    args.model = args.model.resolve()  # a --base checkout's server runs in that checkout
 
     from lcrun.launch.decide import decide_launch
     from lcrun.launch.options import LaunchOptions
@@ -349,32 +384,58 @@ def main() -> None:
 
     samples: dict[str, list[Any]] = {k: [] for k in (
         "lcrun_single", "peer_single", "lcrun4_single", "lcrun_4", "peer_4", "ceiling_1", "ceiling_4",
+        "base_single", "base4_single", "base_4",
         "lcrun_ttft_first", "lcrun_ttft_follow", "peer_ttft_first", "peer_ttft_follow",
         "restart_ttft_first", "restart_ttft_follow", "lcrun_follow_cached", "restart_follow_cached")}
     loads = [os.getloadavg()]
-    lcrun, peer = start_lcrun(args, settings, 4), start_peer(args, settings)
-    lcrun1 = start_lcrun(args, settings, 1)
-    lcrun1.name = "lcrun"
-    lcrun.name = "lcrun4"
+    singles: list[Server] = []   # every server started, stopped at the end whatever happens
+    fours: list[Server] = []
+    peer = None
     try:
-        for server in (lcrun, lcrun1, peer):  # warm-up: page the weights in, first-request costs out of the way
+        lcrun1 = start_lcrun(args, settings, 1)
+        singles.append(lcrun1)
+        lcrun = start_lcrun(args, settings, 4)
+        lcrun1.name, lcrun.name = "lcrun", "lcrun4"
+        singles.append(lcrun)
+        fours.append(lcrun)
+        if not args.no_peer:
+            peer = start_peer(args, settings)
+            singles.append(peer)
+            fours.append(peer)
+        if args.base is not None:
+            base1 = start_lcrun(args, settings, 1, checkout=args.base)
+            base1.name = "base"
+            singles.append(base1)
+            base = start_lcrun(args, settings, 4, checkout=args.base)
+            base.name = "base4"
+            singles.append(base)
+            fours.append(base)
+        for server in singles:  # warm-up: page the weights in, first-request costs out of the way
             stream(server, prompt=GEN_PROMPT, max_tokens=4)
         for r in range(args.rounds):
-            order = [lcrun1, peer, lcrun] if r % 2 == 0 else [lcrun, peer, lcrun1]
-            for server in order:
+            shift = r % len(singles)  # each round starts with the next server: drift falls on all alike
+            for server in singles[shift:] + singles[:shift]:
+                cpu = server.cpu_s()
                 out = stream(server, prompt=GEN_PROMPT, max_tokens=args.gen_tokens)
                 samples[f"{server.name}_single"].append(out["gen_tps"])
+                samples.setdefault(f"{server.name}_single_cpu_ms", []).append(
+                    1000 * (server.cpu_s() - cpu) / max(out["tokens"], 1))
                 log(f"round {r + 1}: {server.name} single {out['gen_tps']:.1f} tok/s ({out['tokens']} tokens)")
-            order = [lcrun, peer] if r % 2 == 0 else [peer, lcrun]
-            for server in order:
+            shift = r % len(fours)
+            for server in fours[shift:] + fours[:shift]:
+                cpu = server.cpu_s()
                 out = concurrent(server, 4, args.requests, args.gen_tokens)
                 samples[f"{server.name.rstrip('4')}_4"].append(out["aggregate_tps"])
+                samples.setdefault(f"{server.name.rstrip('4')}_4_cpu_ms", []).append(
+                    1000 * (server.cpu_s() - cpu) / max(out["tokens"], 1))
                 log(f"round {r + 1}: {server.name} 4 clients {out['aggregate_tps']:.1f} tok/s aggregate")
+            if args.generation_only:
+                continue
             for n in ((1, 4) if r % 2 == 0 else (4, 1)):
                 tps = ceiling(config, n, args.gen_tokens)
                 samples[f"ceiling_{n}"].append(tps)
                 log(f"round {r + 1}: ceiling {n} sequence(s) {tps:.1f} tok/s")
-        for r in range(args.ttft_rounds):
+        for r in range(0 if args.generation_only or peer is None else args.ttft_rounds):
             doc = document(tokenize, args.doc_tokens, seed=1000 + r)
             for server in ([lcrun, peer] if r % 2 == 0 else [peer, lcrun]):
                 name = server.name.rstrip("4")
@@ -387,10 +448,9 @@ def main() -> None:
                 log(f"ttft {r + 1}: {server.name} first {first['ttft_s']:.2f} s ({first['prompt_tokens']} prompt "
                     f"tokens), follow-up {follow['ttft_s']:.3f} s (cached {follow['cached_tokens']})")
     finally:
-        lcrun.stop()
-        lcrun1.stop()
-        peer.stop()
-    for r in range(args.ttft_rounds):
+        for server in singles:
+            server.stop()
+    for r in range(0 if args.generation_only else args.ttft_rounds):
         doc = document(tokenize, args.doc_tokens, seed=2000 + r)
         with tempfile.TemporaryDirectory(prefix="bench-serve-cache-") as cache_dir:
             server = start_lcrun(args, settings, 4, Path(cache_dir))

@@ -3,8 +3,8 @@
 renamed over the name (an atomic replace on POSIX and Windows) and the rename fsynced in its directory, so a crash after
 it cannot bring the old file back; the partial file is removed on any failure. A kill, a full disk or Ctrl-C never
 leaves a half-written file under the real name. This is the application's one atomic write (sessions, niah summaries
-and pictures, the disk prompt cache, re-quantized GGUFs); lcrun.engine has llama.cpp write its own state files, and
-lcrun.convert keeps its own copy for its split outputs (it imports nothing of the application)."""
+and pictures, the disk prompt cache, re-quantized GGUFs, the engine's state files, which llama.cpp writes into the
+partial file); lcrun.convert keeps its own copy for its split outputs (it imports nothing of the application)."""
 from __future__ import annotations
 
 import os

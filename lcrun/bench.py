@@ -2,19 +2,22 @@
 `depth` tokens, as llama-bench's `-d` measures it.
 
 For each depth D (smallest first): the cache is filled with D tokens (untimed), then each repetition times one
-`Engine.generate` of those D tokens plus `pp` new ones with `tg` greedy tokens after them (`ignore_eog`, so the model
-cannot stop early). The engine reuses the D cached tokens, so the prefill evaluates exactly the `pp` new ones; every
-repetition checks that it did (`Finished.reused_tokens == D`).
+request through lcrun.generation's decode loop — the one every front end uses — of those D tokens plus `pp` new ones,
+with greedy tokens after them (`ignore_eos`, so the model cannot stop early) and short batches not padded
+(`pad_short_batches=False`: llama.cpp as it is, like llama-bench). The loop reuses the D cached tokens, so the prefill
+evaluates exactly the `pp` new ones; every repetition checks that it did (`Finished.reused_tokens == D`).
 
-Timing comes from the event stream, not from `Finished`'s rates: pp is from the call to the last `PrefillProgress`
-(the prefix match and the `pp` tokens' evaluation, the same span as `Finished.prefill_tokens_per_s`); tg is from there
-to `Finished` (sampler set-up, then `tg` samples and `tg` evaluations) and counts all `tg` tokens, where
-`Finished.gen_tokens_per_s` starts after the first sample and counts one token fewer.
+The loop never decodes a request's last sampled token (nothing would read its logits), so tg generation is a request
+for tg + 1 tokens: after the first, sampled from the prompt's logits, come tg decodes of one token and tg samples,
+llama-bench's tg. Timing comes from the event stream, not from `Finished`'s rates: pp is from the call to the last
+`PrefillProgress` (the prefix match and the `pp` tokens' evaluation, the same span as `Finished.prefill_tokens_per_s`);
+tg is from there to `Finished` (sampler set-up, then those tg + 1 samples and tg decodes) and counts tg tokens.
+No raw decode path is needed.
 
 The tokens are the model's own: pseudo-random lowercase words (seeded) tokenized without BOS and without parsing
 special tokens, so no control token is among them. Speed does not depend on which ids they are.
 
-Pure: the engine is a parameter (anything with lcrun.engine.runtime.Engine's interface); no llama_cpp, no rich.
+Pure: the engine is a parameter (lcrun.engine.protocol.EngineProtocol); no llama_cpp, no rich.
 """
 from __future__ import annotations
 
@@ -27,8 +30,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .engine.runtime import Finished, PrefillProgress, Sampling
+from .engine.protocol import GREEDY
 from .errors import LcrunError
+from .generation.drive import generate, prefill
+from .generation.records import Finished, GenerationParams, PrefillProgress, Request
 
 if TYPE_CHECKING:
     from .launch.decide import Launch
@@ -141,8 +146,9 @@ class BenchReport:
 
 # -- before loading: depths and context ----------------------------------------------------------------------------
 def tokens_needed(depth: int, pp: int, tg: int) -> int:
-    # the prompt must leave room for one sampled token even when tg is 0 (the engine refuses a full context)
-    return depth + pp + max(tg, 1)
+    # tg decoded tokens and the one sampled after them, which the loop never decodes; with tg 0 the prompt alone
+    # must still leave a cell free (the engine refuses a prompt that fills the context)
+    return depth + pp + tg + 1
 
 
 def default_depths(max_ctx: int, pp: int, tg: int) -> list[int]:
@@ -179,7 +185,7 @@ def _refuse_misfit(depths: Sequence[int], pp: int, tg: int, n_ctx: int, limit: C
     need = tokens_needed(depth, pp, tg)
     if need > n_ctx:
         raise BenchError(f"--depth {depth:,}", f"needs a {need:,}-token context ({depth:,} cached + {pp:,} prompt "
-                                               f"+ {max(tg, 1):,} generated), {limit(context_for([depth], pp, tg))}")
+                                               f"+ {tg:,} generated + 1), {limit(context_for([depth], pp, tg))}")
 
 
 def set_up_bench(launch: Launch, depths: Sequence[int], *, pp: int, tg: int, repetitions: int) -> BenchSetup:
@@ -221,16 +227,17 @@ def fill_cache(engine: Any, context: list[int], *, batch: int, progress: Progres
     """Bring the cache to exactly `context` (evaluating only what is not cached already)."""
     if not context:
         return
-    for event in engine.prefill(context, chunk=batch):
-        if progress is not None:
+    for event in prefill(engine, context, chunk=batch):
+        if progress is not None and isinstance(event, PrefillProgress):
             progress(f"filling the cache to {len(context):,} tokens", event.done, event.total)
 
 
 def measure(engine: Any, context: list[int], prompt: list[int], tg: int, *, batch: int,
             clock: Callable[[], float] = time.perf_counter) -> Repetition:
-    """One repetition: the prefill of `prompt` after the cached `context`, then `tg` greedy tokens."""
-    events = engine.generate(context + prompt, Sampling(temperature=0.0, max_tokens=tg), prefill_chunk=batch,
-                             ignore_eog=True, pad_short_batches=False)  # llama.cpp as it is, like llama-bench
+    """One repetition: the prefill of `prompt` after the cached `context`, then `tg` greedy tokens decoded."""
+    reply = GenerationParams(GREEDY, max_tokens=tg + 1 if tg else 0, ignore_eos=True)
+    events = generate(engine, Request(context + prompt, reply), prefill_chunk=batch,
+                      pad_short_batches=False)  # llama.cpp as it is, like llama-bench
     start = clock()
     prefilled: float | None = None
     finished: Finished | None = None
@@ -245,11 +252,11 @@ def measure(engine: Any, context: list[int], prompt: list[int], tg: int, *, batc
     if finished.reused_tokens != len(context):
         raise BenchError(f"depth {len(context):,}", f"the engine reused {finished.reused_tokens:,} cached tokens "
                                                     f"instead of {len(context):,}; the measurement would be wrong")
-    if finished.completion_tokens != tg:
-        raise BenchError(f"depth {len(context):,}", f"generated {finished.completion_tokens} of {tg} tokens "
-                                                    "(the context filled up)")
-    return Repetition(pp_tokens=len(prompt), pp_s=prefilled - start, tg_tokens=finished.completion_tokens,
-                      tg_s=end - prefilled, reused_tokens=finished.reused_tokens)
+    decoded = max(finished.completion_tokens - 1, 0)
+    if decoded != tg:
+        raise BenchError(f"depth {len(context):,}", f"generated {decoded} of {tg} tokens (the context filled up)")
+    return Repetition(pp_tokens=len(prompt), pp_s=prefilled - start, tg_tokens=tg, tg_s=end - prefilled,
+                      reused_tokens=finished.reused_tokens)
 
 
 def prompt_after(engine: Any, stream: list[int], depth: int, start: int, pp: int) -> list[int]:

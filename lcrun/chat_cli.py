@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .cli_options import chat_format_options, launch_options
-from .engine.protocol import CHAT_SAMPLING
+from .engine.protocol import Sampling
+
+DEFAULTS = Sampling()   # the one source of the sampling defaults (llama.cpp's), shared with `lcrun serve`
 
 if TYPE_CHECKING:
     from .chat.startup import ChatOptions
@@ -29,6 +31,7 @@ Examples:
   lcrun chat model.gguf --chat-template my-template.jinja        # a Jinja template of yours (sandboxed)
   lcrun chat --chat-template list                                # llama.cpp's built-in format names
   lcrun chat base-model.gguf --raw -p "Once upon a time"         # a base model: continue plain text
+  lcrun chat base-model.gguf --raw -p "Q: 2+2? A:" --stop "Q:"  # end the reply before the next question
 """)
 @click.argument("model")
 @click.option("--file", "files", multiple=True, metavar="PATH",
@@ -38,19 +41,22 @@ Examples:
 @click.option("-p", "--prompt", help="Answer this one prompt and exit: the answer alone on stdout, stats on "
                                      "stderr. `-p -` reads it from stdin.")
 @click.option("-sys", "--system", "--system-prompt", "system", help="System prompt.")
-@click.option("--temp", type=float, default=CHAT_SAMPLING.temperature, show_default=True,
+@click.option("--temp", type=float, default=DEFAULTS.temperature, show_default=True,
               help="Temperature (0 = greedy).")
-@click.option("--top-p", type=float, default=CHAT_SAMPLING.top_p, show_default=True)
-@click.option("--top-k", type=int, default=CHAT_SAMPLING.top_k, show_default=True)
-@click.option("--min-p", type=float, default=CHAT_SAMPLING.min_p, show_default=True)
-@click.option("--repeat-penalty", type=float, default=CHAT_SAMPLING.repeat_penalty, show_default=True)
-@click.option("--presence-penalty", type=float, default=CHAT_SAMPLING.presence_penalty, show_default=True,
+@click.option("--top-p", type=float, default=DEFAULTS.top_p, show_default=True)
+@click.option("--top-k", type=int, default=DEFAULTS.top_k, show_default=True)
+@click.option("--min-p", type=float, default=DEFAULTS.min_p, show_default=True)
+@click.option("--repeat-penalty", type=float, default=DEFAULTS.repeat_penalty, show_default=True)
+@click.option("--presence-penalty", type=float, default=DEFAULTS.presence_penalty, show_default=True,
               help="Subtracted from a token's logit once it appeared in the last 64 tokens.")
-@click.option("--frequency-penalty", type=float, default=CHAT_SAMPLING.frequency_penalty, show_default=True,
+@click.option("--frequency-penalty", type=float, default=DEFAULTS.frequency_penalty, show_default=True,
               help="Subtracted from a token's logit for each time it appeared in the last 64 tokens.")
-@click.option("-s", "--seed", type=int, default=CHAT_SAMPLING.seed, show_default=True)
+@click.option("-s", "--seed", type=int, default=DEFAULTS.seed, show_default=True)
 @click.option("-n", "--max-tokens", "--n-predict", "max_tokens", type=int,
               help="Longest reply in tokens (default: until the model stops or the context is full).")
+@click.option("--stop", "-r", "--reverse-prompt", "stops", multiple=True, metavar="TEXT",
+              help="End the reply before TEXT when the model writes it (repeatable; llama.cpp's -r/--reverse-prompt, "
+                   "OpenAI's `stop`: the text is not shown). E.g. --stop 'User:' --stop '###'.")
 @click.option("--session", "session_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Save the conversation and its KV cache here on exit (llama.cpp state file beside it, .kv) and "
                    "restore them when it exists: a long document is not prefilled twice.")
@@ -60,8 +66,8 @@ Examples:
 @click.option("--dry-run", is_flag=True, help="Show the plan and exit without loading the model.")
 def chat(launch: LaunchOptions, files: tuple[str, ...], prompt: str | None, system: str | None, temp: float,
          top_p: float, top_k: int, min_p: float, repeat_penalty: float, presence_penalty: float,
-         frequency_penalty: float, seed: int, max_tokens: int | None, session_file: Path | None,
-         history_file: Path | None, no_history: bool, dry_run: bool) -> None:
+         frequency_penalty: float, seed: int, max_tokens: int | None, stops: tuple[str, ...],
+         session_file: Path | None, history_file: Path | None, no_history: bool, dry_run: bool) -> None:
     """Chat with MODEL (a GGUF file, `demo`, or a Hub GGUF repo as org/repo[:QUANT]), sized to this machine.
 
     The planner picks context, KV cache type, flash attention and GPU layers from the memory that is free; every
@@ -71,17 +77,23 @@ def chat(launch: LaunchOptions, files: tuple[str, ...], prompt: str | None, syst
     """
     from .chat.formats import RAW
     from .chat.startup import ChatOptions
-    from .engine.protocol import Sampling
+    from .errors import LcrunError
+    from .generation.records import GenerationParams, RequestError
 
     if launch.chat_format == RAW and prompt is None and not dry_run:
         raise click.UsageError("--raw continues one prompt as plain text: give the prompt with -p (the interactive "
                                "chat needs a chat format)")
+    params = GenerationParams(
+        Sampling(temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty,
+                 presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, seed=seed),
+        max_tokens=max_tokens, stop=stops)
+    try:
+        params.check()  # before the model loads
+    except RequestError as exc:
+        raise LcrunError("--" + exc.param.replace("_", "-"), exc.problem) from None
     options = ChatOptions(
-        prompt=prompt, system=system, documents=[Path(f).expanduser() for f in files],
-        sampling=Sampling(temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty,
-                          presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, seed=seed),
-        max_tokens=max_tokens, session_file=session_file, history_file=history_file, no_history=no_history,
-        dry_run=dry_run,
+        prompt=prompt, system=system, documents=[Path(f).expanduser() for f in files], params=params,
+        session_file=session_file, history_file=history_file, no_history=no_history, dry_run=dry_run,
     )
     code = _run(launch, options)
     if code:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from lcrun.convert.gguf_out import BulkArrayWriter
     from lcrun.convert.vocab import Vocab
 
-    from .engine.vocab import Vocabulary
+    from .engine.vocab import VocabularyFile
     from .gguf_reader import GGUFHeader
     from .model_spec import ModelSpec
 
@@ -113,15 +113,15 @@ def _tokenizer_vocab(model_dir: Path, vocab_size: int) -> Vocab:
 
 @contextmanager
 def open_vocabulary(model: str, *, spec: ModelSpec | None = None, revision: str | None = None,
-                    hub_file: str | None = None) -> Iterator[Vocabulary]:
+                    hub_file: str | None = None) -> Iterator[VocabularyFile]:
     """The tokenizer of MODEL as lcrun names models (a GGUF, a checkpoint folder, `demo`, a profile, a Hub repo id,
     `org/repo:QUANT`), loaded by llama.cpp. `spec`: the model as `resolve_model` already read it (a Hub GGUF's
     header is then not fetched twice). Nothing of the weights is read or downloaded."""
-    from .engine.vocab import Vocabulary
+    from .engine.vocab import VocabularyFile
 
     path = Path(model).expanduser()
     if path.is_file():
-        with Vocabulary(path) as vocabulary:
+        with VocabularyFile(path) as vocabulary:
             yield vocabulary
         return
     if spec is None:
@@ -145,7 +145,7 @@ def open_vocabulary(model: str, *, spec: ModelSpec | None = None, revision: str 
             else:
                 raise LcrunError(model, f"lcrun cannot find the tokenizer of a {spec.source} model")
             write_vocab_from_tokenizer(target, _tokenizer_vocab(folder, spec.n_vocab), spec.n_ctx_train)
-        with Vocabulary(target) as vocabulary:
+        with VocabularyFile(target) as vocabulary:
             yield vocabulary
 
 

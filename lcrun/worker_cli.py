@@ -100,9 +100,9 @@ def worker(host: str | None, port: int, devices: tuple[str, ...], threads: int |
 
 
 def _offered_devices(names: list[str] | None) -> list:
-    """The local devices a worker offers, as lcrun.engine.runtime.BackendDevice: the named ones, else (as llama.cpp's
+    """The local devices a worker offers, as lcrun.engine.backends.BackendDevice: the named ones, else (as llama.cpp's
     rpc-server) every GPU, else the CPU."""
-    from .engine.runtime import list_devices
+    from .engine.backends import list_devices
     from .errors import LcrunError
 
     found = list_devices()

@@ -3,7 +3,7 @@ context, the table and --json, and one-line refusals before the model loads."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,7 @@ import pytest
 
 from lcrun.bench import (BenchError, BenchSetup, bench_tokens, context_for, default_depths, fill_cache, measure,
                          run_bench, set_up_bench)
+from lcrun.engine.protocol import PromptPlan
 from lcrun.engine.runtime import Engine, EngineConfig
 from lcrun.launch.decide import decide_launch
 from lcrun.launch.options import LaunchOptions
@@ -50,7 +51,7 @@ class Counter:
 
 
 class SpyEngine:
-    """The real engine, recording for each generate how much of its prompt the KV cache already held."""
+    """The real engine, recording for each request that generates how much of its prompt the KV cache already held."""
 
     def __init__(self, inner: Engine) -> None:
         self.inner = inner
@@ -59,14 +60,10 @@ class SpyEngine:
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
 
-    def generate(self, prompt: list[int], *args, **kw) -> Iterator:
-        common = 0
-        for cached, wanted in zip(self.inner.cached_tokens, prompt):
-            if cached != wanted:
-                break
-            common += 1
-        self.calls.append((common, len(prompt)))
-        return self.inner.generate(prompt, *args, **kw)
+    def plan_prompt(self, seq: int, prompt: list[int], **kw: Any) -> PromptPlan:
+        if kw.get("sample", True):
+            self.calls.append((self.inner.common_prefix(seq, prompt), len(prompt)))
+        return self.inner.plan_prompt(seq, prompt, **kw)
 
 
 def test_each_depth_is_measured_with_that_many_tokens_cached(engine: Engine) -> None:

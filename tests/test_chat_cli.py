@@ -85,7 +85,8 @@ def test_multi_line_input(model: Path, engines: Engines) -> None:
 
 def test_ctrl_c_stops_the_reply_and_the_session_goes_on(model: Path, engines: Engines,
                                                          tmp_path: Path) -> None:
-    engines.settings["on_token"] = lambda i: os.kill(os.getpid(), signal.SIGINT) if i == 6 else None
+    # Ctrl-C while the 6th token is sampled: the reply ends after it
+    engines.settings["on_token"] = lambda i: os.kill(os.getpid(), signal.SIGINT) if i == 5 else None
     hist = tmp_path / "h.jsonl"
     result = run([str(model), "--history", str(hist)], stdin="first\nsecond\n")
     assert result.exit_code == 0, result.output

@@ -25,7 +25,9 @@ from lcrun.chat.session import ChatSession
 from lcrun.chat.template import ChatTemplate, TemplateError
 from lcrun.cli import cli
 from lcrun.engine.chat_format import apply_builtin_format, builtin_formats
-from lcrun.engine.runtime import Engine, EngineConfig, Finished, Sampling, TextChunk
+from lcrun.engine.protocol import GREEDY, Sampling
+from lcrun.engine.runtime import Engine, EngineConfig
+from lcrun.generation.records import Finished, GenerationParams, TextChunk
 from lcrun.niah.grid import Cell
 from lcrun.niah.haystack import read_haystack
 from lcrun.niah.prompt import needle_for
@@ -333,8 +335,8 @@ def test_two_turns_in_a_built_in_format_reuse_the_cache(realistic: Callable[[str
     # flash attention off: on a CPU it would re-evaluate a few cached tokens to make a full batch
     engine = Engine(EngineConfig(model_path=realistic("gemma"), n_ctx=1024, n_threads=1, flash_attn=False))
     try:
-        session = ChatSession(engine, sampling=Sampling(temperature=8, top_k=0, top_p=1, min_p=0, seed=1),
-                              max_tokens=6)
+        session = ChatSession(engine, params=GenerationParams(
+            Sampling(temperature=8, top_k=0, top_p=1, min_p=0, seed=1), max_tokens=6))
         assert session.chat_format is not None and session.chat_format.name == "gemma"
         first = list(session.ask("First question?"))[-1]
         second = list(session.ask("Second one?"))[-1]
@@ -362,7 +364,7 @@ def test_stops_come_from_the_vocabularys_end_of_generation_tokens(realistic: Cal
                 assert not declared & {engine.tokenize("<|eom_id|>")[0], engine.tokenize("<|end_of_text|>")[0]}
             for ending, reason in endings:
                 template = ChatTemplate("{% for m in messages %}{{ m['content'] }}{% endfor %}" + ending)
-                session = ChatSession(engine, template=template, sampling=Sampling(temperature=0.0), max_tokens=4)
+                session = ChatSession(engine, template=template, params=GenerationParams(GREEDY, max_tokens=4))
                 finished = list(session.ask("Hello there"))[-1]
                 assert isinstance(finished, Finished) and finished.reason == reason, (name, ending, finished)
                 assert finished.completion_tokens == (1 if reason == "stop" else 4)

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from lcrun.chat.session import ChatSession
-from lcrun.engine.runtime import Engine, EngineConfig, Sampling, TextChunk
+from lcrun.engine.protocol import GREEDY
+from lcrun.engine.runtime import Engine, EngineConfig
+from lcrun.generation.records import GenerationParams, TextChunk
 from tests.fixtures.cli import run_lcrun
 
 MAX = 24
@@ -91,7 +93,7 @@ def test_follow_up_reuses_the_cache_and_answers_as_a_fresh_evaluation(tiny: Path
     engine = Engine(EngineConfig(model_path=tiny, n_ctx=1024, n_threads=2, n_batch=2048, n_ubatch=512,
                                  flash_attn=False))  # the plan's choice on a CPU (no short-batch padding)
     try:
-        session = ChatSession(engine, system="You are terse.", sampling=Sampling(temperature=0.0), max_tokens=MAX)
+        session = ChatSession(engine, system="You are terse.", params=GenerationParams(GREEDY, max_tokens=MAX))
         list(session.ask("First question about the weather?"))
         cached = len(engine.cached_tokens)
         reply = session.conversation.messages[-1].content

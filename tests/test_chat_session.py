@@ -12,9 +12,10 @@ from lcrun.chat.documents import DocumentError
 from lcrun.chat.history import History
 from lcrun.chat.prompt_tokens import unmark
 from lcrun.chat.session import ChatSession, ContextFull, Notice, TurnStarted
-from lcrun.engine.runtime import Finished, PrefillProgress, Sampling, TextChunk
+from lcrun.engine.protocol import Sampling
 from lcrun.errors import LcrunError
-from tests.fixtures.fake_engine import EOT, FakeEngine
+from lcrun.generation.records import Finished, GenerationParams, PrefillProgress, TextChunk
+from tests.fixtures.fake_engine import FakeEngine
 
 
 def turn(session: ChatSession, text: str, cancel: threading.Event | None = None) -> tuple[str, Finished, list]:
@@ -30,17 +31,18 @@ def test_follow_up_evaluates_only_the_new_tokens() -> None:
     reply, first, _ = turn(session, "hello")
     assert reply == "You said: hello" and first.reused_tokens == 0
     cached = engine.cached_tokens
+    # the prompt and the reply; its <|eot_id|> was sampled, never decoded (nothing would read its logits)
+    assert engine.detokenize(cached).endswith("You said: hello") and first.tokens[-1] == engine.special_tokens()["eot"]
     _, second, _ = turn(session, "again")
-    # everything cached (prompt, reply and its <|eot_id|>) is reused; only the new user message is evaluated
-    assert cached[-1] == EOT
+    # everything cached is reused; only the <|eot_id|> and the new user message are evaluated
     assert second.reused_tokens == len(cached)
-    new_part = "<|start_header_id|>user<|end_header_id|>\n\nagain<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    new_part = "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nagain<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
     assert engine.calls[-1].evaluated_tokens == len(engine.tokenize(new_part))
 
 
 def test_overflow_drops_oldest_turns_but_never_system_or_documents(tmp_path: Path) -> None:
     engine = FakeEngine(n_ctx=700)
-    session = ChatSession(engine, system="SYSTEM", max_tokens=40)
+    session = ChatSession(engine, system="SYSTEM", params=GenerationParams(max_tokens=40))
     doc = tmp_path / "doc.txt"
     doc.write_text("D" * 150)
     list(session.add_document(session.check_document(doc)))
@@ -58,7 +60,7 @@ def test_overflow_drops_oldest_turns_but_never_system_or_documents(tmp_path: Pat
 
 def test_a_message_too_large_for_the_context_is_refused_and_nothing_changes() -> None:
     engine = FakeEngine(n_ctx=300)
-    session = ChatSession(engine, max_tokens=20)
+    session = ChatSession(engine, params=GenerationParams(max_tokens=20))
     turn(session, "short")
     before = list(session.conversation.messages)
     with pytest.raises(ContextFull, match="tokens with the system prompt"):
@@ -69,7 +71,7 @@ def test_a_message_too_large_for_the_context_is_refused_and_nothing_changes() ->
 
 
 def test_document_check_counts_tokens_and_refuses_what_cannot_fit(tmp_path: Path) -> None:
-    session = ChatSession(FakeEngine(n_ctx=500), max_tokens=50)
+    session = ChatSession(FakeEngine(n_ctx=500), params=GenerationParams(max_tokens=50))
     small, big, binary = tmp_path / "small.txt", tmp_path / "big.txt", tmp_path / "x.bin"
     small.write_text("abc " * 20)
     big.write_text("z" * 1000)
@@ -114,7 +116,7 @@ def test_document_is_prefilled_when_added_and_cancel_undoes_it(tmp_path: Path) -
 
 def test_cancelled_reply_is_kept_as_interrupted_and_recorded(tmp_path: Path) -> None:
     cancel = threading.Event()
-    engine = FakeEngine(on_token=lambda i: cancel.set() if i == 4 else None)
+    engine = FakeEngine(on_token=lambda i: cancel.set() if i == 3 else None)  # the 4th token is the last
     history = History(tmp_path / "h.jsonl")
     session = ChatSession(engine, history=history)
     reply, fin, _ = turn(session, "a long question", cancel)
@@ -137,7 +139,7 @@ def test_cancel_before_the_first_token_forgets_the_question() -> None:
 
 def test_retry_regenerates_the_last_answer_with_a_new_seed_when_sampling() -> None:
     engine = FakeEngine()
-    session = ChatSession(engine, sampling=Sampling(temperature=0.8, seed=7))
+    session = ChatSession(engine, params=GenerationParams(Sampling(temperature=0.8, seed=7)))
     turn(session, "q1")
     events = list(session.retry())
     assert [m.role for m in session.conversation.messages] == ["user", "assistant"]

@@ -14,7 +14,7 @@ from lcrun.context_fit import ANSWER_RESERVE, fit_context, needed_context
 from lcrun.devices import Device
 from lcrun.documents import read_document, read_documents
 from lcrun.documents.tokens import document_tokens
-from lcrun.engine.vocab import Vocabulary
+from lcrun.engine.vocab import VocabularyFile
 from lcrun.gguf_reader import read_gguf_header
 from lcrun.model_spec import spec_from_gguf, spec_from_profile
 from lcrun.model_vocab import write_vocab_from_header
@@ -55,7 +55,7 @@ def documents(tmp_path_factory: pytest.TempPathFactory) -> list:
 
 def test_counts_equal_llama_cpp_on_a_128k_vocabulary(llama3: Path, llama_cpp_vocab: object,
                                                      documents: list) -> None:
-    with Vocabulary(llama3) as vocabulary:
+    with VocabularyFile(llama3) as vocabulary:
         assert vocabulary.n_vocab == 128256
         counts = document_tokens(documents, vocabulary)
         for document, count in zip(documents, counts):
@@ -85,7 +85,7 @@ def test_a_vocabulary_written_from_the_header_tokenizes_as_the_file(llama3: Path
     header = read_gguf_header(llama3)
     vocab_only = write_vocab_from_header(tmp_path / "vocab.gguf", header)
     assert vocab_only.stat().st_size < header.header_size + 4096  # the tokenizer, no weights
-    with Vocabulary(llama3) as whole, Vocabulary(vocab_only) as alone:
+    with VocabularyFile(llama3) as whole, VocabularyFile(vocab_only) as alone:
         for document in documents:
             assert alone.tokenize(document.context_text()) == whole.tokenize(document.context_text())
 
@@ -99,7 +99,7 @@ def test_estimate_file_from_a_hub_gguf_fetches_only_the_header(llama3: Path, fak
     run = invoke("estimate", "org/Real-GGUF", "--file", str(doc), "--ram", "8G", "--json")
     assert run.exit_code == 0, run.stderr
     out = json.loads(run.stdout)
-    with Vocabulary(llama3) as vocabulary:
+    with VocabularyFile(llama3) as vocabulary:
         assert out["tokens"] == out["documents"][0]["tokens"] == vocabulary.count(read_document(str(doc)).context_text())
     header = read_gguf_header(llama3)
     served = fake_hub.bytes_served("real-F16.gguf")
@@ -140,7 +140,7 @@ def test_estimate_file_from_a_hub_checkpoint_fetches_only_the_tokenizer(fake_hub
 def test_the_fix_it_names_is_a_plan_that_fits(llama3: Path, tmp_path: Path) -> None:
     doc = tmp_path / "long.md"
     doc.write_text("\n".join(sentence(i) for i in range(1500)))
-    with Vocabulary(llama3) as vocabulary:
+    with VocabularyFile(llama3) as vocabulary:
         tokens = vocabulary.count(read_document(str(doc)).context_text())
     spec = spec_from_gguf(llama3)
     free = 64 * GIB  # find the totals, then a machine between f16's and q8_0's

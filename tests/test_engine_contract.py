@@ -1,29 +1,24 @@
 """The engine's interface (lcrun.engine.protocol) held against both engines that claim it: the real llama.cpp engine
-and the fake engine of the UI tests. Every member is present with the protocol's signature and value types, and the
-behaviour callers rely on — the order of streamed records, KV prefix reuse, cancellation, limits, state files, the
-tokenizer's round trip — is the same on both."""
+and the fake engine of the UI and server tests. Every member is present with the protocol's signature and value
+types, and the behaviour callers rely on — driven through lcrun.generation's one decode loop, as every front end
+drives it: the order of streamed records, KV prefix reuse, cancellation, limits, state files, the tokenizer's round
+trip — is the same on both."""
 from __future__ import annotations
 
 import inspect
 import threading
 import types
 import typing
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pytest
 
-from lcrun.engine.protocol import (
-    EngineProtocol,
-    Finished,
-    GenerateEvent,
-    PrefillProgress,
-    Sampling,
-    SequenceEngineProtocol,
-    TextChunk,
-)
+from lcrun.engine.protocol import GREEDY, EngineProtocol, Feed, PromptPlan
 from lcrun.engine.runtime import Engine, EngineConfig
 from lcrun.errors import EngineError
+from lcrun.generation.drive import generate, prefill
+from lcrun.generation.records import Finished, GenerationParams, PrefillProgress, Request, TextChunk
 from tests.fixtures.fake_engine import FakeEngine
 
 N_CTX = 512
@@ -121,11 +116,12 @@ def test_engine_members_match_the_protocol(engine: EngineProtocol) -> None:
     assert contract_problems(engine, EngineProtocol) == []
 
 
-def test_the_real_engine_is_a_sequence_engine(gguf_path: Path) -> None:
-    with Engine(EngineConfig(model_path=gguf_path, n_ctx=N_CTX, n_threads=2, n_seq=2)) as eng:
-        assert isinstance(eng, SequenceEngineProtocol)
-        assert contract_problems(eng, SequenceEngineProtocol) == []
-    assert not isinstance(FakeEngine(), SequenceEngineProtocol)  # the fake is for one conversation only
+def test_both_engines_hold_several_sequences(gguf_path: Path) -> None:
+    with Engine(EngineConfig(model_path=gguf_path, n_ctx=N_CTX, n_threads=2, n_seq=2)) as real:
+        fake = FakeEngine(n_ctx=N_CTX, n_seq=2)
+        for eng in (real, fake):
+            assert contract_problems(eng, EngineProtocol) == []
+            assert (eng.n_seq, eng.n_ctx_seq) == (2, N_CTX // 2)
 
 
 def test_the_contract_check_catches_a_mismatch() -> None:
@@ -137,30 +133,27 @@ def test_the_contract_check_catches_a_mismatch() -> None:
     class Drifted(FakeEngine):
         token_text = property(missing)  # type: ignore[assignment]
 
-        def prefill(self, tokens: list[int], *, stop: threading.Event | None = None,  # type: ignore[override]
-                    chunk: int = 256) -> Iterator[PrefillProgress]:
-            return iter(())
+        def plan_prompt(self, seq: int, prompt_tokens: list[int], *, chunk: int = 256,  # type: ignore[override]
+                        sample: bool = True) -> PromptPlan:
+            return PromptPlan(0, [])
 
-        def generate(self, prompt_tokens: list[int], sampling: Sampling, extra: int, *,  # type: ignore[override]
-                     stop_tokens: set[int] | None = None, cancel: threading.Event | None = None,
-                     prefill_chunk: int = 512, ignore_eog: bool = False,
-                     pad_short_batches: bool = True) -> Iterator[GenerateEvent]:
-            return iter(())
+        def decode(self, feeds: Sequence[Feed], extra: int) -> None:  # type: ignore[override]
+            pass
 
     drifted = Drifted(n_ctx_train="4096")  # type: ignore[arg-type]
     assert contract_problems(drifted, EngineProtocol) == [
         "n_ctx_train: '4096' is not <class 'int'>",
         "token_text: missing",
-        "prefill: no parameter 'cancel'",
-        "prefill: 'chunk' defaults to 256, not 512",
-        "generate: extra parameter 'extra' without a default",
+        "plan_prompt: 'chunk' defaults to 256, not 512",
+        "plan_prompt: no parameter 'pad_short_batches'",
+        "decode: extra parameter 'extra' without a default",
     ]
 
 
-# -- behaviour ----------------------------------------------------------------------------------------------------
-def run(engine: EngineProtocol, prompt: list[int], sampling: Sampling = Sampling(max_tokens=12),
+# -- behaviour, through the decode loop ----------------------------------------------------------------------------
+def run(engine: EngineProtocol, prompt: list[int], params: GenerationParams = GenerationParams(GREEDY, max_tokens=12),
         **kw: object) -> tuple[list, Finished]:
-    events = list(engine.generate(prompt, sampling, **kw))  # type: ignore[arg-type]
+    events = list(generate(engine, Request(prompt, params), **kw))  # type: ignore[arg-type]
     return events, events[-1]
 
 
@@ -174,12 +167,12 @@ def test_generate_streams_progress_then_text_then_one_finished(engine: EnginePro
     assert [p.done for p in progress] == [min(i + 16, len(prompt)) for i in range(0, len(prompt), 16)]
     assert {p.total for p in progress} == {len(prompt)}
     assert fin.prompt_tokens == len(prompt) and fin.reused_tokens == 0
-    cached = engine.cached_tokens
-    assert cached[: len(prompt)] == prompt and len(cached) == len(prompt) + fin.completion_tokens
+    assert len(fin.tokens) == fin.completion_tokens > 0
+    # every sampled token but the last is in the cache (nothing reads the last one's logits)
+    assert engine.cached_tokens == prompt + list(fin.tokens[:-1])
     streamed = sum(e.n_tokens for e in events if isinstance(e, TextChunk))
     assert streamed == fin.completion_tokens - (fin.reason == "stop")
-    assert "".join(e.text for e in events if isinstance(e, TextChunk)) == engine.detokenize(
-        cached[len(prompt): len(prompt) + streamed])
+    assert "".join(e.text for e in events if isinstance(e, TextChunk)) == engine.detokenize(fin.tokens[:streamed])
 
 
 def test_a_follow_up_reuses_everything_cached(engine: EngineProtocol) -> None:
@@ -197,11 +190,13 @@ def test_a_follow_up_reuses_everything_cached(engine: EngineProtocol) -> None:
 def test_a_cancelled_prefill_keeps_what_was_evaluated(engine: EngineProtocol) -> None:
     tokens = engine.tokenize(TEXT * 2, add_bos=True)
     cancel = threading.Event()
-    for progress in engine.prefill(tokens, cancel=cancel, chunk=8):
-        if progress.done == 16:
+    for event in prefill(engine, tokens, cancel=cancel, chunk=8):
+        if isinstance(event, PrefillProgress) and event.done == 16:
             cancel.set()
+    assert event == Finished("cancelled", len(tokens), 0, 0, event.time_to_first_token_s,
+                             event.prefill_tokens_per_s, 0.0)
     assert engine.cached_tokens == tokens[:16]
-    list(engine.prefill(tokens, chunk=8))
+    assert list(prefill(engine, tokens, chunk=8))[-1].reused_tokens == 16
     assert engine.cached_tokens == tokens
     _, fin = run(engine, tokens + engine.tokenize(" Go."), cancel=cancel)
     assert fin.reason == "cancelled" and fin.completion_tokens == 0
@@ -209,7 +204,7 @@ def test_a_cancelled_prefill_keeps_what_was_evaluated(engine: EngineProtocol) ->
 
 def test_max_tokens_and_limits(engine: EngineProtocol) -> None:
     prompt = engine.tokenize(TEXT, add_bos=True)
-    _, fin = run(engine, prompt, Sampling(max_tokens=3), ignore_eog=True)
+    _, fin = run(engine, prompt, GenerationParams(GREEDY, max_tokens=3, ignore_eos=True))
     assert fin.reason == "length" and fin.completion_tokens == 3
     with pytest.raises(EngineError, match=f"do not fit the {N_CTX}-token context"):
         run(engine, [prompt[1]] * N_CTX)
@@ -221,6 +216,7 @@ def test_state_files(engine: EngineProtocol, tmp_path: Path) -> None:
     prompt = engine.tokenize(TEXT, add_bos=True)
     run(engine, prompt)
     saved = engine.cached_tokens
+    assert len(saved) > len(prompt)
     engine.save_state(tmp_path / "s.state")
     run(engine, engine.tokenize("Something else entirely.", add_bos=True))
     assert engine.cached_tokens != saved

@@ -1,7 +1,8 @@
-"""lcrun.engine.runtime against a real tiny Llama GGUF: parity with llama-cpp-python (tokens, parameters, metadata,
-tokenizer, logits of a YaRN model), KV prefix reuse, chunked prefill with progress and cancellation, limits, session
-state files, UTF-8-safe streaming, long token pieces, one-line load errors, devices, a quiet llama.cpp log and the
-version warning. Several sequences: tests/test_engine_sequences.py; the interface: tests/test_engine_contract.py."""
+"""lcrun.engine.runtime against a real tiny Llama GGUF, generating through lcrun.generation's decode loop as every front
+end does: parity with llama-cpp-python (tokens, parameters, metadata, tokenizer, logits of a YaRN model), KV prefix
+reuse, chunked prefill with progress and cancellation, limits, stop strings, session state files, UTF-8-safe
+streaming, long token pieces, one-line load errors, devices, a quiet llama.cpp log and the version warning. Several
+sequences: tests/test_engine_sequences.py; the interface: tests/test_engine_contract.py."""
 from __future__ import annotations
 
 import threading
@@ -12,12 +13,15 @@ from pathlib import Path
 import pytest
 
 from lcrun.convert.convert import convert_checkpoint
-from lcrun.engine.runtime import Engine, EngineConfig, Feed, Finished, PrefillProgress, Sampling, TextChunk
+from lcrun.engine.protocol import GREEDY, Feed, Sampling
+from lcrun.engine.runtime import Engine, EngineConfig
 from lcrun.errors import EngineError
+from lcrun.generation.drive import generate, prefill
+from lcrun.generation.records import Finished, GenerationParams, PrefillProgress, Request, TextChunk
 from tests.fixtures.checkpoint_factory import make_llama_checkpoint
 
 N_CTX = 512
-GREEDY = Sampling(temperature=0.0, max_tokens=12)
+TWELVE = GenerationParams(GREEDY, max_tokens=12)
 TEXT = "The quick brown fox jumps over the lazy dog. Ünïcödé ✓ 日本語 text, numbers 12345 and more words follow here."
 
 
@@ -39,19 +43,18 @@ def engine(gguf_path: Path) -> Iterable[Engine]:
     eng.close()
 
 
-def run(engine: Engine, prompt: list[int], sampling: Sampling = GREEDY, **kw) -> tuple[list, Finished]:
-    events = list(engine.generate(prompt, sampling, **kw))
+def run(engine: Engine, prompt: list[int], params: GenerationParams = TWELVE, **kw) -> tuple[list, Finished]:
+    events = list(generate(engine, Request(prompt, params), **kw))
     assert isinstance(events[-1], Finished)
     assert not any(isinstance(e, Finished) for e in events[:-1])
     return events, events[-1]
 
 
 def completion_tokens(engine: Engine, prompt: list[int], fin: Finished) -> list[int]:
-    """What was generated, read back from the cache (every sampled token is cached)."""
-    cached = engine.cached_tokens
-    assert cached[: len(prompt)] == prompt
-    assert len(cached) == len(prompt) + fin.completion_tokens
-    return cached[len(prompt):]
+    """What was generated; the cache holds all of it but the last token (sampled, never decoded)."""
+    assert engine.cached_tokens == prompt + list(fin.tokens[:-1])
+    assert len(fin.tokens) == fin.completion_tokens
+    return list(fin.tokens)
 
 
 def text_of(events: list) -> str:
@@ -63,11 +66,11 @@ def test_greedy_matches_llama_cpp_python(engine: Engine, gguf_path: Path, freque
     import llama_cpp
 
     prompt = engine.tokenize(TEXT, add_bos=True)
-    sampling = Sampling(temperature=0.0, max_tokens=24, frequency_penalty=frequency, presence_penalty=presence)
-    events, fin = run(engine, prompt, sampling)
+    sampling = replace(GREEDY, frequency_penalty=frequency, presence_penalty=presence)
+    events, fin = run(engine, prompt, GenerationParams(sampling, max_tokens=24))
     ours = completion_tokens(engine, prompt, fin)
     if frequency or presence:  # the penalties take effect (else the comparison below would not test them)
-        _, plain = run(engine, prompt, replace(sampling, frequency_penalty=0.0, presence_penalty=0.0))
+        _, plain = run(engine, prompt, GenerationParams(GREEDY, max_tokens=24))
         assert completion_tokens(engine, prompt, plain) != ours
 
     direct = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=N_CTX, n_threads=2, n_batch=64, n_ubatch=64,
@@ -78,7 +81,7 @@ def test_greedy_matches_llama_cpp_python(engine: Engine, gguf_path: Path, freque
         for tok in direct.generate(prompt, temp=0.0, top_k=40, top_p=1.0, min_p=0.05, repeat_penalty=1.0,
                                    frequency_penalty=frequency, presence_penalty=presence):
             theirs.append(tok)
-            if len(theirs) == len(ours):  # a stop token ends ours and is cached: it is the last of both
+            if len(theirs) == len(ours):  # an end-of-generation token ends ours: it is the last of both
                 break
     finally:
         direct.close()
@@ -94,7 +97,7 @@ def test_prefix_reuse_evaluates_only_new_tokens(engine: Engine, gguf_path: Path)
     second = first + answer + engine.tokenize(" And then the story continues.")
 
     events, fin2 = run(engine, second)
-    prefix = len(first) + len(answer)
+    prefix = len(first) + len(answer) - 1  # the answer's last token was never decoded
     assert fin2.reused_tokens == prefix
     progress = [e for e in events if isinstance(e, PrefillProgress)]
     assert progress[-1].total == len(second) - prefix
@@ -118,7 +121,7 @@ def test_identical_prompt_reevaluates_only_last_token(engine: Engine) -> None:
 
 def test_prefill_progress_covers_prompt_once(engine: Engine) -> None:
     prompt = engine.tokenize(TEXT * 3, add_bos=True)
-    events, _ = run(engine, prompt, Sampling(max_tokens=1), prefill_chunk=16)
+    events, _ = run(engine, prompt, GenerationParams(GREEDY, max_tokens=1), prefill_chunk=16)
     progress = [e for e in events if isinstance(e, PrefillProgress)]
     assert [p.done for p in progress] == [min(i + 16, len(prompt)) for i in range(0, len(prompt), 16)]
     assert {p.total for p in progress} == {len(prompt)}
@@ -131,7 +134,7 @@ def test_cancel_mid_prefill_then_engine_still_works(engine: Engine) -> None:
     prompt = engine.tokenize(TEXT * 3, add_bos=True)
     cancel = threading.Event()
     events = []
-    for event in engine.generate(prompt, GREEDY, cancel=cancel, prefill_chunk=16):
+    for event in generate(engine, Request(prompt, TWELVE), cancel=cancel, prefill_chunk=16):
         events.append(event)
         if isinstance(event, PrefillProgress) and event.done == 32:
             cancel.set()
@@ -149,20 +152,22 @@ def test_cancel_mid_prefill_then_engine_still_works(engine: Engine) -> None:
 
 def test_max_tokens_respected(engine: Engine) -> None:
     prompt = engine.tokenize(TEXT, add_bos=True)
-    events, fin = run(engine, prompt, Sampling(max_tokens=3), stop_tokens=set())
+    events, fin = run(engine, prompt, GenerationParams(GREEDY, max_tokens=3))
     assert fin.completion_tokens <= 3
     assert sum(e.n_tokens for e in events if isinstance(e, TextChunk)) <= 3
     if fin.reason == "length":
         assert fin.completion_tokens == 3
 
 
-def test_stop_token_ends_generation(engine: Engine) -> None:
+def test_a_stop_string_ends_the_reply_before_it(engine: Engine) -> None:
     prompt = engine.tokenize(TEXT, add_bos=True)
-    _, fin = run(engine, prompt)
-    first = completion_tokens(engine, prompt, fin)[0]
-    events, stopped = run(engine, prompt, stop_tokens={first})
-    assert stopped.reason == "stop" and stopped.completion_tokens == 1
-    assert text_of(events) == ""
+    events, whole = run(engine, prompt, GenerationParams(GREEDY, max_tokens=24, ignore_eos=True))
+    text = text_of(events)
+    stop = next(text[i : i + 3] for i in range(4, len(text) - 3) if "\ufffd" not in text[i : i + 3])
+    cut = text[: text.index(stop)]
+    events, stopped = run(engine, prompt, GenerationParams(GREEDY, max_tokens=24, ignore_eos=True, stop=(stop,)))
+    assert (text_of(events), stopped.reason, stopped.stop) == (cut, "stop", stop)
+    assert stopped.completion_tokens < whole.completion_tokens
 
 
 def test_save_and_load_state_restores_prefix(engine: Engine, gguf_path: Path, tmp_path: Path) -> None:
@@ -171,7 +176,7 @@ def test_save_and_load_state_restores_prefix(engine: Engine, gguf_path: Path, tm
     saved = engine.cached_tokens
     state = tmp_path / "session.state"
     engine.save_state(state)
-    assert state.is_file() and not (tmp_path / "session.state.partial").exists()
+    assert state.is_file() and not list(tmp_path.glob("session.state*.partial"))  # partials are named by their writer
 
     follow_up = saved + engine.tokenize(" Next question?")
     _, expected = run(engine, follow_up)
@@ -187,8 +192,8 @@ def test_save_and_load_state_restores_prefix(engine: Engine, gguf_path: Path, tm
 
 def test_streamed_text_is_utf8_safe(engine: Engine) -> None:
     prompt = engine.tokenize(TEXT, add_bos=True)
-    sampling = Sampling(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0, max_tokens=60, seed=7)
-    events, fin = run(engine, prompt, sampling)
+    sampling = Sampling(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0, seed=7)
+    events, fin = run(engine, prompt, GenerationParams(sampling, max_tokens=60))
     generated = completion_tokens(engine, prompt, fin)
     if fin.reason == "stop":
         generated = generated[:-1]
@@ -204,21 +209,21 @@ def test_detokenize_roundtrip(engine: Engine) -> None:
 def test_cpu_flash_attention_never_decodes_a_short_batch(gguf_path: Path) -> None:
     """A 2-63-token batch takes llama.cpp's slow CPU flash-attention path: a short new suffix is padded with cached
     tokens to 64 and a prefill's short last chunk borrows from the one before. The answers stay the same."""
-    from lcrun.engine.runtime import CPU_FA_TILE
+    from lcrun.engine.step import CPU_FA_TILE
 
     config = EngineConfig(model_path=gguf_path, n_ctx=N_CTX, n_threads=2, n_batch=128, n_ubatch=128, flash_attn=True)
     sizes: list[int] = []
     fa, fresh = Engine(config), Engine(config)
     try:
-        original = fa._eval
+        original = fa.decode
 
-        def spy(seq: int, tokens: list[int], logits: bool) -> None:
-            sizes.append(len(tokens))
-            original(seq, tokens, logits)
+        def spy(feeds: list[Feed]) -> None:
+            sizes.extend(len(feed.tokens) for feed in feeds)
+            original(feeds)
 
-        fa._eval = spy  # type: ignore[method-assign]
+        fa.decode = spy  # type: ignore[method-assign]
         base = fa.tokenize(TEXT * 4, add_bos=True)[:150]           # 128 + 22 would end on a short batch
-        list(fa.prefill(base))
+        list(prefill(fa, base))
         assert sizes == [150 - CPU_FA_TILE, CPU_FA_TILE]
         sizes.clear()
         question = base + fa.tokenize(" and a question?")
@@ -236,7 +241,7 @@ def test_cpu_flash_attention_never_decodes_a_short_batch(gguf_path: Path) -> Non
     plain = Engine(EngineConfig(model_path=gguf_path, n_ctx=N_CTX, n_threads=2, n_batch=128, n_ubatch=128,
                                 flash_attn=False))
     try:  # without flash attention there is no slow path: nothing is evaluated twice
-        list(plain.prefill(base))
+        list(prefill(plain, base))
         _, fin_plain = run(plain, question)
         assert fin_plain.reused_tokens == len(base)
     finally:
@@ -254,7 +259,7 @@ def test_parameters_are_llama_cpp_pythons_but_yarn(gguf_path: Path) -> None:
     except the three YaRN factors: -1 ("the GGUF's") where Llama passes 1/32/1."""
     import llama_cpp
 
-    from lcrun.engine.runtime import context_params, model_params
+    from lcrun.engine.params import context_params, model_params
 
     config = EngineConfig(model_path=gguf_path, n_ctx=N_CTX, n_threads=2, n_batch=64, n_ubatch=64, flash_attn=True,
                           type_k="q8_0", type_v="q8_0", rope_freq_base=20000.0)
@@ -382,7 +387,7 @@ def test_yarn_model_computes_what_llama_cpp_python_does(tmp_path: Path) -> None:
     with Engine(EngineConfig(model_path=path, n_ctx=N_CTX, n_threads=2, flash_attn=False)) as eng:
         assert eng.metadata["llama.rope.scaling.type"] == "yarn"
         prompt = eng.tokenize(TEXT * 6, add_bos=True)[:300]
-        list(eng.prefill(prompt[:-1]))
+        list(prefill(eng, prompt[:-1]))
         eng.decode([Feed(0, prompt[-1:])])
         ours = eng.logits(0)
 
@@ -423,7 +428,7 @@ def test_load_errors_are_one_line(gguf_path: Path, tmp_path: Path) -> None:
 
 
 def test_devices_are_chosen_by_name(gguf_path: Path) -> None:
-    from lcrun.engine.runtime import list_devices
+    from lcrun.engine.backends import list_devices
 
     assert [d.name for d in list_devices() if d.kind == "cpu"] == ["CPU"]
     answers = []
@@ -439,9 +444,11 @@ def test_devices_are_chosen_by_name(gguf_path: Path) -> None:
 QUIET_SCRIPT = """
 import sys
 from pathlib import Path
-from lcrun.engine.runtime import Engine, EngineConfig, Sampling
+from lcrun.engine.runtime import Engine, EngineConfig
+from lcrun.generation.drive import generate
+from lcrun.generation.records import GenerationParams, Request
 with Engine(EngineConfig(model_path=Path(sys.argv[1]), n_ctx=256, n_threads=2)) as engine:
-    list(engine.generate(engine.tokenize("Hello there", add_bos=True), Sampling(max_tokens=4)))
+    list(generate(engine, Request(engine.tokenize("Hello there", add_bos=True), GenerationParams(max_tokens=4))))
     try:
         Engine(EngineConfig(model_path=Path(sys.argv[2]), n_ctx=256))
     except Exception as exc:
@@ -467,17 +474,17 @@ def test_another_llama_cpp_python_version_warns_once(gguf_path: Path, monkeypatc
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     import llama_cpp
 
-    from lcrun.engine import runtime
+    from lcrun.engine import library
 
-    monkeypatch.setattr(runtime, "_started", {"backend"})
+    monkeypatch.setattr(library, "started", {"backend"})
     monkeypatch.setattr(llama_cpp, "__version__", "0.3.99")
     for _ in range(2):
         Engine(EngineConfig(model_path=gguf_path, n_ctx=256, n_threads=2)).close()
     assert capsys.readouterr().err == (
-        f"warning: lcrun's engine mirrors llama-cpp-python {runtime.LLAMA_CPP_PYTHON_VERSION} but 0.3.99 is "
+        f"warning: lcrun's engine mirrors llama-cpp-python {library.LLAMA_CPP_PYTHON_VERSION} but 0.3.99 is "
         "installed; its C structs or defaults may differ\n")
-    monkeypatch.setattr(runtime, "_started", {"backend"})
-    monkeypatch.setattr(llama_cpp, "__version__", runtime.LLAMA_CPP_PYTHON_VERSION)
+    monkeypatch.setattr(library, "started", {"backend"})
+    monkeypatch.setattr(llama_cpp, "__version__", library.LLAMA_CPP_PYTHON_VERSION)
     Engine(EngineConfig(model_path=gguf_path, n_ctx=256, n_threads=2)).close()
     assert capsys.readouterr().err == ""  # control: the mirrored version says nothing
 
@@ -485,10 +492,14 @@ def test_another_llama_cpp_python_version_warns_once(gguf_path: Path, monkeypatc
 REPACK_SCRIPT = """
 import sys
 from pathlib import Path
-from lcrun.engine.runtime import Engine, EngineConfig, Sampling
+from lcrun.engine.protocol import GREEDY
+from lcrun.engine.runtime import Engine, EngineConfig
+from lcrun.generation.drive import generate
+from lcrun.generation.records import GenerationParams, Request
 repack = {"auto": None, "on": True, "off": False}[sys.argv[2]]
 with Engine(EngineConfig(model_path=Path(sys.argv[1]), n_ctx=256, n_threads=2, repack=repack)) as engine:
-    events = list(engine.generate(engine.tokenize("hello world " * 20), Sampling(max_tokens=4)))
+    prompt = engine.tokenize("hello world " * 20)
+    events = list(generate(engine, Request(prompt, GenerationParams(GREEDY, max_tokens=4))))
 print(events[-1].completion_tokens)
 """
 
@@ -499,7 +510,7 @@ def test_quantized_weights_load_and_generate_with_the_default_repacking(tmp_path
     import subprocess
     import sys
 
-    from lcrun.engine.runtime import amx_build, model_params
+    from lcrun.engine.params import amx_build, model_params
 
     ck = make_llama_checkpoint(tmp_path / "ckpt", hidden=128, layers=2, heads=4, kv_heads=2, ffn=256)
     q8 = convert_checkpoint(ck.path, tmp_path / "q8.gguf", outtype="q8_0").paths[0]

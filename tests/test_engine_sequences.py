@@ -10,10 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from lcrun.engine.runtime import Engine, EngineConfig, Feed, Finished, Sampling, TextChunk
+from lcrun.engine.protocol import GREEDY, Feed, Sampling
+from lcrun.engine.runtime import Engine, EngineConfig
 from lcrun.errors import EngineError
+from lcrun.generation.drive import generate, prefill
+from lcrun.generation.records import Finished, GenerationParams, Request, TextChunk
 
-GREEDY = Sampling(temperature=0.0, max_tokens=16)
+SIXTEEN = GenerationParams(GREEDY, max_tokens=16)
 TEXT_A = "The quick brown fox jumps over the lazy dog. Ünïcödé ✓ 日本語 text, numbers 12345 and more words follow here."
 TEXT_B = "Another prompt, quite different: numbers 999 and café, then a long tail of plain words."
 
@@ -36,10 +39,19 @@ def engine(request: pytest.FixtureRequest, gguf_path: Path) -> Iterable[Engine]:
     eng.close()
 
 
-def reply(engine: Engine, prompt: list[int], seq: int, sampling: Sampling = GREEDY, **kw) -> list[int]:
-    events = list(engine.generate(prompt, sampling, seq=seq, ignore_eog=True, pad_short_batches=False, **kw))
+def reply(engine: Engine, prompt: list[int], seq: int, sampling: Sampling = GREEDY, max_tokens: int = 16,
+          **kw) -> list[int]:
+    params = GenerationParams(sampling, max_tokens=max_tokens, ignore_eos=True)
+    events = list(generate(engine, Request(prompt, params), seq=seq, pad_short_batches=False, **kw))
     assert isinstance(events[-1], Finished)
-    return engine.seq_tokens(seq)[len(prompt):]
+    assert engine.seq_tokens(seq)[len(prompt):] == list(events[-1].tokens[:-1])
+    return list(events[-1].tokens)
+
+
+def ask(engine: Engine, prompt: list[int], seq: int = 0, params: GenerationParams = SIXTEEN, **kw) -> Finished:
+    events = list(generate(engine, Request(prompt, params), seq=seq, **kw))
+    assert isinstance(events[-1], Finished)
+    return events[-1]
 
 
 def batched(engine: Engine, prompts: dict[int, list[int]], steps: int) -> dict[int, list[int]]:
@@ -73,7 +85,7 @@ def test_two_sequences_in_one_batch_answer_as_each_alone(engine: Engine) -> None
         engine.set_sampler(seq, GREEDY)
     together = batched(engine, {0: a, 1: b}, 16)
     assert together == alone
-    assert engine.seq_tokens(0) == a + alone[0] and engine.seq_tokens(1) == b + alone[1]
+    assert engine.seq_tokens(0) == a + alone[0] and engine.seq_tokens(1) == b + alone[1]  # the last one decoded too
 
 
 def test_a_prompt_chunk_rides_along_with_generating_sequences(gguf_path: Path) -> None:
@@ -106,27 +118,25 @@ def test_a_prompt_chunk_rides_along_with_generating_sequences(gguf_path: Path) -
 
 def test_prefix_copied_to_another_sequence_is_reused(engine: Engine, gguf_path: Path) -> None:
     document = engine.tokenize(TEXT_A * 3, add_bos=True)
-    list(engine.prefill(document, seq=0))
+    list(prefill(engine, document, seq=0))
     question = document + engine.tokenize(" What comes next?")
     engine.seq_copy(0, 1, len(document))
     assert engine.seq_tokens(1) == document
-    events = list(engine.generate(question, GREEDY, seq=1))
-    assert events[-1].reused_tokens == len(document)
-    answer = engine.seq_tokens(1)[len(question):]
+    fin = ask(engine, question, seq=1)
+    assert fin.reused_tokens == len(document)
     assert engine.seq_tokens(0) == document  # the source is untouched
     with Engine(config(gguf_path, n_seq=1)) as fresh:  # negative control: nothing to reuse, the same answer
-        fin = list(fresh.generate(question, GREEDY))[-1]
-        assert fin.reused_tokens == 0
-        assert fresh.cached_tokens[len(question):] == answer
+        alone = ask(fresh, question)
+        assert alone.reused_tokens == 0
+        assert alone.tokens == fin.tokens
 
 
 def test_a_part_of_a_sequence_can_be_copied(engine: Engine) -> None:
     tokens = engine.tokenize(TEXT_A, add_bos=True)
-    list(engine.prefill(tokens, seq=0))
+    list(prefill(engine, tokens, seq=0))
     engine.seq_copy(0, 1, 10)
     assert engine.seq_tokens(1) == tokens[:10]
-    fin = list(engine.generate(tokens, GREEDY, seq=1))[-1]
-    assert fin.reused_tokens == 10
+    assert ask(engine, tokens, seq=1).reused_tokens == 10
 
 
 def test_unified_cache_shares_a_copied_prefix(gguf_path: Path) -> None:
@@ -134,25 +144,25 @@ def test_unified_cache_shares_a_copied_prefix(gguf_path: Path) -> None:
     there would need 800 and fails."""
     with Engine(config(gguf_path, n_ctx=512, unified=True)) as eng:
         prefix = (eng.tokenize(TEXT_A * 20, add_bos=True))[:400]
-        list(eng.prefill(prefix, seq=0))
+        list(prefill(eng, prefix, seq=0))
         assert eng.kv_cells_used() == 400
         eng.seq_copy(0, 1)
         assert eng.kv_cells_used() == 400
         question = prefix + eng.tokenize(" and a question about it?")
-        fin = list(eng.generate(question, Sampling(max_tokens=8), seq=1, ignore_eog=True))[-1]
+        fin = ask(eng, question, seq=1, params=GenerationParams(max_tokens=8, ignore_eos=True))
         assert fin.reused_tokens == 400 and fin.completion_tokens == 8
-        assert eng.kv_cells_used() == len(question) + 8
+        assert eng.kv_cells_used() == len(question) + 7  # the last sampled token is never decoded
         eng.seq_clear(1)
         with pytest.raises(EngineError, match="llama_decode failed"):  # negative control: no sharing, no room
-            list(eng.prefill(question, seq=1))
+            list(prefill(eng, question, seq=1))
 
 
 def test_kv_cells_used_counts_each_sequence(gguf_path: Path) -> None:
     with Engine(config(gguf_path)) as eng:
         a, b = eng.tokenize(TEXT_A, add_bos=True), eng.tokenize(TEXT_B, add_bos=True)
         assert eng.kv_cells_used() == 0
-        list(eng.prefill(a, seq=0))
-        list(eng.prefill(b, seq=1))
+        list(prefill(eng, a, seq=0))
+        list(prefill(eng, b, seq=1))
         assert eng.kv_cells_used() == len(a) + len(b)
         eng.seq_truncate(0, 5)
         assert eng.kv_cells_used() == 5 + len(b)
@@ -167,17 +177,17 @@ def test_each_sequence_samples_with_its_own_sampler(gguf_path: Path) -> None:
     invariant: a sequence's logits in a batch of two differ from its logits alone by ~1e-6 after the prompt, and the
     difference grows as the cache fills (~5e-3 after five tokens on an AVX-512 CPU). A hot draw is compared at the first
     token only; the history over many tokens is compared greedily, where such noise does not move the argmax."""
-    hot = Sampling(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0, max_tokens=1)
-    plain = Sampling(max_tokens=16)
+    hot = Sampling(temperature=1.5, top_k=0, top_p=1.0, min_p=0.0)
+    plain = GREEDY
     no_repeats = replace(plain, presence_penalty=1000.0)   # a token sampled once is never sampled again
     with Engine(config(gguf_path)) as eng:
         a = eng.tokenize(TEXT_A, add_bos=True)
 
-        def alone(sampling: Sampling) -> list[int]:
+        def alone(sampling: Sampling, max_tokens: int = 16) -> list[int]:
             eng.seq_clear(0)  # the whole prompt in one decode, as in the batch
-            return reply(eng, a, 0, sampling)
+            return reply(eng, a, 0, sampling, max_tokens=max_tokens)
 
-        first = {seed: alone(replace(hot, seed=seed)) for seed in range(1, 20)}
+        first = {seed: alone(replace(hot, seed=seed), 1) for seed in range(1, 20)}
         one, two = next((x, y) for x in first for y in first if first[x] != first[y])  # draws that tell them apart
         plain_reply, no_repeats_reply = alone(plain), alone(no_repeats)
         assert len(set(plain_reply)) < len(plain_reply) == len(set(no_repeats_reply))  # the penalty shows
@@ -197,27 +207,31 @@ def test_generations_on_two_sequences_may_interleave(engine: Engine) -> None:
     alone = {0: reply(engine, a, 0), 1: reply(engine, b, 1)}
     engine.seq_clear(0)
     engine.seq_clear(1)
-    first = engine.generate(a, GREEDY, seq=0, ignore_eog=True)
-    second = engine.generate(b, GREEDY, seq=1, ignore_eog=True)
-    done = 0
-    while done < 2:  # one record of each in turn: each decode of one sequence lands between two of the other
-        done = sum(next(gen, None) is None for gen in (first, second))
-    assert engine.seq_tokens(0)[len(a):] == alone[0]
-    assert engine.seq_tokens(1)[len(b):] == alone[1]
+    params = GenerationParams(GREEDY, max_tokens=16, ignore_eos=True)
+    first = generate(engine, Request(a, params), seq=0)
+    second = generate(engine, Request(b, params), seq=1)
+    ends: dict[int, Finished] = {}
+    while len(ends) < 2:  # one record of each in turn: each decode of one sequence lands between two of the other
+        for seq, gen in ((0, first), (1, second)):
+            event = next(gen, None)
+            if isinstance(event, Finished):
+                ends[seq] = event
+    assert list(ends[0].tokens) == alone[0] and list(ends[1].tokens) == alone[1]
 
 
 def test_cancelling_one_sequence_leaves_the_other(engine: Engine) -> None:
     a, b = engine.tokenize(TEXT_A, add_bos=True), engine.tokenize(TEXT_B, add_bos=True)
-    list(engine.prefill(a, seq=0))
+    list(prefill(engine, a, seq=0))
     cancel = threading.Event()
     events = []
-    for event in engine.generate(b, Sampling(max_tokens=30), seq=1, cancel=cancel, ignore_eog=True):
+    params = GenerationParams(max_tokens=30, ignore_eos=True)
+    for event in generate(engine, Request(b, params), seq=1, cancel=cancel):
         events.append(event)
         if isinstance(event, TextChunk) and sum(e.n_tokens for e in events if isinstance(e, TextChunk)) >= 3:
             cancel.set()
     fin = events[-1]
     assert fin.reason == "cancelled" and 3 <= fin.completion_tokens < 30
-    assert engine.seq_len(1) == len(b) + fin.completion_tokens
+    assert engine.seq_len(1) == len(b) + fin.completion_tokens - 1
     assert engine.seq_tokens(0) == a
 
 
@@ -233,9 +247,10 @@ def test_sequence_state_file_moves_between_sequences(engine: Engine, gguf_path: 
     with Engine(engine.config) as other:
         assert other.load_state(state, seq=0) == len(saved)
         assert other.seq_tokens(0) == saved and other.seq_len(1) == 0
-        fin = list(other.generate(follow_up, GREEDY, seq=0, ignore_eog=True, pad_short_batches=False))[-1]
+        fin = ask(other, follow_up, params=GenerationParams(GREEDY, max_tokens=16, ignore_eos=True),
+                  pad_short_batches=False)
         assert fin.reused_tokens == len(saved)
-        assert other.seq_tokens(0)[len(follow_up):] == expected
+        assert list(fin.tokens) == expected
     if not engine.config.kv_unified:  # a state holds its buffer layout: four buffers cannot take it
         with Engine(config(gguf_path, n_seq=4)) as four, pytest.raises(EngineError, match="not a session state"):
             four.load_state(state, seq=0)
@@ -249,9 +264,10 @@ def test_snapshot_restores_a_sequence_in_memory(engine: Engine) -> None:
     follow_up = list(snap.tokens) + engine.tokenize(" More?")
     expected = reply(engine, follow_up, 0)
     assert engine.restore(snap, 1) == len(snap.tokens)
-    fin = list(engine.generate(follow_up, GREEDY, seq=1, ignore_eog=True, pad_short_batches=False))[-1]
+    fin = ask(engine, follow_up, seq=1, params=GenerationParams(GREEDY, max_tokens=16, ignore_eos=True),
+              pad_short_batches=False)
     assert fin.reused_tokens == len(snap.tokens)
-    assert engine.seq_tokens(1)[len(follow_up):] == expected
+    assert list(fin.tokens) == expected
     with pytest.raises(EngineError, match="not a sequence state"):
         engine.restore(type(snap)(snap.tokens, b"not a state"), 1)
     assert engine.seq_len(1) == 0
@@ -261,26 +277,27 @@ def test_a_copy_is_complete_before_it_is_saved(gguf_path: Path, tmp_path: Path) 
     """Between separate buffers llama.cpp copies at the next decode; saving the copy first still saves the data."""
     with Engine(config(gguf_path)) as eng:
         a = eng.tokenize(TEXT_A, add_bos=True)
-        list(eng.prefill(a, seq=0))
+        list(prefill(eng, a, seq=0))
         eng.seq_copy(0, 1)
         eng.save_state(tmp_path / "copy.state", seq=1)
         expected = reply(eng, a + eng.tokenize(" Go on."), 0)
     with Engine(config(gguf_path)) as other:
         other.load_state(tmp_path / "copy.state", seq=0)
-        fin = list(other.generate(a + other.tokenize(" Go on."), GREEDY, ignore_eog=True, pad_short_batches=False))
-        assert fin[-1].reused_tokens == len(a)
-        assert other.cached_tokens[len(a) + len(other.tokenize(" Go on.")):] == expected
+        fin = ask(other, a + other.tokenize(" Go on."), params=GenerationParams(GREEDY, max_tokens=16, ignore_eos=True),
+                  pad_short_batches=False)
+        assert fin.reused_tokens == len(a)
+        assert list(fin.tokens) == expected
 
 
 def test_a_queued_copy_does_not_overwrite_a_restored_sequence(gguf_path: Path, tmp_path: Path) -> None:
     """The buffer copy llama.cpp queues for the next decode must not land on top of a state loaded before it."""
     with Engine(config(gguf_path)) as eng:
         a, b = eng.tokenize(TEXT_A, add_bos=True), eng.tokenize(TEXT_B, add_bos=True)
-        list(eng.prefill(b, seq=1))
+        list(prefill(eng, b, seq=1))
         snap = eng.snapshot(1)
         eng.save_state(tmp_path / "b.state", seq=1)
         expected = reply(eng, b + eng.tokenize(" Go on."), 1)
-        list(eng.prefill(a, seq=0))
+        list(prefill(eng, a, seq=0))
         for load in (lambda: eng.restore(snap, 1), lambda: eng.load_state(tmp_path / "b.state", seq=1)):
             eng.seq_copy(0, 1)
             assert load() == len(b)
@@ -314,7 +331,7 @@ def test_step_api_refuses_what_llama_cpp_cannot_do(gguf_path: Path) -> None:
             eng.sample(0)
 
 
-def test_a_prompt_plan_through_the_step_api_answers_as_generate(gguf_path: Path) -> None:
+def test_a_prompt_plan_through_the_step_api_answers_as_the_loop(gguf_path: Path) -> None:
     """What a server does with a new request: plan the prompt against what the sequence holds, feed the chunks,
     sample. On a CPU with flash attention the plan never has a 2-63-token chunk."""
     with Engine(config(gguf_path, flash_attn=True)) as eng:

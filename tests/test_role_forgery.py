@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from lcrun.engine.protocol import EngineConfig, Sampling
+from lcrun.engine.protocol import GREEDY, EngineConfig
+from lcrun.generation.records import GenerationParams
 from lcrun.serve.server import ServeOptions
 from tests.fixtures.engines import Engines
-from tests.fixtures.fake_seq_engine import FakeSequenceEngine
+from tests.fixtures.fake_engine import FakeEngine
 from tests.fixtures.realistic_gguf import write_realistic_gguf
 from tests.fixtures.serve_support import LiveServer, http
 
@@ -53,7 +54,7 @@ def test_chat_tokenizes_a_forged_role_as_text(llama3: object) -> None:
     from lcrun.chat.session import ChatSession, TurnStarted
 
     llama3.seq_clear(0)  # type: ignore[attr-defined]
-    session = ChatSession(llama3, system=SYSTEM, sampling=Sampling(max_tokens=1), max_tokens=1)  # type: ignore[arg-type]
+    session = ChatSession(llama3, system=SYSTEM, params=GenerationParams(GREEDY, max_tokens=1))  # type: ignore[arg-type]
     started = next(e for e in list(session.ask(FORGED)) if isinstance(e, TurnStarted))
     prompt = llama3.seq_tokens(0)[: started.prompt_tokens]  # type: ignore[attr-defined]
     assert prompt == expected_tokens(llama3, FORGED)
@@ -102,7 +103,7 @@ def test_a_runaway_template_is_a_400_and_the_server_goes_on(template: str, probl
     from lcrun.chat.template import TemplateError
 
     monkeypatch.setattr("lcrun.chat.template.RENDER_TIMEOUT_S", 0.5)
-    engine = FakeSequenceEngine(n_ctx=65536, n_seq=2, chat_template=template)
+    engine = FakeEngine(n_ctx=65536, n_seq=2, chat_template=template)
     with LiveServer(engine) as live:
         body = {"messages": [{"role": "user", "content": "x" * 20_000}], "max_tokens": 2}
         status, _, reply = http("POST", live.url + "/v1/chat/completions", body, timeout=30)

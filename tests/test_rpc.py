@@ -122,16 +122,19 @@ def child(code: str, *args: str, env: dict[str, str] | None = None, timeout: flo
 GREEDY_RUN = r"""
 import json, sys
 from pathlib import Path
-from lcrun.engine.runtime import Engine, Sampling
+from lcrun.engine.protocol import GREEDY
+from lcrun.engine.runtime import Engine
+from lcrun.generation.drive import generate
+from lcrun.generation.records import GenerationParams, Request
 from lcrun.launch.decide import decide_launch
 from lcrun.launch.options import LaunchOptions
 rpc = tuple(sys.argv[2].split(",")) if sys.argv[2] else ()
 launch = decide_launch(LaunchOptions(sys.argv[1], ctx=512, flash_attn="off", threads=1, ram=16 << 30, rpc=rpc))
 engine = Engine(launch.config)
 prompt = engine.tokenize("The quick brown fox jumps over the lazy dog, again and again.", add_bos=True)
-list(engine.generate(prompt, Sampling(temperature=0.0, max_tokens=48), ignore_eog=True))
+finished = list(generate(engine, Request(prompt, GenerationParams(GREEDY, max_tokens=48, ignore_eos=True))))[-1]
 plan = launch.choice.estimate
-print(json.dumps({"tokens": engine.cached_tokens[len(prompt):], "devices": [d.__dict__ for d in plan.devices],
+print(json.dumps({"tokens": list(finished.tokens), "devices": [d.__dict__ for d in plan.devices],
                   "offload": plan.offload, "tensor_split": plan.tensor_split, "n_gpu_layers": plan.n_gpu_layers,
                   "config_devices": launch.config.devices}))
 engine.close()
@@ -280,7 +283,10 @@ LOOP_RUN = r"""
 import sys
 from pathlib import Path
 from lcrun.engine import rpc
-from lcrun.engine.runtime import Engine, Sampling
+from lcrun.engine.protocol import GREEDY
+from lcrun.engine.runtime import Engine
+from lcrun.generation.drive import generate
+from lcrun.generation.records import GenerationParams, Request
 from lcrun.launch.decide import decide_launch
 from lcrun.launch.options import LaunchOptions
 if sys.argv[3] == "off":
@@ -291,7 +297,7 @@ engine = Engine(launch.config)
 prompt = engine.tokenize("The quick brown fox", add_bos=True)
 print("generating", flush=True)
 while True:
-    list(engine.generate(prompt, Sampling(temperature=0.0, max_tokens=400), ignore_eog=True))
+    list(generate(engine, Request(prompt, GenerationParams(GREEDY, max_tokens=400, ignore_eos=True))))
 """
 
 

@@ -17,19 +17,19 @@ from pathlib import Path
 import pytest
 
 from lcrun.serve.server import ServeOptions
-from tests.fixtures.fake_seq_engine import FakeSequenceEngine
+from tests.fixtures.fake_engine import FakeEngine
 from tests.fixtures.serve_support import LiveServer, http, metrics
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 
 
 @pytest.fixture
-def engine() -> FakeSequenceEngine:
-    return FakeSequenceEngine(n_ctx=16384, n_seq=4)
+def engine() -> FakeEngine:
+    return FakeEngine(n_ctx=16384, n_seq=4)
 
 
 @pytest.fixture
-def server(engine: FakeSequenceEngine) -> Iterator[LiveServer]:
+def server(engine: FakeEngine) -> Iterator[LiveServer]:
     with LiveServer(engine) as live:
         yield live
 
@@ -75,7 +75,7 @@ def test_a_host_that_does_not_name_the_server_is_refused(server: LiveServer) -> 
         assert status == 200, (host, body)
 
 
-def test_allowed_host_adds_names(engine: FakeSequenceEngine) -> None:
+def test_allowed_host_adds_names(engine: FakeEngine) -> None:
     with LiveServer(engine, ServeOptions(allowed_hosts=("llm.example.com", "*.corp.example"))) as live:
         for host in ("llm.example.com", "llm.example.com:443", "a.corp.example", f"localhost:{live.port}"):
             assert post(live, CHAT, {"Host": host})[0] == 200, host
@@ -95,7 +95,7 @@ def test_the_host_policy_of_a_server_bound_beyond_loopback() -> None:
 
 
 # -- 1. Origin, CORS, content type --------------------------------------------------------------------------------------
-def test_a_page_elsewhere_can_neither_call_nor_read(server: LiveServer, engine: FakeSequenceEngine) -> None:
+def test_a_page_elsewhere_can_neither_call_nor_read(server: LiveServer, engine: FakeEngine) -> None:
     # a "simple" request a page may send without a preflight: text/plain, with its Origin
     before = len(engine.decodes)
     status, headers, body = post(server, json.dumps(CHAT).encode(),
@@ -120,7 +120,7 @@ def test_a_json_body_must_say_so(server: LiveServer) -> None:
     assert http("GET", server.url + "/health", headers={"Content-Type": "text/plain"})[0] == 200
 
 
-def test_cors_origin_allows_one_origin_and_answers_its_preflight(engine: FakeSequenceEngine) -> None:
+def test_cors_origin_allows_one_origin_and_answers_its_preflight(engine: FakeEngine) -> None:
     ui = "http://localhost:5173"
     with LiveServer(engine, ServeOptions(cors_origins=(ui,), api_key="sesame")) as live:
         status, headers, _ = http("OPTIONS", live.url + "/v1/chat/completions", headers={
@@ -141,7 +141,7 @@ def test_cors_origin_allows_one_origin_and_answers_its_preflight(engine: FakeSeq
 
 
 # -- 3. bounds -----------------------------------------------------------------------------------------------------------
-def test_a_body_beyond_max_body_is_refused_before_it_is_read(engine: FakeSequenceEngine) -> None:
+def test_a_body_beyond_max_body_is_refused_before_it_is_read(engine: FakeEngine) -> None:
     with LiveServer(engine, ServeOptions(max_body=4096)) as live:
         started = time.monotonic()
         # a gigabyte announced, none of it sent: answered at once (reading it would wait for ever)
@@ -187,7 +187,7 @@ def test_json_nested_too_deep_is_a_400_not_a_crash(server: LiveServer) -> None:
     assert post(server, CHAT)[0] == 200
 
 
-def test_open_connections_are_bounded(engine: FakeSequenceEngine) -> None:
+def test_open_connections_are_bounded(engine: FakeEngine) -> None:
     with LiveServer(engine, ServeOptions(max_connections=3)) as live:
         idle = [socket.create_connection(("127.0.0.1", live.port)) for _ in range(3)]
         try:
@@ -200,7 +200,7 @@ def test_open_connections_are_bounded(engine: FakeSequenceEngine) -> None:
         assert http("GET", live.url + "/health")[0] == 200
 
 
-def test_tokenizing_a_prompt_leaves_the_event_loop_free(server: LiveServer, engine: FakeSequenceEngine) -> None:
+def test_tokenizing_a_prompt_leaves_the_event_loop_free(server: LiveServer, engine: FakeEngine) -> None:
     tokenize = engine.tokenize
     entered = threading.Event()
 
@@ -223,7 +223,7 @@ def test_tokenizing_a_prompt_leaves_the_event_loop_free(server: LiveServer, engi
 
 # -- 8. 500 bodies -------------------------------------------------------------------------------------------------------
 def test_a_500_says_nothing_of_the_server_but_an_id_found_in_its_log(
-        server: LiveServer, engine: FakeSequenceEngine, caplog: pytest.LogCaptureFixture) -> None:
+        server: LiveServer, engine: FakeEngine, caplog: pytest.LogCaptureFixture) -> None:
     secret = "/home/operator/models/secret-finetune.gguf"
 
     def broken(text: str, **kw: object) -> list[int]:
@@ -240,7 +240,7 @@ def test_a_500_says_nothing_of_the_server_but_an_id_found_in_its_log(
         assert status == 500 and secret.encode() not in body and b"RuntimeError" not in body
         ident = json.loads(body)["error"]["message"].split("(id ")[1].split(")")[0]
         assert any(ident in r.getMessage() and secret in (r.exc_text or "") + r.getMessage() for r in caplog.records)
-        engine.tokenize = FakeSequenceEngine.tokenize.__get__(engine)  # type: ignore[method-assign]
+        engine.tokenize = FakeEngine.tokenize.__get__(engine)  # type: ignore[method-assign]
         engine.decode = failing  # type: ignore[method-assign]
         for stream in (False, True):
             status, _, body = post(server, {**CHAT, "stream": stream})
@@ -290,7 +290,7 @@ def test_keys_are_compared_as_bytes_and_each_has_an_identity() -> None:
         assert asgi_call(edge, [(b"authorization", wrong)])[0] == 401, wrong
 
 
-def test_several_keys_on_a_live_server(engine: FakeSequenceEngine) -> None:
+def test_several_keys_on_a_live_server(engine: FakeEngine) -> None:
     with LiveServer(engine, ServeOptions(api_key="one", api_keys=("two", "three"))) as live:
         for key in ("one", "two", "three"):
             assert post(live, CHAT, {"Authorization": f"Bearer {key}"})[0] == 200, key

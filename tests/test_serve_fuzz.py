@@ -128,9 +128,9 @@ _FAKE_SERVER = textwrap.dedent("""
     import sys
     sys.path.insert(0, {root!r})
     from lcrun.serve.server import ServeOptions
-    from tests.fixtures.fake_seq_engine import FakeSequenceEngine
+    from tests.fixtures.fake_engine import FakeEngine
     from tests.fixtures.serve_support import LiveServer
-    engine = FakeSequenceEngine(n_ctx=2048, n_seq=4)   # 512-token slots: ignore_eos replies stay short
+    engine = FakeEngine(n_ctx=2048, n_seq=4)   # 512-token slots: ignore_eos replies stay short
     engine.responder = lambda prompt: "fuzzed " * (len(prompt) % 7)
     with LiveServer(engine, ServeOptions(max_queue=8)) as live:
         print(live.url, flush=True)

@@ -13,11 +13,10 @@ from pathlib import Path
 import openai
 import pytest
 
-from lcrun.engine.protocol import SequenceEngineProtocol
+from lcrun.engine.protocol import EngineProtocol
 from lcrun.serve.scheduler import BUSY_PREFILL_TOKENS
 from lcrun.serve.server import ServeOptions
-from tests.fixtures.fake_engine import LLAMA3_CHAT_TEMPLATE
-from tests.fixtures.fake_seq_engine import FakeSequenceEngine
+from tests.fixtures.fake_engine import LLAMA3_CHAT_TEMPLATE, FakeEngine
 from tests.fixtures.serve_support import LiveServer, http, metrics, wait_for
 
 USER = "<|start_header_id|>user<|end_header_id|>\n\n"
@@ -30,18 +29,18 @@ def render(messages: list[dict[str, str]]) -> str:
 
 
 @pytest.fixture
-def engine() -> FakeSequenceEngine:
-    return FakeSequenceEngine(n_ctx=16384, n_seq=4)
+def engine() -> FakeEngine:
+    return FakeEngine(n_ctx=16384, n_seq=4)
 
 
 @pytest.fixture
-def server(engine: FakeSequenceEngine) -> Iterator[LiveServer]:
+def server(engine: FakeEngine) -> Iterator[LiveServer]:
     with LiveServer(engine) as live:
         yield live
 
 
-def test_the_fake_engine_claims_the_sequence_protocol(engine: FakeSequenceEngine) -> None:
-    assert isinstance(engine, SequenceEngineProtocol)
+def test_the_fake_engine_claims_the_engine_protocol(engine: FakeEngine) -> None:
+    assert isinstance(engine, EngineProtocol)
 
 
 def test_models_and_health(server: LiveServer) -> None:
@@ -52,7 +51,7 @@ def test_models_and_health(server: LiveServer) -> None:
     assert status == 200 and b'"status":"ok"' in body
 
 
-def test_chat_completion(server: LiveServer, engine: FakeSequenceEngine) -> None:
+def test_chat_completion(server: LiveServer, engine: FakeEngine) -> None:
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello there"}]
     out = server.client().chat.completions.create(model="fake-model", messages=messages, temperature=0, seed=7)
     assert out.object == "chat.completion" and out.id.startswith("chatcmpl-") and out.model == "fake-model"
@@ -68,7 +67,7 @@ def test_chat_completion(server: LiveServer, engine: FakeSequenceEngine) -> None
     assert (sampling.temperature, sampling.seed) == (0.0, 7)
 
 
-def test_penalties_reach_the_sampler(server: LiveServer, engine: FakeSequenceEngine) -> None:
+def test_penalties_reach_the_sampler(server: LiveServer, engine: FakeEngine) -> None:
     messages = [{"role": "user", "content": "hello"}]
     server.client().chat.completions.create(model="fake-model", messages=messages, frequency_penalty=0.5,
                                             presence_penalty=-0.25)
@@ -94,7 +93,7 @@ def test_chat_completion_streamed(server: LiveServer) -> None:
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(text) + 1
 
 
-def test_completions_streamed_and_not(server: LiveServer, engine: FakeSequenceEngine) -> None:
+def test_completions_streamed_and_not(server: LiveServer, engine: FakeEngine) -> None:
     engine.responder = lambda prompt: f" and then {len(prompt.removeprefix('<|begin_of_text|>'))} characters"
     client = server.client()
     out = client.completions.create(model="fake-model", prompt="Once upon a time")
@@ -121,7 +120,7 @@ def test_max_tokens_ends_with_length(server: LiveServer) -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_stop_strings_end_the_reply_before_them(server: LiveServer, engine: FakeSequenceEngine, stream: bool) -> None:
+def test_stop_strings_end_the_reply_before_them(server: LiveServer, engine: FakeEngine, stream: bool) -> None:
     engine.responder = lambda _: "alpha beta STOP gamma"
     client = server.client()
     kw = dict(model="fake-model", messages=[{"role": "user", "content": "q"}], stop=["zzz", "STOP"])
@@ -139,7 +138,7 @@ def test_stop_strings_end_the_reply_before_them(server: LiveServer, engine: Fake
     assert (out.choices[0].message.content, out.choices[0].finish_reason) == ("alpha ST", "stop")
 
 
-def test_four_requests_in_parallel_are_decoded_together(server: LiveServer, engine: FakeSequenceEngine) -> None:
+def test_four_requests_in_parallel_are_decoded_together(server: LiveServer, engine: FakeEngine) -> None:
     engine.step_delay_s = 0.01
     client = server.client()
     answers: dict[int, str] = {}
@@ -160,7 +159,7 @@ def test_four_requests_in_parallel_are_decoded_together(server: LiveServer, engi
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_beside_a_generating_slot(server: LiveServer,
-                                                                          engine: FakeSequenceEngine) -> None:
+                                                                          engine: FakeEngine) -> None:
     engine.step_delay_s = 0.005
     engine.responder = lambda prompt: "y" * 200 if prompt.endswith("short") else "done"
     client = server.client()
@@ -180,7 +179,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_beside_a_generating_slot(server: L
     assert all(n <= BUSY_PREFILL_TOKENS for d in beside for s, n in d if s == long_seq)
 
 
-def test_a_prompt_reuses_the_longest_prefix_any_slot_holds(server: LiveServer, engine: FakeSequenceEngine) -> None:
+def test_a_prompt_reuses_the_longest_prefix_any_slot_holds(server: LiveServer, engine: FakeEngine) -> None:
     client = server.client()
     document = "The document. " * 100
     first = client.chat.completions.create(model="fake-model", messages=[{"role": "user", "content": document + "Q1"}])
@@ -250,7 +249,7 @@ def test_a_prompt_longer_than_a_slot_is_refused_with_the_counts(server: LiveServ
     assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 1
 
 
-def test_a_full_queue_answers_503_with_retry_after(engine: FakeSequenceEngine) -> None:
+def test_a_full_queue_answers_503_with_retry_after(engine: FakeEngine) -> None:
     engine.n_seq = 1
     engine.__post_init__()
     engine.step_delay_s = 0.01
@@ -269,7 +268,7 @@ def test_a_full_queue_answers_503_with_retry_after(engine: FakeSequenceEngine) -
         assert client.completions.create(model="fake-model", prompt="d").choices
 
 
-def test_api_key(engine: FakeSequenceEngine) -> None:
+def test_api_key(engine: FakeEngine) -> None:
     with LiveServer(engine, ServeOptions(api_key="sesame")) as live:
         with pytest.raises(openai.AuthenticationError):
             live.client(api_key="wrong").models.with_raw_response.retrieve("x")  # any protected call
@@ -289,7 +288,7 @@ def test_api_key(engine: FakeSequenceEngine) -> None:
             'lcrun_requests_total{endpoint="/v1/completions",code="401"}'] == 1
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_slot(server: LiveServer, engine: FakeSequenceEngine) -> None:
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(server: LiveServer, engine: FakeEngine) -> None:
     engine.step_delay_s = 0.02
     engine.responder = lambda _: "never ending " * 100
     client = server.client()
@@ -309,7 +308,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server: LiveServer,
 
 
 def test_a_non_streaming_client_that_disconnects_frees_its_slot(server: LiveServer,
-                                                                engine: FakeSequenceEngine) -> None:
+                                                                engine: FakeEngine) -> None:
     engine.step_delay_s = 0.02
     engine.responder = lambda _: "never ending " * 100
     client = server.client(timeout=0.5)
@@ -337,8 +336,8 @@ def test_metrics_are_prometheus_text(server: LiveServer) -> None:
 def test_the_disk_prompt_cache_survives_a_restart(tmp_path: Path) -> None:
     options = ServeOptions(cache_dir=tmp_path / "cache", cache_min_tokens=256)
     document = "Long shared document text. " * 40   # 1080 tokens in the fake vocabulary
-    def engine() -> FakeSequenceEngine:
-        return FakeSequenceEngine(n_ctx=8192, n_seq=2, responder=lambda _: "short")
+    def engine() -> FakeEngine:
+        return FakeEngine(n_ctx=8192, n_seq=2, responder=lambda _: "short")
 
     with LiveServer(engine(), options) as live:
         first = live.client().completions.create(model="fake-model", prompt=document + "question one")
@@ -362,7 +361,7 @@ def test_the_disk_prompt_cache_survives_a_restart(tmp_path: Path) -> None:
         assert metrics(live.url)["lcrun_cache_restored_tokens_total"] == 0
 
 
-def test_shutdown_ends_streams_in_flight_with_an_error_event(engine: FakeSequenceEngine) -> None:
+def test_shutdown_ends_streams_in_flight_with_an_error_event(engine: FakeEngine) -> None:
     engine.step_delay_s = 0.02
     engine.responder = lambda _: "never ending " * 200
     live = LiveServer(engine, ServeOptions(shutdown_grace_s=0.3))
@@ -384,7 +383,7 @@ def test_shutdown_ends_streams_in_flight_with_an_error_event(engine: FakeSequenc
 
 
 @pytest.mark.parametrize("remember", [True, False], ids=["remembered", "negative-control"])
-def test_a_reply_sent_back_keeps_the_tokens_it_was_sampled_as(engine: FakeSequenceEngine, remember: bool) -> None:
+def test_a_reply_sent_back_keeps_the_tokens_it_was_sampled_as(engine: FakeEngine, remember: bool) -> None:
     from lcrun.serve.replies import ReplyMemory
 
     # a model may sample a control token mid-reply; its text comes back as message text, which tokenizes otherwise
@@ -433,11 +432,12 @@ def test_reply_memory_takes_a_remembered_prefix_only_at_a_token_boundary() -> No
 def test_the_disk_or_another_slot_is_chosen_before_anything_is_copied(tmp_path: Path, on_disk: bool) -> None:
     import json
 
-    from lcrun.engine.protocol import CHAT_SAMPLING, SequenceState
+    from lcrun.engine.protocol import SequenceState
+    from lcrun.generation.records import Finished, Request
     from lcrun.serve.prompt_cache import PromptCache
-    from lcrun.serve.scheduler import Done, Job, Scheduler
+    from lcrun.serve.scheduler import Job, Scheduler
 
-    engine = FakeSequenceEngine(n_ctx=8192, n_seq=2, responder=lambda _: "busy " * 80, step_delay_s=0.002)
+    engine = FakeEngine(n_ctx=8192, n_seq=2, responder=lambda _: "busy " * 80, step_delay_s=0.002)
     copies: list[tuple] = []
     copy = engine.seq_copy
     engine.seq_copy = lambda *args: (copies.append(args), copy(*args))[1]  # type: ignore[method-assign]
@@ -450,18 +450,18 @@ def test_the_disk_or_another_slot_is_chosen_before_anything_is_copied(tmp_path: 
     scheduler.start()
     try:
         events: dict[str, list] = {"first": [], "second": []}
-        first = Job(document[:300] + engine.tokenize("other question"), CHAT_SAMPLING, events["first"].append)
+        first = Job(Request(document[:300] + engine.tokenize("other question")), events["first"].append)
         scheduler.submit(first)  # slot 0 holds 300 tokens of the document and keeps generating
         assert wait_for(lambda: len(engine.decodes) > 5 and scheduler.busy_slots == 1)
-        second = Job(document + engine.tokenize("question two"), CHAT_SAMPLING, events["second"].append)
+        second = Job(Request(document + engine.tokenize("question two")), events["second"].append)
         scheduler.submit(second)
-        assert wait_for(lambda: any(isinstance(e, Done) for e in events["second"]), timeout=30)
-        done = next(e for e in events["second"] if isinstance(e, Done))
+        assert wait_for(lambda: any(isinstance(e, Finished) for e in events["second"]), timeout=30)
+        done = next(e for e in events["second"] if isinstance(e, Finished))
         if on_disk:
             assert copies == []                                   # the copy would have been overwritten
-            assert done.restored_tokens == done.cached_tokens == len(document)
+            assert done.restored_tokens == done.reused_tokens == len(document)
         else:
             assert copies == [(0, 1, 300)]                        # slot 0's share of the document, copied to slot 1
-            assert done.restored_tokens == 0 and done.cached_tokens == 300
+            assert done.restored_tokens == 0 and done.reused_tokens == 300
     finally:
         scheduler.close(grace_s=0.1)

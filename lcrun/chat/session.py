@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from lcrun.atomic_files import write_atomic
-from lcrun.engine.protocol import EngineProtocol, Finished, PrefillProgress, Sampling, TextChunk
+from lcrun.engine.protocol import EngineProtocol
 from lcrun.errors import LcrunError
+from lcrun.generation.drive import generate, prefill
+from lcrun.generation.records import Finished, GenerationParams, PrefillProgress, Request, TextChunk
 
 from .conversation import Conversation, Fitted, Message, document_text, fit_to_context
 from .documents import DocumentError, read_document
@@ -83,11 +85,12 @@ class SessionStats:
 
 class ChatSession:
     def __init__(self, engine: EngineProtocol, *, chat_format: FormatChoice | None = None,
-                 template: ChatRenderer | None = None, system: str | None = None, sampling: Sampling = Sampling(),
-                 max_tokens: int | None = None, history: History | None = None, model_name: str = "",
+                 template: ChatRenderer | None = None, system: str | None = None,
+                 params: GenerationParams = GenerationParams(), history: History | None = None, model_name: str = "",
                  session_path: Path | None = None, model_identity: str = "") -> None:
         """`chat_format`: as chosen from the file's header (default: chosen from the engine's vocabulary);
-        `template`: a renderer to use instead (tests); `model_identity`: the model file's (lcrun.model_identity), saved
+        `template`: a renderer to use instead (tests); `params`: how each reply is generated (its max_tokens is
+        capped by the room the context leaves); `model_identity`: the model file's (lcrun.model_identity), saved
         with the session so that its KV cache is restored only into the same model."""
         self.engine = engine
         if template is None:
@@ -96,16 +99,13 @@ class ChatSession:
         self.chat_format = chat_format
         self.template = template
         self.conversation = Conversation(system or None)
-        self.sampling = sampling
-        self.max_tokens = max_tokens
+        self.params = params
         self.history = history
         self.model_name = model_name
         self.session_path = session_path
         self.model_identity = model_identity
         self.loaded: dict[str, Any] = {}   # what a loaded session file says it was saved with
         self.stats = SessionStats()
-        special = engine.special_tokens()
-        self.stop_tokens = {special[k] for k in ("eos", "eot") if k in special}
         self.tokenize = PromptTokenizer(engine.tokenize, engine.token_text)
 
     # -- sizes --------------------------------------------------------------------------------------------------
@@ -116,7 +116,7 @@ class ChatSession:
     @property
     def reserve(self) -> int:
         """Tokens kept free for the reply when fitting a prompt."""
-        return min(self.max_tokens or 1024, max(16, self.n_ctx // 4))
+        return min(self.params.max_tokens or 1024, max(16, self.n_ctx // 4))
 
     def count(self, text: str) -> int:
         return len(self.engine.tokenize(text))
@@ -141,8 +141,9 @@ class ChatSession:
             messages.pop()
         if not messages or messages[-1].role != "user" or messages[-1].pinned:
             raise LcrunError("/retry", "no question to answer again yet")
-        if self.sampling.temperature > 0:  # greedy would give the same answer; sampled replies get a new seed
-            self.sampling = replace(self.sampling, seed=self.sampling.seed + 1)
+        sampling = self.params.sampling
+        if sampling.temperature > 0:  # greedy would give the same answer; sampled replies get a new seed
+            self.params = replace(self.params, sampling=replace(sampling, seed=sampling.seed + 1))
         yield from self._reply(self._fit(), cancel, question=messages[-1].content, new_question=False)
 
     def _fit(self) -> Fitted:
@@ -161,12 +162,12 @@ class ChatSession:
             self.stats.dropped_turns += fitted.dropped_turns
             yield Notice(f"context full: dropped the {fitted.dropped_turns} oldest turn(s) "
                          f"({fitted.dropped_tokens:,} tokens) to make room", "warning")
-        room = self.n_ctx - len(fitted.tokens) - 1
-        sampling = replace(self.sampling, max_tokens=min(self.max_tokens or room, room))
+        room = self.n_ctx - len(fitted.tokens)
+        params = replace(self.params, max_tokens=min(self.params.max_tokens or room, room))
         parts: list[str] = []
         finished: Finished | None = None
         yield TurnStarted(len(fitted.tokens), self.n_ctx)
-        for event in self.engine.generate(fitted.tokens, sampling, stop_tokens=self.stop_tokens, cancel=cancel):
+        for event in generate(self.engine, Request(fitted.tokens, params), cancel=cancel):
             if isinstance(event, TextChunk):
                 parts.append(event.text)
             elif isinstance(event, Finished):
@@ -181,9 +182,10 @@ class ChatSession:
                                                                   else ""))
             return
         messages.append(Message("assistant", reply, interrupted=finished.reason == "cancelled"))
-        cached = self.engine.cached_tokens
-        stop_text = self.engine.token_text(cached[-1]) if finished.reason == "stop" and cached else ""
-        self.tokenize.remember(fitted.text + as_content(reply) + stop_text, cached)
+        if finished.stop is None:  # the reply is its sampled tokens' text (unless a stop string cut it)
+            sampled = list(finished.tokens)
+            end = self.engine.token_text(sampled[-1]) if finished.reason == "stop" and sampled else ""
+            self.tokenize.remember(fitted.text + as_content(reply) + end, fitted.tokens + sampled)
         if finished.reason == "length" and finished.completion_tokens >= room:
             yield Notice("the reply filled the context; the next turn drops the oldest turns", "warning")
         self._record(question, reply, finished)
@@ -241,7 +243,9 @@ class ChatSession:
             yield Notice(f"dropped the {fitted.dropped_turns} oldest turn(s) ({fitted.dropped_tokens:,} tokens) "
                          "to make room for the document", "warning")
         tokens = self._tokens(add_generation_prompt=False)
-        yield from self.engine.prefill(tokens, cancel=cancel)
+        for event in prefill(self.engine, tokens, cancel=cancel):
+            if isinstance(event, PrefillProgress):
+                yield event
         if cancel is not None and cancel.is_set() and len(self.engine.cached_tokens) < len(tokens):
             self.conversation.messages[:] = saved
             yield Notice(f"cancelled: {check.name} was not added")

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lcrun.engine.protocol import CHAT_SAMPLING, Sampling
 from lcrun.errors import EngineError, LcrunError
+from lcrun.generation.records import GenerationParams
 
 from .documents import read_document
 
@@ -24,8 +24,7 @@ class ChatOptions:
     prompt: str | None = None            # -p: answer this one prompt ("-": read it from stdin)
     system: str | None = None
     documents: list[Path] = field(default_factory=list)
-    sampling: Sampling = CHAT_SAMPLING   # max_tokens aside: that is `max_tokens` below
-    max_tokens: int | None = None
+    params: GenerationParams = GenerationParams()   # sampling, max_tokens, stop strings of every reply
     session_file: Path | None = None
     history_file: Path | None = None
     no_history: bool = False
@@ -56,10 +55,9 @@ def start_session(model: LoadedModel, options: ChatOptions) -> ChatSession:
     from .session import ChatSession
 
     history = None if options.no_history else History(options.history_file or default_history_path())
-    return ChatSession(model.engine, chat_format=model.chat_format, system=options.system,
-                       max_tokens=options.max_tokens, history=history, model_name=model.model_path.name,
-                       model_identity=file_identity(model.model_path), sampling=options.sampling,
-                       session_path=options.session_file)
+    return ChatSession(model.engine, chat_format=model.chat_format, system=options.system, params=options.params,
+                       history=history, model_name=model.model_path.name,
+                       model_identity=file_identity(model.model_path), session_path=options.session_file)
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .bindings import MEMORY_BREAKDOWN, function, libllama
+from .params import ggml_type
+
 _MIB = 1024 * 1024
-_BREAKDOWN_SYMBOL = "_Z26llama_get_memory_breakdownPK13llama_context"
 
 
 @dataclass(frozen=True)
@@ -100,13 +102,6 @@ class _StdMap(ctypes.Structure):
     ]
 
 
-def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
-    from llama_cpp import llama_cpp as bindings
-
-    lib_dir = Path(bindings.__file__).parent / "lib"
-    return bindings._lib, ctypes.CDLL(str(lib_dir / "libggml-base.so"))
-
-
 def breakdown_supported() -> bool:
     """Whether llama_get_memory_breakdown can be read here: x86-64 Linux, llama.cpp built against libstdc++."""
     import platform
@@ -114,7 +109,7 @@ def breakdown_supported() -> bool:
 
     if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
         return False
-    _libs()  # llama.cpp's libraries, and the C++ runtime they link, are loaded now
+    libllama()  # llama.cpp's libraries, and the C++ runtime they link, are loaded now
     try:
         return "libstdc++" in Path("/proc/self/maps").read_text()
     except OSError:
@@ -123,17 +118,11 @@ def breakdown_supported() -> bool:
 
 def _breakdown(ctx: int) -> dict[str, tuple[int, int, int]] | None:
     """{buffer type name: (model, context, compute)} from llama.cpp, or None when the symbol is not exported."""
-    llama_lib, ggml_lib = _libs()
     try:
-        fn = getattr(llama_lib, _BREAKDOWN_SYMBOL)
+        fn = function(MEMORY_BREAKDOWN)
     except AttributeError:
         return None
-    fn.argtypes = [ctypes.POINTER(_StdMap), ctypes.c_void_p]  # returned by value: the caller passes the storage
-    fn.restype = None
-    buft_name = ggml_lib.ggml_backend_buft_name
-    buft_name.argtypes = [ctypes.c_void_p]
-    buft_name.restype = ctypes.c_char_p
-
+    buft_name = function("ggml_backend_buft_name")
     result = _StdMap()
     fn(ctypes.byref(result), ctx)
     out: dict[str, tuple[int, int, int]] = {}
@@ -177,12 +166,6 @@ def allocations_from_log(lines: list[str]) -> Allocations:
     )
 
 
-def _ggml_type(name: str) -> int:
-    import gguf
-
-    return int(gguf.GGMLQuantizationType[name.upper()])
-
-
 def measure_allocations(
     gguf_path: str | Path,
     *,
@@ -218,7 +201,8 @@ def measure_allocations(
     llama_cpp.llama_log_set(_capture, ctypes.c_void_p(0))
     model = ctx = None
     try:
-        from .runtime import EngineConfig, model_params
+        from .params import model_params
+        from .protocol import EngineConfig
 
         mparams = model_params(EngineConfig(Path(gguf_path), n_ctx, n_gpu_layers=n_gpu_layers, devices=devices,
                                             tensor_split=tensor_split))
@@ -232,8 +216,8 @@ def measure_allocations(
         cparams.n_batch = n_batch
         cparams.n_ubatch = n_ubatch
         cparams.n_seq_max = n_seq
-        cparams.type_k = _ggml_type(type_k)
-        cparams.type_v = _ggml_type(type_v)
+        cparams.type_k = ggml_type(type_k)
+        cparams.type_v = ggml_type(type_v)
         cparams.flash_attn_type = (
             llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         )
@@ -264,7 +248,7 @@ def measure_allocations(
             llama_cpp.llama_free(ctx)
         if model:
             llama_cpp.llama_model_free(model)
-        from .runtime import quiet_llama_log
+        from .library import quiet_llama_log
 
         quiet_llama_log(llama_cpp)
 

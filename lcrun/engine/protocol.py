@@ -1,19 +1,19 @@
-"""What an engine is, for everything that drives one: the configuration, the typed records it streams, and its
-interface as `typing.Protocol`s.
+"""What an engine is, for everything that drives one: its configuration, the sampler settings, the step API's records
+and its interface as a `typing.Protocol`.
 
-`EngineProtocol` is what chat, niah and bench use: one conversation whose KV cache the engine keeps between calls.
-The fake engine of the UI tests implements it. `SequenceEngineProtocol` adds what a server needs on top: several
-sequences in one llama.cpp context, each with its cached tokens and its sampler, prefixes copied between them, and a
-step API that decodes the next token of every generating sequence (and a chunk of a new prompt) in one
-`llama_decode`. `lcrun.engine.runtime.Engine` implements both. No llama_cpp here: importing this module is cheap.
+An engine holds `n_seq` sequences in one llama.cpp context, each with its cached tokens (reused for the longest
+common prefix of the next prompt) and its sampler chain, prefixes copied between them, and a step API that decodes
+several sequences' tokens in one `llama_decode` and samples each from its own logits. It generates nothing by
+itself: `lcrun.generation`'s one decode loop drives the step API for chat, niah, bench and serve.
+`lcrun.engine.runtime.Engine` is the llama.cpp engine; `tests/fixtures/fake_engine.py` the fake the UI and server
+tests use; `tests/test_engine_contract.py` holds both to this protocol. No llama_cpp here: importing it is cheap.
 """
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, NamedTuple, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import numpy as np
@@ -30,7 +30,6 @@ class EngineConfig:
     n_threads: int | None = None     # None: half the CPUs (llama-cpp-python's default)
     n_batch: int = 512
     n_ubatch: int = 512
-    seed: int = 0                    # unused by sampling (Sampling.seed is); kept so configs stay comparable
     rope_freq_base: float | None = None
     rope_freq_scale: float | None = None
     n_seq: int = 1                   # sequences sharing the context (a server's parallel slots)
@@ -53,12 +52,15 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class Sampling:
-    temperature: float = 0.0
-    top_p: float = 1.0
+    """One sequence's sampler chain. The defaults are the one source of lcrun's sampling defaults — `lcrun chat`'s
+    options and serve's unset request fields take theirs from here — and they are llama.cpp's own
+    (common_params_sampling, which llama-server and llama-cli use and llama-cpp-python's `Llama` repeats): temperature
+    0.8, top-k 40, top-p 0.95, min-p 0.05, no penalties."""
+    temperature: float = 0.8         # 0: greedy; below 0: sample from the raw distribution
+    top_p: float = 0.95
     top_k: int = 40
     min_p: float = 0.05
     repeat_penalty: float = 1.0
-    max_tokens: int = 512
     seed: int = 0
     # OpenAI's (and llama.cpp's) penalties over the last REPEAT_LAST_N tokens: minus frequency × count, minus presence
     # once a token appeared
@@ -66,41 +68,13 @@ class Sampling:
     presence_penalty: float = 0.0
 
 
-# What a conversation samples with unless the user says otherwise (`lcrun chat` and its options take their defaults
-# from here). `Sampling()` itself is greedy: the engine's default for niah, bench and tests.
-CHAT_SAMPLING = Sampling(temperature=0.7, top_p=0.95, top_k=40, min_p=0.05, repeat_penalty=1.0, seed=0)
+GREEDY = Sampling(temperature=0.0)   # niah, bench, parity checks: the most likely token every time
 
 
-@dataclass(frozen=True)
-class TextChunk:
-    text: str
-    n_tokens: int
-
-
-@dataclass(frozen=True)
-class PrefillProgress:
-    done: int
-    total: int
-
-
-@dataclass(frozen=True)
-class Finished:
-    reason: str  # "stop" | "length" | "cancelled"
-    prompt_tokens: int
-    reused_tokens: int
-    completion_tokens: int
-    time_to_first_token_s: float
-    prefill_tokens_per_s: float
-    gen_tokens_per_s: float
-
-
-GenerateEvent = PrefillProgress | TextChunk | Finished
-
-
-@dataclass(frozen=True)
-class Feed:
+class Feed(NamedTuple):
     """Tokens to append to one sequence in a `decode` step. With `logits`, the last one's logits are kept for
-    `sample(seq)`; a prefill chunk that is not a prompt's last goes without."""
+    `sample(seq)`; a prefill chunk that is not a prompt's last goes without. (A NamedTuple: one is made per generated
+    token, at a quarter of a frozen dataclass's cost.)"""
     seq: int
     tokens: Sequence[int]
     logits: bool = True
@@ -126,11 +100,21 @@ class SequenceState:
 
 @runtime_checkable
 class EngineProtocol(Protocol):
-    """A llama.cpp session for one conversation: the KV cache is kept between calls and reused for the longest
-    common prefix of what it holds and the next prompt."""
+    """Sequences 0 … n_seq-1 in one context; the single-conversation methods (`cached_tokens`, `save_state`,
+    `load_state`) default to sequence 0. The step API, as the decode loop uses it:
+
+        engine.set_sampler(s, sampling)                       # when a request starts on sequence s
+        plan = engine.plan_prompt(s, prompt)                  # reuse what s holds; the rest in chunks
+        engine.decode([Feed(a, [last_a]), Feed(b, [last_b]), Feed(s, plan.chunks[i], logits=i == last)])
+        next_a, next_b = engine.sample(a), engine.sample(b)   # each from its own logits, with its own sampler
+
+    A decode replaces the logits of the one before: sample (and read `logits`) in between.
+    """
 
     n_ctx: int
     n_ctx_train: int
+    n_seq: int
+    n_ctx_seq: int                  # tokens one sequence can hold
     metadata: dict[str, str]        # every GGUF key/value, as strings
 
     @property
@@ -146,63 +130,30 @@ class EngineProtocol(Protocol):
     def tokenize(self, text: str, *, special: bool = True, add_bos: bool = False) -> list[int]: ...
     def detokenize(self, tokens: Sequence[int]) -> str: ...
     def token_text(self, token: int) -> str: ...
-    def special_tokens(self) -> dict[str, int]: ...
-
-    def prefill(self, tokens: list[int], *, cancel: threading.Event | None = None,
-                chunk: int = 512) -> Iterator[PrefillProgress]: ...
-    def generate(self, prompt_tokens: list[int], sampling: Sampling, *, stop_tokens: set[int] | None = None,
-                 cancel: threading.Event | None = None, prefill_chunk: int = 512, ignore_eog: bool = False,
-                 pad_short_batches: bool = True) -> Iterator[GenerateEvent]: ...
-
-    def save_state(self, path: Path) -> None: ...
-    def load_state(self, path: Path) -> int: ...
-
-    def close(self) -> None: ...
-    def __enter__(self) -> EngineProtocol: ...
-    def __exit__(self, *exc: object) -> None: ...
-
-
-@runtime_checkable
-class SequenceEngineProtocol(EngineProtocol, Protocol):
-    """Several sequences (0 … n_seq-1) in one context. The single-conversation methods take `seq` (default 0);
-    `decode` + `sample` are the step API of continuous batching:
-
-        engine.set_sampler(s, sampling)                       # when a request starts on sequence s
-        plan = engine.plan_prompt(s, prompt)                  # reuse what s holds; the rest in chunks
-        engine.decode([Feed(a, [last_a]), Feed(b, [last_b]), Feed(s, plan.chunks[i], logits=i == last)])
-        next_a, next_b = engine.sample(a), engine.sample(b)   # each from its own logits, with its own sampler
-
-    A decode replaces the logits of the one before: sample (and read `logits`) in between.
-    """
-
-    n_seq: int
-    n_ctx_seq: int                  # tokens one sequence can hold
-
-    def prefill(self, tokens: list[int], *, seq: int = 0, cancel: threading.Event | None = None,
-                chunk: int = 512) -> Iterator[PrefillProgress]: ...
-    def generate(self, prompt_tokens: list[int], sampling: Sampling, *, seq: int = 0,
-                 stop_tokens: set[int] | None = None, cancel: threading.Event | None = None,
-                 prefill_chunk: int = 512, ignore_eog: bool = False,
-                 pad_short_batches: bool = True) -> Iterator[GenerateEvent]: ...
-    def save_state(self, path: Path, *, seq: int = 0) -> None: ...
-    def load_state(self, path: Path, *, seq: int = 0) -> int: ...
-
     def token_bytes(self, token: int) -> bytes: ...
+    def special_tokens(self) -> dict[str, int]: ...
     def is_eog(self, token: int) -> bool: ...
 
-    def plan_prompt(self, seq: int, prompt_tokens: list[int], *, chunk: int = 512, sample: bool = True,
-                    pad_short_batches: bool = True) -> PromptPlan: ...
     def seq_tokens(self, seq: int) -> list[int]: ...
     def seq_len(self, seq: int) -> int: ...
     def common_prefix(self, seq: int, tokens: Sequence[int]) -> int: ...
     def seq_truncate(self, seq: int, keep: int) -> int: ...
     def seq_clear(self, seq: int) -> None: ...
     def seq_copy(self, src: int, dst: int, n: int | None = None) -> None: ...
-    def snapshot(self, seq: int) -> SequenceState: ...
-    def restore(self, state: SequenceState, seq: int) -> int: ...
     def kv_cells_used(self) -> int: ...
 
+    def plan_prompt(self, seq: int, prompt_tokens: list[int], *, chunk: int = 512, sample: bool = True,
+                    pad_short_batches: bool = True) -> PromptPlan: ...
     def set_sampler(self, seq: int, sampling: Sampling) -> None: ...
     def decode(self, feeds: Sequence[Feed]) -> None: ...
     def sample(self, seq: int) -> int: ...
     def logits(self, seq: int) -> np.ndarray: ...
+
+    def save_state(self, path: Path, *, seq: int = 0) -> None: ...
+    def load_state(self, path: Path, *, seq: int = 0) -> int: ...
+    def snapshot(self, seq: int) -> SequenceState: ...
+    def restore(self, state: SequenceState, seq: int) -> int: ...
+
+    def close(self) -> None: ...
+    def __enter__(self) -> EngineProtocol: ...
+    def __exit__(self, *exc: object) -> None: ...

@@ -55,7 +55,7 @@ def quantize_gguf(src: Path, dst: Path, qtype: str, *, threads: int | None = Non
         try:
             rc = llama_cpp.llama_model_quantize(os.fsencode(src), os.fsencode(dst), ctypes.byref(params))
         finally:
-            from .runtime import quiet_llama_log
+            from .library import quiet_llama_log
 
             quiet_llama_log(llama_cpp)
     if rc != 0:

@@ -5,9 +5,8 @@ Everything goes through ggml's own functions except the handshake: ggml aborts t
 unreachable, speaks another protocol version or is busy with another client (it serves one at a time), so `probe`
 performs the same HELLO in Python first, with timeouts, and turns each of those into a one-line `WorkerError`. A
 worker lost later (mid-generation) also ends in ggml's abort; `watch_workers` installs ggml's abort callback, which
-names the worker that went away in one line and exits. The libraries are reached through libllama's handle (dlsym
-searches what it links), never loaded by file name: llama-cpp-python ships copies, not symlinks, of each library, so
-loading `libggml-rpc.so` by name would start a second ggml with its own state.
+names the worker that went away in one line and exits. ggml's functions come from lcrun's one bindings table
+(engine/bindings.py), through libllama's handle.
 """
 from __future__ import annotations
 
@@ -23,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from lcrun.errors import LcrunError
+
+from .bindings import ABORT_CALLBACK, ggml
 
 # ggml-rpc.h of the vendored llama.cpp: the client accepts a server of the same major and a minor not above its own
 PROTOCOL = (7, 0, 0)
@@ -129,32 +130,18 @@ def _version(v: tuple[int, int, int]) -> str:
 
 
 # -- ggml's client: devices and their memory -----------------------------------------------------------------------
-_ABORT_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_char_p)   # ggml_abort_callback_t
-_lib_ready = False
+_backend_ready = False
 
 
 def _lib() -> Any:
-    global _lib_ready
-    import llama_cpp
+    """ggml's functions (lcrun's one bindings table), the backend initialised."""
+    global _backend_ready
+    if not _backend_ready:
+        import llama_cpp
 
-    lib = llama_cpp.llama_cpp._lib
-    if not _lib_ready:
-        c = ctypes
-        for name, argtypes, restype in (
-            ("ggml_backend_rpc_add_server", [c.c_char_p], c.c_void_p),
-            ("ggml_backend_rpc_get_device_memory",
-             [c.c_char_p, c.c_uint32, c.POINTER(c.c_size_t), c.POINTER(c.c_size_t)], None),
-            ("ggml_backend_rpc_start_server", [c.c_char_p, c.c_char_p, c.c_size_t, c.c_size_t, c.c_void_p], None),
-            ("ggml_backend_reg_dev_count", [c.c_void_p], c.c_size_t),
-            ("ggml_backend_reg_dev_get", [c.c_void_p, c.c_size_t], c.c_void_p),
-            ("ggml_backend_dev_by_name", [c.c_char_p], c.c_void_p),
-            ("ggml_set_abort_callback", [_ABORT_CALLBACK], c.c_void_p),
-        ):
-            fn = getattr(lib, name)
-            fn.argtypes, fn.restype = argtypes, restype
         llama_cpp.llama_backend_init()
-        _lib_ready = True
-    return lib
+        _backend_ready = True
+    return ggml
 
 
 @dataclass(frozen=True)
@@ -271,7 +258,7 @@ def watch_workers(endpoints: list[str]) -> None:
             _watched.append(endpoint)
     if _callback_keepalive:
         return
-    callback = _ABORT_CALLBACK(_on_abort)
+    callback = ABORT_CALLBACK(_on_abort)
     _callback_keepalive.append(callback)
     lib.ggml_set_abort_callback(callback)
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from lcrun.chat.formats import RAW, FormatChoice, engine_renderer
-from lcrun.engine.runtime import Finished, PrefillProgress, Sampling, TextChunk
+from lcrun.engine.protocol import GREEDY
+from lcrun.generation.drive import generate
+from lcrun.generation.records import Finished, GenerationParams, PrefillProgress, Request, TextChunk
 
 from . import NiahError
 from .grid import (GRADIENT_DEPTH_INTERVAL, GRADIENT_DIGITS, GRADIENT_MAX_CTX, GRADIENT_MIN_CTX, GRADIENT_SAMPLES,
@@ -143,9 +145,7 @@ def run_cells(engine: Any, run: NiahRun, log: ResultsLog, *,
     finished_keys = {cell_key(r) for r in log.done}
     todo = [cell for cell in run.cells if cell.key not in finished_keys]
     yield RunStarted(total=len(run.cells), done=len(run.cells) - len(todo), todo=todo)
-    special = engine.special_tokens()
-    stops = {special[k] for k in ("eos", "eot") if k in special}
-    sampling = Sampling(temperature=0.0, max_tokens=params.answer_tokens, seed=params.seed)
+    reply = GenerationParams(replace(GREEDY, seed=params.seed), max_tokens=params.answer_tokens)
     for index, cell in enumerate(todo):
         needle = needle_for(cell, params.seed, params.digits)
         prompt = run.builder.build(run.stream, cell, needle)
@@ -153,7 +153,7 @@ def run_cells(engine: Any, run: NiahRun, log: ResultsLog, *,
         started = clock()
         answer: list[str] = []
         end: Finished | None = None
-        for event in engine.generate(prompt.tokens, sampling, stop_tokens=stops):
+        for event in generate(engine, Request(prompt.tokens, reply)):
             if isinstance(event, TextChunk):
                 answer.append(event.text)
             elif isinstance(event, PrefillProgress):

@@ -26,14 +26,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lcrun.chat.prompt_tokens import MarkedText, PromptTokenizer, as_content, render_marked
 from lcrun.chat.template import ChatRenderer
+from lcrun.engine.protocol import EngineProtocol
 from lcrun.errors import LcrunError
-from lcrun.engine.protocol import Sampling, SequenceEngineProtocol
+from lcrun.generation.records import Failed, Finished, GenerateEvent, TextChunk
+from lcrun.generation.records import Request as GenerationRequest
 
 from . import openai_api as oa
 from .edge import Edge, EdgePolicy, host_policy
 from .metrics import CONTENT_TYPE, Metrics
 from .replies import ReplyMemory
-from .scheduler import Delta, Done, Failed, Job, JobEvent, Scheduler
+from .scheduler import Job, Scheduler
 
 log = logging.getLogger("lcrun.serve")
 
@@ -49,7 +51,7 @@ def _loopback_edge() -> EdgePolicy:
 
 @dataclass
 class ServerState:
-    engine: SequenceEngineProtocol
+    engine: EngineProtocol
     scheduler: Scheduler
     metrics: Metrics
     model_id: str
@@ -234,19 +236,6 @@ def _tokenize_chat(state: ServerState, text: MarkedText) -> list[int]:
     return state.replies.tokenize(text, tokenize)
 
 
-def _sampling(req: oa._Generation) -> Sampling:
-    return Sampling(
-        temperature=oa.DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
-        top_p=oa.DEFAULT_TOP_P if req.top_p is None else req.top_p,
-        top_k=oa.DEFAULT_TOP_K if req.top_k is None else req.top_k,
-        min_p=oa.DEFAULT_MIN_P if req.min_p is None else req.min_p,
-        repeat_penalty=1.0 if req.repeat_penalty is None else req.repeat_penalty,
-        frequency_penalty=req.frequency_penalty,
-        presence_penalty=req.presence_penalty,
-        seed=random.getrandbits(32) if req.seed is None else req.seed,
-    )
-
-
 async def _run(state: ServerState, request: Request, req: Any, model: str, kind: str, tokens: list[int],
                param: str, rendered: str | None = None) -> Response:
     if not tokens:
@@ -254,19 +243,18 @@ async def _run(state: ServerState, request: Request, req: Any, model: str, kind:
     if len(tokens) >= state.n_ctx_slot:
         raise oa.context_length_exceeded(len(tokens), state.n_ctx_slot, param)
     loop = asyncio.get_running_loop()
-    events: asyncio.Queue[JobEvent] = asyncio.Queue()
+    events: asyncio.Queue[GenerateEvent] = asyncio.Queue()
 
-    def sink(event: JobEvent) -> None:
+    def sink(event: GenerateEvent) -> None:
         loop.call_soon_threadsafe(events.put_nowait, event)
 
-    job = Job(tokens, _sampling(req), sink, max_tokens=req.reply_limit(), stop=req.stop_strings(),
-              ignore_eos=req.ignore_eos)
+    job = Job(GenerationRequest(tokens, req.generation_params(seed=random.getrandbits(32))), sink)
     state.scheduler.submit(job)
     reply = oa.Reply(kind, model, state.fingerprint)  # type: ignore[arg-type]
 
-    def finished(text: str, done: Done) -> None:
-        if rendered is not None and done.tokens is not None:
-            end = state.engine.token_text(done.tokens[-1]) if done.finish_reason == "stop" else ""
+    def finished(text: str, done: Finished) -> None:
+        if rendered is not None and done.tokens and done.stop is None:  # the text is exactly its tokens'
+            end = state.engine.token_text(done.tokens[-1]) if done.reason == "stop" else ""
             state.replies.remember(rendered + as_content(text) + end, tokens + list(done.tokens))
 
     if req.stream:
@@ -287,20 +275,20 @@ async def _run(state: ServerState, request: Request, req: Any, model: str, kind:
         return Response(status_code=499)  # the client is gone; nobody reads this
     text, done = collector.result()
     finished(text, done)
-    return JSONResponse(reply.complete(text, done.finish_reason, _usage(done)))
+    return JSONResponse(reply.complete(text, done.reason, _usage(done)))
 
 
-def _usage(done: Done) -> oa.Usage:
-    return oa.Usage(done.prompt_tokens, done.completion_tokens, done.cached_tokens)
+def _usage(done: Finished) -> oa.Usage:
+    return oa.Usage(done.prompt_tokens, done.completion_tokens, done.reused_tokens)
 
 
-async def _collect(events: asyncio.Queue[JobEvent]) -> tuple[str, Done]:
+async def _collect(events: asyncio.Queue[GenerateEvent]) -> tuple[str, Finished]:
     parts: list[str] = []
     while True:
         event = await events.get()
-        if isinstance(event, Delta):
+        if isinstance(event, TextChunk):
             parts.append(event.text)
-        elif isinstance(event, Done):
+        elif isinstance(event, Finished):
             return "".join(parts), event
         elif isinstance(event, Failed):
             raise event.error  # made public by `_endpoint`
@@ -313,8 +301,8 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-async def _stream(job: Job, events: asyncio.Queue[JobEvent], reply: oa.Reply, include_usage: bool,
-                  finished: Callable[[str, Done], None]) -> AsyncIterator[bytes]:
+async def _stream(job: Job, events: asyncio.Queue[GenerateEvent], reply: oa.Reply, include_usage: bool,
+                  finished: Callable[[str, Finished], None]) -> AsyncIterator[bytes]:
     sent: list[str] = []
     try:
         if reply.kind == "chat":
@@ -323,14 +311,14 @@ async def _stream(job: Job, events: asyncio.Queue[JobEvent], reply: oa.Reply, in
             batch = [await events.get()]
             while not events.empty():  # the loop fell behind the tokens: one chunk for what is there
                 batch.append(events.get_nowait())
-            text = "".join(e.text for e in batch if isinstance(e, Delta))
+            text = "".join(e.text for e in batch if isinstance(e, TextChunk))
             if text:
                 sent.append(text)
                 yield oa.sse(reply.chunk(text))
-            end = next((e for e in batch if not isinstance(e, Delta)), None)
-            if isinstance(end, Done):
+            end = next((e for e in batch if isinstance(e, (Finished, Failed))), None)
+            if isinstance(end, Finished):
                 finished("".join(sent), end)
-                yield oa.sse(reply.chunk(None, end.finish_reason))
+                yield oa.sse(reply.chunk(None, end.reason))
                 if include_usage:
                     yield oa.sse(reply.usage_chunk(_usage(end)))
                 yield oa.sse("[DONE]")

@@ -13,12 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-# llama-server's defaults where OpenAI's differ or do not exist (top_k, min_p, repeat_penalty)
-DEFAULT_TEMPERATURE = 0.8
-DEFAULT_TOP_P = 0.95
-DEFAULT_TOP_K = 40
-DEFAULT_MIN_P = 0.05
-
+from lcrun.engine.protocol import Sampling
+from lcrun.generation.records import GenerationParams, RequestError
 
 @dataclass
 class APIError(Exception):
@@ -103,6 +99,25 @@ class _Generation(_Strict):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return [s for s in stops if s]
 
+    def generation_params(self, seed: int) -> GenerationParams:
+        """The request as the decode loop takes it. What the client leaves unset is `Sampling`'s default — lcrun's
+        one source of sampling defaults, llama.cpp's own (llama-server answers OpenAI clients with the same: temperature
+        0.8, where OpenAI's API says 1.0) — and `seed` when no seed is given."""
+        default = Sampling()
+        return GenerationParams(
+            Sampling(
+                temperature=default.temperature if self.temperature is None else self.temperature,
+                top_p=default.top_p if self.top_p is None else self.top_p,
+                top_k=default.top_k if self.top_k is None else self.top_k,
+                min_p=default.min_p if self.min_p is None else self.min_p,
+                repeat_penalty=default.repeat_penalty if self.repeat_penalty is None else self.repeat_penalty,
+                frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
+                seed=seed if self.seed is None else self.seed),
+            max_tokens=self.reply_limit(), stop=tuple(self.stop_strings()), ignore_eos=self.ignore_eos)
+
+    def reply_limit(self) -> int | None:
+        return self.max_tokens
+
     def refuse_unsupported(self) -> None:
         if self.n != 1:
             raise bad_request("only n=1 is supported (one choice per request)", param="n")
@@ -110,6 +125,10 @@ class _Generation(_Strict):
             raise bad_request("logit_bias is not supported", param="logit_bias")
         if len(self.stop_strings()) > 4:
             raise bad_request("at most 4 stop sequences", param="stop")
+        try:
+            self.generation_params(0).check()   # the loop's own bounds (a stop string's length)
+        except RequestError as exc:
+            raise bad_request(exc.problem, param=exc.param) from None
 
 
 class ChatCompletionRequest(_Generation):
@@ -160,9 +179,6 @@ class CompletionRequest(_Generation):
         if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], (str, list)):
             if len(self.prompt) != 1:
                 raise bad_request("one prompt per request", param="prompt")
-
-    def reply_limit(self) -> int | None:
-        return self.max_tokens
 
     def single_prompt(self) -> str | list[int]:
         """The prompt as text or token ids."""

@@ -16,7 +16,7 @@ import uvicorn
 
 from lcrun.chat.formats import FormatChoice, engine_renderer
 from lcrun.chat.template import ChatRenderer
-from lcrun.engine.protocol import SequenceEngineProtocol
+from lcrun.engine.protocol import EngineProtocol
 from lcrun.errors import LcrunError
 from lcrun.net import is_loopback
 
@@ -69,7 +69,7 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def prepare(engine: SequenceEngineProtocol, options: ServeOptions, *, model_id: str, aliases: tuple[str, ...] = (),
+def prepare(engine: EngineProtocol, options: ServeOptions, *, model_id: str, aliases: tuple[str, ...] = (),
             fingerprint: str | None = None, template: ChatRenderer | None = None,
             chat_format: FormatChoice | None = None) -> ServerState:
     """Everything but the socket: metrics, the disk cache, the scheduler (not started) and the app's state."""

@@ -14,8 +14,8 @@ from rich.markup import escape
 
 from lcrun.chat.commands import COMMANDS, UnknownCommand, literal_message, parse_command
 from lcrun.chat.session import ChatEvent, ChatSession, Notice, TurnStarted
-from lcrun.engine.protocol import Finished, PrefillProgress, TextChunk
 from lcrun.errors import LcrunError
+from lcrun.generation.records import Finished, PrefillProgress, TextChunk
 
 from .chat_input import ReadLine, read_message
 from .chat_view import PrefillBar, make_stream, render_help, render_stats, render_usage, status_text

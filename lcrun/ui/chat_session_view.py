@@ -10,7 +10,7 @@ from rich.console import Console
 
 from lcrun.chat.session import ChatSession, Notice
 from lcrun.chat.startup import Restored
-from lcrun.engine.protocol import Finished, PrefillProgress, TextChunk
+from lcrun.generation.records import Finished, PrefillProgress, TextChunk
 
 from .chat_repl import show_events, sigint_cancels
 from .chat_view import PrefillBar
