@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .engine.rpc import KEEPALIVE_IDLE_S, KEEPALIVE_INTERVAL_S, KEEPALIVE_PROBES, USER_TIMEOUT_S
+from .engine.rpc import set_keepalive
 
 HELLO_TIMEOUT_S = 10.0
 # struct tcp_info (linux/tcp.h): offsets of tcpi_last_data_sent, tcpi_last_data_recv (u32, ms ago) and
@@ -128,12 +128,7 @@ def _client_sockets(port: int) -> list[tuple[str, socket.socket]]:
 
 def _keep_alive(sock: socket.socket) -> None:
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
-        if hasattr(socket, "TCP_USER_TIMEOUT"):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_S * 1000)
+        set_keepalive(sock)
     except OSError:
         pass
 

@@ -209,6 +209,17 @@ KEEPALIVE_PROBES = 3
 USER_TIMEOUT_S = 30          # data sent and not acknowledged this long ends the connection
 
 
+def set_keepalive(sock: socket.socket) -> None:
+    """Keepalive probes and the user timeout above on one TCP connection (both ends use them: the run's connections
+    to its workers, a worker's to its client); OSError where the platform refuses an option."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_S * 1000)
+
+
 def keep_alive(endpoints: list[str]) -> int:
     """Turn on TCP keepalive and a user timeout on this process's connections to `endpoints` (ggml's, found among
     the open file descriptors; Linux only) and return how many were set."""
@@ -233,12 +244,7 @@ def keep_alive(endpoints: list[str]) -> int:
             try:
                 if sock.type != socket.SOCK_STREAM or tuple(sock.getpeername()[:2]) not in wanted:
                     continue
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
-                if hasattr(socket, "TCP_USER_TIMEOUT"):
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_S * 1000)
+                set_keepalive(sock)
             except OSError:
                 continue
             count += 1
