@@ -118,7 +118,8 @@ def test_a_signal_mid_stream_stops_the_server_cleanly(tiny: Path, sig: int) -> N
         except openai.APIError as exc:  # had the reply outlived the grace period, an error event would end it
             ended.append(exc)
         assert ended  # the reply went on after the signal
-        code, out, err = server.stop(sig)
+        # the one signal is enough: a second one could land after uvicorn has put the default handlers back
+        code, out, err = server.wait()
     assert code == 0, err
     assert "stopped" in out and "Traceback" not in err
 
