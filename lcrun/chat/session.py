@@ -242,8 +242,12 @@ class ChatSession:
     def check_document(self, document: Document) -> DocumentCheck:
         """Measure a document read by lcrun.documents without adding it; refuse one that cannot fit at all."""
         trial = self._with_document(document_message(document))
-        adds = len(self.tokenize(trial.render(self.template, add_generation_prompt=False))) - \
-            len(self._tokens(add_generation_prompt=False))
+        at = self.conversation.documents_end()
+        # what it adds where it goes (the turns after it are tokenized again from their text, which can differ from
+        # the tokens the model sampled: not the document's to count)
+        adds = len(self.tokenize(trial.render(self.template, messages=trial.messages[: at + 1],
+                                              add_generation_prompt=False))) - \
+            len(self._tokens(self.conversation.messages[:at], add_generation_prompt=False))
         fitted = fit_to_context(trial, self.template, self.tokenize, self.n_ctx - self.reserve)
         if fitted is None:
             pinned = len(self.conversation.document_indices())
