@@ -3,6 +3,7 @@ there, having imported no engine), open the model, then either answer one prompt
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -150,16 +151,16 @@ def _run(options: LaunchOptions, chat: ChatOptions) -> int:
         render_documents(plan, out if chat.dry_run or question is None else err)
     if chat.dry_run:
         return 0
-    return _chat(launch, chat, documents, question, out, err)
+    return _chat(launch, chat, documents, question, out, err, plan.fragments if plan is not None else {})
 
 
 def _chat(launch: Launch, chat: ChatOptions, documents: list[Document], question: str | None, out: Any,
-          err: Any) -> int:
+          err: Any, fragments: Mapping[str, Any]) -> int:
     """The model loaded, the session restored and the documents prefilled, then -p's answer or the interactive
     loop; the session saved on the way out."""
     from functools import partial
 
-    from .chat.document_plan import already_held
+    from .chat.documents import already_held
     from .chat.startup import read_one_document, restore_session, save_session, start_session
     from .launch.loaded import open_model
     from .ui.chat_session_view import add_documents, answer_once, render_restored, render_saved
@@ -174,6 +175,7 @@ def _chat(launch: Launch, chat: ChatOptions, documents: list[Document], question
 
     with open_model(launch, loading=loading_status(err)) as model:
         session = start_session(model, chat)
+        session.tokenize.learn(fragments)   # the documents as counted before loading: the same vocabulary
         try:
             if session_file is not None and session_file.exists():
                 render_restored(restore_session(session, session_file), session_file, view)

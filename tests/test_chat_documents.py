@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from lcrun.chat.session import ChatSession, DocumentPrefilled
+from lcrun.chat.documents import DocumentPrefilled
+from lcrun.chat.session import ChatSession
 from lcrun.context_fit import CTX_ROUND
 from lcrun.documents import read_document, read_documents
 from lcrun.engine.protocol import GREEDY

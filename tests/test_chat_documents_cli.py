@@ -52,6 +52,8 @@ def test_add_docs_and_drop_keep_the_documents_before_the_conversation(model: Pat
 def test_stdin_is_the_prompt_or_a_document_not_both(model: Path, engines: Engines, tmp_path: Path) -> None:
     both = chat(str(model), "-p", "-", "-f", "-", stdin="text")
     assert_one_line_error(both, "-f -: standard input is already the prompt (-p -)")
+    interactive = chat(str(model), "-f", "-", stdin="text")
+    assert_one_line_error(interactive, "-f -: standard input is the interactive chat's")
     assert engines == []
     piped = chat(str(model), "-f", "-", "-p", "What is piped?", "--no-history", "-t", "1",
                  stdin="The piped secret is 42.")
@@ -119,3 +121,25 @@ def test_prefill_time_integrates_the_time_per_token_over_depth() -> None:
     assert speed.seconds(0, 256) == pytest.approx(2.56)                          # before the first: its rate
     assert speed.seconds(2256, 2257) == pytest.approx(1 / 50 + 1 / 100, rel=1e-3)  # past the deepest: slope goes on
     assert PrefillSpeed(((256, 0.01),)).seconds(0, 5000) == pytest.approx(50.0)     # one depth: constant
+
+
+def test_the_session_takes_the_counted_documents_only_from_the_same_vocabulary() -> None:
+    from lcrun.chat.prompt_tokens import PromptTokenizer, as_content
+    from tests.fixtures.fake_engine import FakeEngine
+
+    engine, text = FakeEngine(), as_content("w" * 2000)   # a message's content, as the session tokenizes it
+    calls: list[str] = []
+
+    def tokenize(t: str, *, special: bool = True, add_bos: bool = False) -> list[int]:
+        calls.append(t)
+        return engine.tokenize(t, special=special, add_bos=add_bos)
+
+    counted = PromptTokenizer(engine.tokenize, engine.token_text)
+    counted(text)
+    session = PromptTokenizer(tokenize, engine.token_text)
+    assert session.learn(counted.fragments()) and calls == ["w" * 2000]    # one probe of the shortest
+    assert session(text) == engine.tokenize("w" * 2000) and len(calls) == 1   # not tokenized again
+    other = PromptTokenizer(lambda t, **_: [7] * len(t), engine.token_text)   # another vocabulary's tokens
+    other(text)
+    fresh = PromptTokenizer(tokenize, engine.token_text)
+    assert not fresh.learn(other.fragments()) and fresh(text) == engine.tokenize("w" * 2000)

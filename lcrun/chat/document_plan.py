@@ -6,14 +6,16 @@ fix; and what each document will cost to prefill at this machine's measured spee
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from array import array
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from lcrun.context_fit import ANSWER_RESERVE
 
-from .conversation import Conversation, Message
-from .prompt_count import count_prompt, document_message
+from .conversation import Conversation
+from .documents import already_held
+from .prompt_count import count_prompt
 
 if TYPE_CHECKING:
     from lcrun.documents import Document
@@ -44,6 +46,8 @@ class DocumentPlan:
     how: str                     # how the context was chosen ("--ctx auto", "-c 8k", "--session's context")
     speed: PrefillSpeed | None   # this machine's, for these settings
     count_s: float               # loading the vocabulary and counting
+    fragments: Mapping[str, array] = field(default_factory=dict, repr=False)   # the documents' tokens, by text:
+                                 # the same vocabulary's, so the session need not tokenize them again
 
     @property
     def document_tokens(self) -> int:
@@ -58,12 +62,6 @@ class DocumentPlan:
     def extrapolated(self) -> bool:
         """Whether an estimate reaches past the deepest depth bench measured (so it is a guess there)."""
         return self.speed is not None and any(row.start + row.tokens > self.speed.deepest for row in self.rows)
-
-
-def already_held(messages: Sequence[Message], document: Document) -> bool:
-    """Whether a restored conversation pins this document already, the same text under the same name."""
-    pinned = document_message(document)
-    return any(m.pinned and m.document == pinned.document and m.content == pinned.content for m in messages)
 
 
 def plan_documents(launch: Launch, documents: Sequence[Document], *, system: str | None = None,
@@ -105,4 +103,4 @@ def plan_documents(launch: Launch, documents: Sequence[Document], *, system: str
     rows = tuple(DocumentRow(d, n, start, speed.seconds(start, start + n) if speed else None)
                  for d, n, start in zip(new, count.documents, count.starts))
     return launch, DocumentPlan(rows, held, count.prompt, reserve, reserve_for, config.n_ctx, sized.how, speed,
-                                count_s)
+                                count_s, count.fragments)

@@ -5,21 +5,18 @@ before loading, the engine after. A document's count is what it adds to the prom
 template's turn around it included, so the counts add up to the prompt that is prefilled."""
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from array import array
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .conversation import Conversation, Message
+from .documents import document_message
 from .formats import FormatChoice, engine_renderer
 from .prompt_tokens import PromptTokenizer
 
 if TYPE_CHECKING:
     from lcrun.documents import Document
-
-
-def document_message(document: Document) -> Message:
-    """A document as the conversation pins it: a user message holding its context text."""
-    return Message("user", document.context_text(), document.label, about=document.about())
 
 
 @dataclass(frozen=True)
@@ -28,6 +25,7 @@ class PromptCount:
     starts: tuple[int, ...]      # the prompt position each new document starts at (where its prefill begins)
     prompt: int                  # the whole prompt: system, documents, conversation and, with a question, it and
                                  # the reply's header (without one: what is prefilled before the first question)
+    fragments: Mapping[str, array] = field(default_factory=dict, repr=False)   # the documents' tokens, by text
 
     @property
     def document_tokens(self) -> int:
@@ -61,4 +59,4 @@ def count_prompt(vocabulary: Any, chat_format: FormatChoice, documents: Sequence
     if question is not None:
         conversation.messages.append(Message("user", question))
     prompt = len(tokenize(conversation.render(renderer, add_generation_prompt=question is not None)))
-    return PromptCount(tuple(counts), tuple(starts), prompt)
+    return PromptCount(tuple(counts), tuple(starts), prompt, tokenize.fragments())

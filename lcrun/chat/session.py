@@ -22,7 +22,7 @@ from lcrun.generation.records import Finished, GenerationParams, PrefillProgress
 
 from .conversation import Conversation, Fitted, Message, fit_to_context
 from .history import History
-from .prompt_count import document_message
+from .documents import DocumentCheck, DocumentEntry, DocumentPrefilled, document_message
 from .prompt_tokens import PromptTokenizer, as_content
 from .formats import FormatChoice, choose_format, engine_renderer, engine_vocabulary
 from .template import ChatRenderer, TemplateError
@@ -44,37 +44,7 @@ class TurnStarted:
     n_ctx: int
 
 
-@dataclass(frozen=True)
-class DocumentPrefilled:
-    """A document added (or dropped) and the cache brought up to the conversation without it."""
-    name: str
-    tokens: int            # what it adds to the prompt (or took from it)
-    evaluated: int         # prompt tokens evaluated: from where it goes (or went) to the end of the conversation
-    seconds: float
-    dropped: bool = False
-
-
 ChatEvent = Notice | TurnStarted | PrefillProgress | TextChunk | Finished | DocumentPrefilled
-
-
-@dataclass(frozen=True)
-class DocumentCheck:
-    document: Document
-    tokens: int            # what it adds to the prompt
-    used_after: int        # prompt tokens once it is in (after any drops)
-    drops_turns: int       # oldest turns that must go to make room
-
-    @property
-    def name(self) -> str:
-        return self.document.label
-
-
-@dataclass(frozen=True)
-class DocumentEntry:
-    number: int            # as /docs lists it and /drop takes it, from 1
-    name: str
-    about: str | None
-    tokens: int            # what it adds to the prompt now
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,9 @@ class ChatOptions:
 def read_question(options: ChatOptions) -> str | None:
     """-p's prompt (from stdin for `-p -`), None for the interactive chat; an empty one is refused."""
     if options.prompt is None:
+        if "-" in options.documents and not options.dry_run:
+            raise LcrunError("-f -", "standard input is the interactive chat's; give the document as a file, or ask "
+                                     "one question with -p")
         return None
     if options.prompt == "-" and "-" in options.documents:
         raise LcrunError("-f -", "standard input is already the prompt (-p -); give the document as a file")

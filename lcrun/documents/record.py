@@ -36,8 +36,9 @@ class Document:
     def parts(self) -> str:
         """Its pages, chapters or files in words ("412 pages", "1,203 files"), or "" for a plain text."""
         if self.pages is not None:
-            return f"{self.pages:,} {'chapters' if self.kind == 'epub' else 'pages'}"
-        return f"{self.files:,} files" if self.files is not None else ""
+            unit = "chapter" if self.kind == "epub" else "page"
+            return f"{self.pages:,} {unit}{'' if self.pages == 1 else 's'}"
+        return f"{self.files:,} file{'' if self.files == 1 else 's'}" if self.files is not None else ""
 
     def about(self) -> str:
         """What it is, in a few words: "pdf, 412 pages"."""

@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from lcrun.chat.commands import COMMANDS, UnknownCommand, literal_message, parse_command
-from lcrun.chat.session import ChatEvent, ChatSession, DocumentPrefilled, Notice, TurnStarted
+from lcrun.chat.documents import DocumentPrefilled
+from lcrun.chat.session import ChatEvent, ChatSession, Notice, TurnStarted
 from lcrun.documents import Document
 from lcrun.errors import LcrunError
 from lcrun.generation.records import Finished, PrefillProgress, TextChunk

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from lcrun.chat.session import ChatEvent, ChatSession, DocumentPrefilled, Notice
+from lcrun.chat.documents import DocumentPrefilled
+from lcrun.chat.session import ChatEvent, ChatSession, Notice
 from lcrun.chat.startup import Restored
 from lcrun.documents import Document
 from lcrun.generation.records import Finished, PrefillProgress, TextChunk
