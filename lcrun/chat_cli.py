@@ -75,7 +75,8 @@ Examples:
 @click.option("--history", "history_file", type=click.Path(dir_okay=False, path_type=Path),
               help="JSONL transcript to append finished turns to (default: history.jsonl in the user data dir).")
 @click.option("--no-history", is_flag=True, help="Keep no transcript.")
-@click.option("--dry-run", is_flag=True, help="Show the plan and exit without loading the model.")
+@click.option("--dry-run", is_flag=True, help="Show the plan (and the documents' table) and exit without loading the "
+                                             "model.")
 def chat(launch: LaunchOptions, files: tuple[str, ...], include: tuple[str, ...], exclude: tuple[str, ...],
          prompt: str | None, system: str | None, temp: float,
          top_p: float, top_k: int, min_p: float, repeat_penalty: float, presence_penalty: float,
@@ -163,6 +164,7 @@ def _chat(launch: Launch, chat: ChatOptions, documents: list[Document], question
     from .chat.documents import already_held
     from .chat.startup import read_one_document, restore_session, save_session, start_session
     from .launch.loaded import open_model
+    from .launch.sizing import fix_for
     from .ui.chat_session_view import add_documents, answer_once, render_restored, render_saved
     from .ui.model_loading import loading_status
 
@@ -192,7 +194,8 @@ def _chat(launch: Launch, chat: ChatOptions, documents: list[Document], question
             from .ui.chat_repl import ChatRepl
 
             reader = make_reader(default_history_path().with_name("input_history"))
-            ChatRepl(session, out, reader, read_document=partial(read_one_document, chat), on_exit=save).run()
+            ChatRepl(session, out, reader, read_document=partial(read_one_document, chat),
+                     fit_fix=partial(fix_for, launch), on_exit=save).run()
             return 0
         finally:
             if question is not None:

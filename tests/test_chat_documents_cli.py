@@ -49,6 +49,17 @@ def test_add_docs_and_drop_keep_the_documents_before_the_conversation(model: Pat
     assert "first.txt" not in prompt and prompt.index("second.pdf") < prompt.index("hello") < prompt.index("bye")
 
 
+def test_a_document_the_running_chat_cannot_hold_gets_the_fix(model: Path, engines: Engines, tmp_path: Path) -> None:
+    big = tmp_path / "big.txt"
+    big.write_text("word " * 180)   # the fake engine: a token a character, about 940 with its tag
+    result = chat(str(model), "-c", "1k", "--no-history", "-t", "1", stdin=f"/add {big}\n/docs\n")
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.stdout.splitlines() if x.startswith("error: "))
+    assert line.startswith(f"error: {big}: ") and "the 1,024-token context cannot hold it" in line
+    assert "; to hold it, start again: needs -c 2k (" in line and "+ 1,024 for the answer): " in line
+    assert line.endswith("— fits with -c 2k") and "no documents" in result.stdout   # nothing was added
+
+
 def test_stdin_is_the_prompt_or_a_document_not_both(model: Path, engines: Engines, tmp_path: Path) -> None:
     both = chat(str(model), "-p", "-", "-f", "-", stdin="text")
     assert_one_line_error(both, "-f -: standard input is already the prompt (-p -)")

@@ -6,8 +6,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lcrun.documents import Document
+from lcrun.errors import DocumentError
 
 from .conversation import Message
+
+
+class DocumentTooLong(DocumentError):
+    """A document the session's context cannot hold, even with every droppable turn gone."""
+
+    def __init__(self, subject: str, problem: str, *, prompt_tokens: int, reserve: int) -> None:
+        super().__init__(subject, problem)
+        self.prompt_tokens = prompt_tokens   # the prompt with it (no reply header)
+        self.reserve = reserve               # what a context that holds it keeps for a reply
 
 
 def document_message(document: Document) -> Message:

@@ -22,7 +22,7 @@ from lcrun.generation.records import Finished, GenerationParams, PrefillProgress
 
 from .conversation import Conversation, Fitted, Message, fit_to_context
 from .history import History
-from .documents import DocumentCheck, DocumentEntry, DocumentPrefilled, document_message
+from .documents import DocumentCheck, DocumentEntry, DocumentPrefilled, DocumentTooLong, document_message
 from .prompt_tokens import PromptTokenizer, as_content
 from .formats import FormatChoice, choose_format, engine_renderer, engine_vocabulary
 from .template import ChatRenderer, TemplateError
@@ -222,9 +222,12 @@ class ChatSession:
         if fitted is None:
             pinned = len(self.conversation.document_indices())
             held = f" and {pinned} document(s) already added" if pinned else ""
-            raise DocumentError(document.name, f"{adds:,} tokens; the {self.n_ctx:,}-token context cannot hold it "
-                                               f"with the system prompt{held} and {self.reserve:,} tokens for a reply "
-                                               "(use a larger --ctx, a smaller KV type, or a shorter excerpt)")
+            with_it = len(self.tokenize(trial.render(self.template, messages=[m for m in trial.messages if m.pinned],
+                                                     add_generation_prompt=False)))
+            raise DocumentTooLong(document.name, f"{adds:,} tokens; the {self.n_ctx:,}-token context cannot hold it "
+                                                 f"with the system prompt{held} and {self.reserve:,} tokens for a "
+                                                 "reply (use a larger --ctx, a smaller KV type, or a shorter excerpt)",
+                                  prompt_tokens=with_it, reserve=self.params.max_tokens or 1024)  # uncapped
         return DocumentCheck(document, adds, len(fitted.tokens), fitted.dropped_turns)
 
     def add_document(self, check: DocumentCheck, cancel: threading.Event | None = None) -> Iterator[ChatEvent]:
@@ -261,12 +264,13 @@ class ChatSession:
             have = f"1 to {len(indices)}" if indices else "none: /add one first"
             raise LcrunError("/drop", f"no document {number} (the documents are {have}; /docs lists them)")
         index = indices[number - 1]
-        before = len(self._tokens(add_generation_prompt=False))
-        message = self.conversation.messages.pop(index)
-        tokens = len(self._tokens(add_generation_prompt=False))
+        messages = self.conversation.messages
+        took = len(self._tokens(messages[: index + 1], add_generation_prompt=False)) - \
+            len(self._tokens(messages[:index], add_generation_prompt=False))
+        message = messages.pop(index)
         finished, seconds = yield from self._prefill(cancel)
         evaluated = finished.prompt_tokens - finished.reused_tokens if finished is not None else 0
-        yield DocumentPrefilled(message.document or "", before - tokens, evaluated, seconds, dropped=True)
+        yield DocumentPrefilled(message.document or "", took, evaluated, seconds, dropped=True)
         self._save_with_cache()
 
     def _prefill(self, cancel: threading.Event | None) -> Generator[ChatEvent, None, tuple[Finished | None, float]]:

@@ -57,3 +57,13 @@ def _why(launch: Launch, why: str) -> Launch:
     choice = launch.choice
     kv = choice.why.partition("; ")[2]   # what the planner added (a lossier KV type, flash attention off)
     return replace(launch, choice=replace(choice, why=why + (f"; {kv}" if kv else "")))
+
+
+def fix_for(launch: Launch, tokens: int, reserve: int, reserve_for: str = "the answer") -> str:
+    """The estimator's one line for a prompt of `tokens` on this launch's model and machine: the context it needs,
+    the memory per KV type, and the flags that fit (for a running chat, the command to start again with)."""
+    options, spec = launch.options, launch.spec
+    return fit_context(spec, spec.file_type or "file", launch.devices, tokens, reserve=reserve,
+                       kv_types=[parse_kv_type(options.kv_type)] if options.kv_type else None,
+                       flash_attn=options.flash_attn != "off", n_ubatch=options.ubatch, n_seq=options.n_seq,
+                       n_gpu_layers=options.gpu_layers, reserve_for=reserve_for).fix()

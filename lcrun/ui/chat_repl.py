@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from lcrun.chat.commands import COMMANDS, UnknownCommand, literal_message, parse_command
-from lcrun.chat.documents import DocumentPrefilled
+from lcrun.chat.documents import DocumentPrefilled, DocumentTooLong
 from lcrun.chat.session import ChatEvent, ChatSession, Notice, TurnStarted
 from lcrun.documents import Document
 from lcrun.errors import LcrunError
@@ -96,12 +96,16 @@ def _prefilled(event: DocumentPrefilled) -> str:
 class ChatRepl:
     def __init__(self, session: ChatSession, console: Console, read_line: ReadLine, *,
                  read_document: Callable[[str], Document] | None = None,
+                 fit_fix: Callable[[int, int], str] | None = None,
                  on_exit: Callable[[], None] | None = None) -> None:
-        """`read_document`: how /add reads what it is given (the chat's --include/--exclude applied)."""
+        """`read_document`: how /add reads what it is given (the chat's --include/--exclude applied); `fit_fix`:
+        the estimator's one line for a prompt of (tokens, reserve) on this model and machine, told with a document
+        the context cannot hold."""
         self.session = session
         self.console = console
         self.read_line = read_line
         self.read_document = read_document
+        self.fit_fix = fit_fix
         self.on_exit = on_exit
 
     def run(self) -> None:
@@ -195,7 +199,13 @@ class ChatRepl:
             read = self.read_document
         with self.console.status(f"reading {arg}…") if not is_plain(self.console) else nullcontext():
             document = read(arg)   # a failure is one line and leaves the conversation as it was
-            check = self.session.check_document(document)
+            try:
+                check = self.session.check_document(document)
+            except DocumentTooLong as exc:
+                if self.fit_fix is None:
+                    raise
+                fix = self.fit_fix(exc.prompt_tokens, exc.reserve)
+                raise LcrunError(exc.subject, f"{exc.problem}; to hold it, start again: {fix}") from None
         drops = f"; adding it drops the {check.drops_turns} oldest turn(s)" if check.drops_turns else ""
         self.console.print(f"{escape(document.name)}: {escape(document.about())}, {document.characters:,} "
                            f"characters — {check.tokens:,} tokens — fits ({check.used_after:,}/"
