@@ -97,6 +97,7 @@ def test_dry_run_counts_exactly_what_llama_cpp_prefills_and_loads_no_engine(llam
     assert "prefill" not in run.stdout.split("document", 1)[1].splitlines()[0]   # no column: bench never ran here
 
 
+@pytest.mark.slow   # llama.cpp in child processes: 5-10 s on a busy 2-vCPU machine
 def test_one_shot_prefills_exactly_the_counted_prompt_on_llama_cpp(llama3: Path, reference: object,
                                                                    sources: list[str]) -> None:
     args = [str(llama3), *(x for s in sources for x in ("-f", s)), "-p", QUESTION, "-n", "2", "--temp", "0",
@@ -114,6 +115,7 @@ def test_one_shot_prefills_exactly_the_counted_prompt_on_llama_cpp(llama3: Path,
     assert took and int(took[2].replace(",", "")) == evaluated and float(took[1]) >= float(took[3]) > 0
 
 
+@pytest.mark.slow   # llama.cpp in child processes: 5-10 s on a busy 2-vCPU machine
 def test_too_long_for_the_context_gets_the_fix_and_the_fix_runs(llama3: Path, reference: object,
                                                                tmp_path: Path) -> None:
     doc = tmp_path / "long.md"
