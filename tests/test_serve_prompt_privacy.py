@@ -86,3 +86,17 @@ def test_a_disk_cache_file_is_restored_only_for_the_key_that_wrote_it(tmp_path: 
         n, cached, reused, evaluated = ask(ALICE, DOCUMENT + "Q2")      # control: her own file is restored
         assert ask.seen()["lcrun_cache_restored_tokens_total"] == reused >= len(DOCUMENT) // 256 * 256
         assert evaluated == n - reused
+
+
+def test_a_remembered_reply_keeps_its_tokens_only_for_its_key() -> None:
+    # a reply sampled with a control token comes back as text, which tokenizes otherwise (as characters): the server
+    # remembers its sampled tokens, and a prompt's token count would tell another key that this reply was given
+    engine = FakeEngine(n_ctx=8192, n_seq=2, reply_specials=True, responder=lambda _: "odd <|start_header_id|> one")
+    with LiveServer(engine, ServeOptions(api_keys=(ALICE, BOB))) as live:
+        question = [{"role": "user", "content": "Q1"}]
+        reply = live.client(api_key=ALICE).chat.completions.create(model="fake-model", messages=question)
+        follow = [*question, {"role": "assistant", "content": reply.choices[0].message.content},
+                  {"role": "user", "content": "Q2"}]
+        counts = {key: live.client(api_key=key).chat.completions.create(model="fake-model", messages=follow)
+                  .usage.prompt_tokens for key in (ALICE, BOB)}
+        assert counts[BOB] == counts[ALICE] + len("<|start_header_id|>") - 1   # Bob's: the text's own tokens
