@@ -58,6 +58,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
 
 
 from tests.fixtures.engines import engines  # noqa: E402,F401  (the one way tests put engines into the launch)
+from tests.fixtures.vocab_files import llama3_gguf, llama3_vocab  # noqa: E402,F401  (one 128K-vocabulary file a session)
 from tests.fixtures.hub_server import fake_hub  # noqa: E402,F401  (the local stand-in for the Hub, as a fixture)
 from tests.fixtures.tiny_gguf import demo_gguf_file, tiny_gguf  # noqa: E402,F401  (tiny real GGUFs, made once a session)
 

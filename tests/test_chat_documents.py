@@ -20,30 +20,15 @@ from lcrun.context_fit import CTX_ROUND
 from lcrun.documents import read_document, read_documents
 from lcrun.engine.protocol import GREEDY
 from lcrun.engine.runtime import Engine, EngineConfig
-from lcrun.generation.records import Finished, GenerationParams
+from lcrun.generation.records import GenerationParams
 from lcrun.model_spec import spec_from_gguf
 from lcrun.devices import run_devices
 from lcrun.estimate import estimate_memory
 from tests.fixtures.cli import assert_one_line_error, run_lcrun
 from tests.fixtures.documents import html_page, pdf_pages, sentence
-from tests.fixtures.realistic_gguf import LLAMA3_TEMPLATE, write_realistic_gguf
+from tests.fixtures.realistic_gguf import LLAMA3_TEMPLATE
 
 QUESTION = "Which sentence mentions 7 ships?"
-
-
-@pytest.fixture(scope="module")
-def llama3(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_realistic_gguf(tmp_path_factory.mktemp("vocab") / "llama3.gguf", "llama3")
-
-
-@pytest.fixture(scope="module")
-def reference(llama3: Path) -> Iterator[object]:
-    """llama-cpp-python's own tokenizer of the file (vocab_only), the counts are held to."""
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=str(llama3), vocab_only=True, verbose=False)
-    yield llm
-    llm.close()
 
 
 @pytest.fixture(scope="module")
@@ -79,16 +64,16 @@ def table_tokens(text: str, source: str) -> int:
     return int(row.split()[-1].replace(",", ""))
 
 
-def test_dry_run_counts_exactly_what_llama_cpp_prefills_and_loads_no_engine(llama3: Path, reference: object,
+def test_dry_run_counts_exactly_what_llama_cpp_prefills_and_loads_no_engine(llama3_gguf: Path, llama3_vocab: object,
                                                                             sources: list[str]) -> None:
     code = ("import sys; from lcrun.cli import main\n"
             "try:\n    main(['chat', *sys.argv[1:], '--dry-run'])\nexcept SystemExit:\n    pass\n"
             "loaded = [m for m in ('lcrun.engine.runtime', 'lcrun.chat.session', 'lcrun.launch.loaded')"
             " if m in sys.modules]\nprint('loaded:', loaded)")
-    args = [str(llama3), *(x for s in sources for x in ("-f", s)), "-t", "1"]
+    args = [str(llama3_gguf), *(x for s in sources for x in ("-f", s)), "-t", "1"]
     run = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.strip().endswith("loaded: []"), run.stderr
-    counts, prompt = reference_counts(reference, sources, None)
+    counts, prompt = reference_counts(llama3_vocab, sources, None)
     assert [table_tokens(run.stdout, s) for s in sources] == counts and min(counts) > 50
     # sized to the documents and room for the conversation, in whole K: not the model's 131,072
     ctx = -(-(prompt + 4096) // CTX_ROUND) * CTX_ROUND
@@ -98,13 +83,13 @@ def test_dry_run_counts_exactly_what_llama_cpp_prefills_and_loads_no_engine(llam
 
 
 @pytest.mark.slow   # llama.cpp in child processes: 5-10 s on a busy 2-vCPU machine
-def test_one_shot_prefills_exactly_the_counted_prompt_on_llama_cpp(llama3: Path, reference: object,
+def test_one_shot_prefills_exactly_the_counted_prompt_on_llama_cpp(llama3_gguf: Path, llama3_vocab: object,
                                                                    sources: list[str]) -> None:
-    args = [str(llama3), *(x for s in sources for x in ("-f", s)), "-p", QUESTION, "-n", "2", "--temp", "0",
+    args = [str(llama3_gguf), *(x for s in sources for x in ("-f", s)), "-p", QUESTION, "-n", "2", "--temp", "0",
             "-t", "1", "--no-history"]
     run = run_lcrun("chat", *args, timeout=120)
     assert run.returncode == 0, run.stderr
-    counts, prompt = reference_counts(reference, sources, QUESTION)
+    counts, prompt = reference_counts(llama3_vocab, sources, QUESTION)
     assert [table_tokens(run.stderr, s) for s in sources] == counts
     assert f"\n{prompt:,} prompt tokens (" in run.stderr   # the question's request: the counted prompt, exactly
     evaluated = sum(int(n.replace(",", "")) for n in re.findall(r"added: [\d,]+ tokens \(([\d,]+) tokens prefilled",
@@ -116,18 +101,18 @@ def test_one_shot_prefills_exactly_the_counted_prompt_on_llama_cpp(llama3: Path,
 
 
 @pytest.mark.slow   # llama.cpp in child processes: 5-10 s on a busy 2-vCPU machine
-def test_too_long_for_the_context_gets_the_fix_and_the_fix_runs(llama3: Path, reference: object,
+def test_too_long_for_the_context_gets_the_fix_and_the_fix_runs(llama3_gguf: Path, llama3_vocab: object,
                                                                tmp_path: Path) -> None:
     doc = tmp_path / "long.md"
     doc.write_text(" ".join(sentence(i) for i in range(34)))
-    _, prompt = reference_counts(reference, [str(doc)], QUESTION)
+    _, prompt = reference_counts(llama3_vocab, [str(doc)], QUESTION)
     needed = -(-(prompt + 4) // CTX_ROUND) * CTX_ROUND   # the prompt and -n 4 for the answer, in whole K
     assert needed > 2048
-    spec, cpu = spec_from_gguf(llama3), run_devices(ram=64 << 30)
+    spec, cpu = spec_from_gguf(llama3_gguf), run_devices(ram=64 << 30)
     f16, q8 = (estimate_memory(spec, "F16", needed, cpu, type_k=kv, type_v=kv).total_bytes for kv in ("f16", "q8_0"))
     assert q8 < f16
     ram = str((f16 + q8) // 2)   # f16 KV at the context the fix names does not fit, q8_0 does
-    common = ["chat", str(llama3), "-f", str(doc), "-p", QUESTION, "-n", "4", "-t", "1", "--no-history", "--ram", ram]
+    common = ["chat", str(llama3_gguf), "-f", str(doc), "-p", QUESTION, "-n", "4", "-t", "1", "--no-history", "--ram", ram]
     refused = run_lcrun(*common, "-c", "2k", timeout=120)
     line = assert_one_line_error(refused, f"{doc}: does not fit -c 2k: needs -c {needed // 1024}k ({prompt:,} tokens "
                                  "+ 4 for the answer): ", "GiB with f16 KV", "GiB with q8_0 — fits with -c ")

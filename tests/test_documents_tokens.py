@@ -5,7 +5,6 @@ answers (tokens, context needed, memory per KV type, fits or not, the fix) and t
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,25 +21,8 @@ from tests.fixtures.checkpoint_factory import make_llama_checkpoint
 from tests.fixtures.cli import assert_one_line_error, invoke
 from tests.fixtures.documents import html_page, pdf_pages, sentence
 from tests.fixtures.hub_server import FakeHub
-from tests.fixtures.realistic_gguf import write_realistic_gguf
 
 GIB = 1 << 30
-
-
-@pytest.fixture(scope="module")
-def llama3(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A GGUF with Llama 3's vocabulary shape: 128,256 tokens, 280,147 merges (written once: ~2 s)."""
-    return write_realistic_gguf(tmp_path_factory.mktemp("vocab") / "llama3.gguf", "llama3")
-
-
-@pytest.fixture(scope="module")
-def llama_cpp_vocab(llama3: Path) -> Iterator[object]:
-    """llama-cpp-python's own vocab_only Llama: the reference the counts are held to."""
-    import llama_cpp
-
-    llm = llama_cpp.Llama(model_path=str(llama3), vocab_only=True, verbose=False)
-    yield llm
-    llm.close()
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +35,14 @@ def documents(tmp_path_factory: pytest.TempPathFactory) -> list:
     return read_documents([str(root / "page.html"), str(root / "paper.pdf"), str(root / "src")])
 
 
-def test_counts_equal_llama_cpp_on_a_128k_vocabulary(llama3: Path, llama_cpp_vocab: object,
+def test_counts_equal_llama_cpp_on_a_128k_vocabulary(llama3_gguf: Path, llama3_vocab: object,
                                                      documents: list) -> None:
-    with VocabularyFile(llama3) as vocabulary:
+    with VocabularyFile(llama3_gguf) as vocabulary:
         assert vocabulary.n_vocab == 128256
         counts = document_tokens(documents, vocabulary)
         for document, count in zip(documents, counts):
             text = document.context_text()
-            reference = llama_cpp_vocab.tokenize(text.encode(), add_bos=False, special=False)  # type: ignore[attr-defined]
+            reference = llama3_vocab.tokenize(text.encode(), add_bos=False, special=False)  # type: ignore[attr-defined]
             assert vocabulary.tokenize(text) == reference
             assert count == len(reference) > 0
         # negative control: parsing control tokens gives another tokenization of the same text
@@ -68,40 +50,40 @@ def test_counts_equal_llama_cpp_on_a_128k_vocabulary(llama3: Path, llama_cpp_voc
         assert len(vocabulary.tokenize(folder, special=True)) < len(vocabulary.tokenize(folder))
 
 
-def test_read_json_counts_with_the_model(llama3: Path, llama_cpp_vocab: object, tmp_path: Path) -> None:
+def test_read_json_counts_with_the_model(llama3_gguf: Path, llama3_vocab: object, tmp_path: Path) -> None:
     note = tmp_path / "note.md"
     note.write_text("# Note\n\n" + " ".join(sentence(i) for i in range(40)))
-    run = invoke("read", str(note), "--json", "--model", str(llama3))
+    run = invoke("read", str(note), "--json", "--model", str(llama3_gguf))
     assert run.exit_code == 0, run.stderr
     out = json.loads(run.stdout)
     text = read_document(str(note)).context_text()
-    expected = len(llama_cpp_vocab.tokenize(text.encode(), add_bos=False, special=False))  # type: ignore[attr-defined]
+    expected = len(llama3_vocab.tokenize(text.encode(), add_bos=False, special=False))  # type: ignore[attr-defined]
     assert out["documents"][0]["tokens"] == out["tokens"] == expected
     assert out["documents"][0]["characters"] == len(read_document(str(note)).text)
 
 
-def test_a_vocabulary_written_from_the_header_tokenizes_as_the_file(llama3: Path, documents: list,
+def test_a_vocabulary_written_from_the_header_tokenizes_as_the_file(llama3_gguf: Path, documents: list,
                                                                     tmp_path: Path) -> None:
-    header = read_gguf_header(llama3)
+    header = read_gguf_header(llama3_gguf)
     vocab_only = write_vocab_from_header(tmp_path / "vocab.gguf", header)
     assert vocab_only.stat().st_size < header.header_size + 4096  # the tokenizer, no weights
-    with VocabularyFile(llama3) as whole, VocabularyFile(vocab_only) as alone:
+    with VocabularyFile(llama3_gguf) as whole, VocabularyFile(vocab_only) as alone:
         for document in documents:
             assert alone.tokenize(document.context_text()) == whole.tokenize(document.context_text())
 
 
-def test_estimate_file_from_a_hub_gguf_fetches_only_the_header(llama3: Path, fake_hub: FakeHub,
+def test_estimate_file_from_a_hub_gguf_fetches_only_the_header(llama3_gguf: Path, fake_hub: FakeHub,
                                                                tmp_path: Path) -> None:
-    data = llama3.read_bytes()
+    data = llama3_gguf.read_bytes()
     fake_hub.add_repo("org/Real-GGUF", {"real-F16.gguf": data})
     doc = tmp_path / "doc.md"
     doc.write_text(" ".join(sentence(i) for i in range(200)))
     run = invoke("estimate", "org/Real-GGUF", "--file", str(doc), "--ram", "8G", "--json")
     assert run.exit_code == 0, run.stderr
     out = json.loads(run.stdout)
-    with VocabularyFile(llama3) as vocabulary:
+    with VocabularyFile(llama3_gguf) as vocabulary:
         assert out["tokens"] == out["documents"][0]["tokens"] == vocabulary.count(read_document(str(doc)).context_text())
-    header = read_gguf_header(llama3)
+    header = read_gguf_header(llama3_gguf)
     served = fake_hub.bytes_served("real-F16.gguf")
     weights = len(data) - header.data_offset
     # the header's growing range reads (at most double the header), never the tensor data as a whole
@@ -137,23 +119,23 @@ def test_estimate_file_from_a_hub_checkpoint_fetches_only_the_tokenizer(fake_hub
     llm.close()
 
 
-def test_the_fix_it_names_is_a_plan_that_fits(llama3: Path, tmp_path: Path) -> None:
+def test_the_fix_it_names_is_a_plan_that_fits(llama3_gguf: Path, tmp_path: Path) -> None:
     doc = tmp_path / "long.md"
     doc.write_text("\n".join(sentence(i) for i in range(1500)))
-    with VocabularyFile(llama3) as vocabulary:
+    with VocabularyFile(llama3_gguf) as vocabulary:
         tokens = vocabulary.count(read_document(str(doc)).context_text())
-    spec = spec_from_gguf(llama3)
+    spec = spec_from_gguf(llama3_gguf)
     free = 64 * GIB  # find the totals, then a machine between f16's and q8_0's
     first = fit_context(spec, "F16", [Device("CPU", free, free, is_gpu=False, detected=False)], tokens)
     f16, q8 = (o.estimate.total_bytes for o in first.options[:2])
     ram = (f16 + q8) // 2
-    run = invoke("estimate", str(llama3), "--file", str(doc), "--ram", str(ram))
+    run = invoke("estimate", str(llama3_gguf), "--file", str(doc), "--ram", str(ram))
     assert run.exit_code == 0, run.stderr
     ctx = f"{needed_context(tokens, ANSWER_RESERVE, spec.n_ctx_train) // 1024}k"
     assert f"fits with -c {ctx} -ctk q8_0 -ctv q8_0" in " ".join(run.stdout.split())
-    fits = invoke("plan", str(llama3), "-c", ctx, "-ctk", "q8_0", "-ctv", "q8_0", "--ram", str(ram), "--json")
+    fits = invoke("plan", str(llama3_gguf), "-c", ctx, "-ctk", "q8_0", "-ctv", "q8_0", "--ram", str(ram), "--json")
     assert fits.exit_code == 0 and json.loads(fits.stdout)["fits"]
-    refused = invoke("plan", str(llama3), "-c", ctx, "--kv-type", "f16", "--ram", str(ram))  # negative control
+    refused = invoke("plan", str(llama3_gguf), "-c", ctx, "--kv-type", "f16", "--ram", str(ram))  # negative control
     assert_one_line_error(refused, "do not fit")
 
 
@@ -179,8 +161,8 @@ def test_fit_and_fix_lines() -> None:
     assert needed_context(130_000, 1024, 131_072) == 131_072  # rounding never passes the model's maximum
 
 
-def test_estimate_file_errors_are_one_line(llama3: Path, tmp_path: Path) -> None:
-    assert_one_line_error(invoke("estimate", str(llama3), "--file", str(tmp_path / "none.pdf")),
+def test_estimate_file_errors_are_one_line(llama3_gguf: Path, tmp_path: Path) -> None:
+    assert_one_line_error(invoke("estimate", str(llama3_gguf), "--file", str(tmp_path / "none.pdf")),
                           "none.pdf: no such file or folder")
     doc = tmp_path / "d.txt"
     doc.write_text("hello")

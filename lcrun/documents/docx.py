@@ -9,7 +9,7 @@ from typing import Any
 from lcrun.errors import DocumentError
 
 from .archive import open_zip
-from .record import Document, ReadLimits, too_long
+from .record import Document, ReadLimits, TextParts
 
 
 def _paragraph(paragraph: Any) -> str:
@@ -49,15 +49,11 @@ def read_docx(name: str, label: str, data: bytes, limits: ReadLimits) -> Documen
         raise DocumentError(name, f"damaged: not a readable Word document ({exc})") from None
     except Exception as exc:  # noqa: BLE001 - lxml and zipfile errors of a malformed part, said in one line
         raise DocumentError(name, f"damaged: {type(exc).__name__}: {exc}") from None
-    blocks: list[str] = []
-    chars = 0
+    blocks = TextParts(name, limits)
     for block in document.iter_inner_content():
         text = _table(block) if isinstance(block, Table) else _paragraph(block)
         if text:
-            blocks.append(text)
-            chars += len(text)
-            if chars > limits.max_chars:
-                raise too_long(name, limits)
+            blocks.add(text)
     if not blocks:
         raise DocumentError(name, "a Word document with no text")
-    return Document(name=name, kind="docx", text="\n\n".join(blocks), label=label, source_bytes=len(data))
+    return Document(name=name, kind="docx", text=blocks.joined(), label=label, source_bytes=len(data))

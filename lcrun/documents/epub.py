@@ -10,7 +10,7 @@ from lcrun.errors import DocumentError
 
 from .archive import open_zip, read_member
 from .html import html_text
-from .record import Deadline, Document, ReadLimits, too_long
+from .record import Deadline, Document, ReadLimits, TextParts
 
 _XHTML = ("application/xhtml+xml", "text/html")
 
@@ -41,8 +41,7 @@ def read_epub(name: str, label: str, data: bytes, limits: ReadLimits) -> Documen
         manifest = {e.get("id"): (e.get("href") or "", e.get("media-type") or "")
                     for e in opf.iter() if _local(e.tag) == "item"}
         spine = [e.get("idref") for e in opf.iter() if _local(e.tag) == "itemref"]
-        chapters: list[str] = []
-        chars = 0
+        chapters = TextParts(name, limits)
         for idref in spine:
             href, media = manifest.get(idref, ("", ""))
             if not href or media not in _XHTML:
@@ -55,11 +54,8 @@ def read_epub(name: str, label: str, data: bytes, limits: ReadLimits) -> Documen
                 if exc.problem == "an HTML page with no text":  # a cover image, a blank page
                     continue
                 raise
-            chapters.append(text)
-            chars += len(text)
-            if chars > limits.max_chars:
-                raise too_long(name, limits)
+            chapters.add(text)
     if not chapters:
         raise DocumentError(name, "an e-book with no text in its chapters")
-    return Document(name=name, kind="epub", text="\n\n".join(chapters), label=label, pages=len(chapters),
+    return Document(name=name, kind="epub", text=chapters.joined(), label=label, pages=len(chapters),
                     source_bytes=len(data))

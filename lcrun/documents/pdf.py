@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lcrun.errors import DocumentError
 
-from .record import Deadline, Document, ReadLimits, too_long
+from .record import Deadline, Document, ReadLimits, TextParts
 
 _TAIL = 2048  # "%%EOF" must be within the last bytes: a file cut short (an interrupted download) lacks it
 # PDFium marks a hyphen it found at a line's end as \x02 (FPDFText's "generated hyphen"), before the line break
@@ -68,8 +68,7 @@ def read_pdf(name: str, label: str, limits: ReadLimits, *, path: Path | None = N
         if n_pages > limits.max_pages:
             raise DocumentError(name, f"{n_pages:,} pages, more than the {limits.max_pages:,} lcrun reads from one "
                                       "PDF; give a part of it (e.g. qpdf in.pdf --pages . 1-400 -- part.pdf)")
-        parts: list[str] = []
-        chars = 0
+        parts = TextParts(name, limits)
         empty = 0
         for index in range(n_pages):
             deadline.check(f"reading its pages ({index:,} of {n_pages:,} read)")
@@ -82,10 +81,7 @@ def read_pdf(name: str, label: str, limits: ReadLimits, *, path: Path | None = N
             except pdfium.PdfiumError as exc:
                 raise DocumentError(name, f"damaged: page {index + 1} cannot be read ({exc})") from None
             empty += not text
-            chars += len(text)
-            if chars > limits.max_chars:
-                raise too_long(name, limits)
-            parts.append(f"[page {index + 1}]\n{text}" if text else f"[page {index + 1}]")
+            parts.add(text, f"[page {index + 1}]\n{text}" if text else f"[page {index + 1}]")
     finally:
         doc.close()
     if n_pages == 0:
@@ -97,6 +93,6 @@ def read_pdf(name: str, label: str, limits: ReadLimits, *, path: Path | None = N
     if empty:
         warnings.append(f"{empty:,} of {n_pages:,} pages have no text layer (scanned images?); OCR the PDF for "
                         "their text")
-    return Document(name=name, kind="pdf", text="\n\n".join(parts), label=label, pages=n_pages,
+    return Document(name=name, kind="pdf", text=parts.joined(), label=label, pages=n_pages,
                     skipped={"pages without text": empty} if empty else {}, warnings=tuple(warnings),
                     source_bytes=size)

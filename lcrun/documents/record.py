@@ -97,3 +97,26 @@ class Deadline:
 def too_long(name: str, limits: ReadLimits) -> DocumentError:
     return DocumentError(name, f"more than {limits.max_chars:,} characters of text (~{limits.max_chars // 4:,} "
                                "tokens, more than any context lcrun plans); give a part of it")
+
+
+class TextParts:
+    """A document's text as its parts (pages, chapters, paragraphs) are read, refused the moment it passes the
+    reading limit: a huge file stops at the limit instead of being read whole first."""
+
+    def __init__(self, name: str, limits: ReadLimits) -> None:
+        self.name, self.limits = name, limits
+        self.parts: list[str] = []
+        self.chars = 0
+
+    def add(self, text: str, part: str | None = None) -> None:
+        """Counts `text` against the limit and keeps `part` (the text with its marker; `text` itself if None)."""
+        self.chars += len(text)
+        if self.chars > self.limits.max_chars:
+            raise too_long(self.name, self.limits)
+        self.parts.append(text if part is None else part)
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def joined(self) -> str:
+        return "\n\n".join(self.parts)
