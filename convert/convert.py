@@ -10,13 +10,12 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import gguf
 import numpy as np
 
 from .arch import ModelAdapter, TensorPlan, adapter_for
-from .errors import CheckpointError, OutputError, UnsupportedModelError
+from .errors import OutputError, UnsupportedModelError
 from .fp4 import power_of_two_prescale
 from .gguf_out import GGUFOutput
 from .planning import OUTTYPES, GGUFPlan, plan_gguf, read_config

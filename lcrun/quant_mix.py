@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 
 import gguf
 
-from lcrun import LLAMA_CPP_PYTHON_VERSION as MIRRORS
+from lcrun import LLAMA_CPP_PYTHON_VERSION as MIRRORS  # noqa: F401  (the version this copy follows, named in the docstring)
 
 T = gguf.GGMLQuantizationType
 
