@@ -225,7 +225,8 @@ class _Walk:
             out["properties"][name] = self.visit(sub, f"{where}/properties/{name}", depth + 1)
         if required:
             out["required"] = list(dict.fromkeys(required))
-        extra = node.get("additionalProperties", False if properties else True)
+        # unsaid, extra properties are allowed; where properties are listed the converter writes none (valid too)
+        extra = node.get("additionalProperties", False if "properties" in node else True)
         if extra is True:
             extra = {}
         if isinstance(extra, dict):

@@ -186,7 +186,7 @@ class DecodeLoop:
         assert slot.top_logprobs is not None
         logits = engine.logits(slot.seq)
         token = engine.sample(slot.seq)
-        slot.logprobs.append(token_logprob(logits, token, slot.top_logprobs, engine))
+        slot.logprobs.append(token_logprob(logits, token, slot.top_logprobs, lambda t: slot.piece(t, engine)))
         return token
 
     def _fork(self, slot: Slot) -> list[Slot]:

@@ -101,10 +101,7 @@ class Slot:
             self.finish("stop")
             return False
         self.unsent += 1
-        if self.preserved and token in self.preserved:
-            text = self.decoder.decode(engine.token_text(token).encode("utf-8"))
-        else:
-            text = self.decoder.decode(engine.token_bytes(token))
+        text = self.decoder.decode(self.piece(token, engine))
         if text:
             stops = self.stops
             if stops is None:
@@ -124,6 +121,12 @@ class Slot:
             return False
         self.next_token = token
         return True
+
+    def piece(self, token: int, engine: EngineProtocol) -> bytes:
+        """The token's bytes as the reply's text has them."""
+        if self.preserved and token in self.preserved:
+            return engine.token_text(token).encode("utf-8")
+        return engine.token_bytes(token)
 
     def _send(self, text: str) -> None:
         if self.top_logprobs is None:

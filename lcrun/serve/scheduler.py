@@ -22,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from lcrun.engine.protocol import EngineProtocol, SequenceState
-from lcrun.errors import LcrunError
+from lcrun.errors import GrammarError, LcrunError
 from lcrun.generation.loop import DecodeLoop
 from lcrun.generation.records import Failed, Finished, GenerateEvent, PrefillProgress, Request, not_started
 from lcrun.generation.slots import Phase, Slot
@@ -48,6 +48,7 @@ class Job:
         self.sink = sink
         self.cancelled = threading.Event()
         self.finished = False
+        self._choices_left = request.params.n   # a Finished each, or one Failed, ends the job
         self.submitted_at = time.perf_counter()
         self._wake: Callable[[], None] = lambda: None
 
@@ -57,7 +58,10 @@ class Job:
             self._wake()
 
     def deliver(self, event: GenerateEvent) -> None:
-        if isinstance(event, (Finished, Failed)):
+        if isinstance(event, Finished):
+            self._choices_left -= 1
+            self.finished = self._choices_left <= 0
+        elif isinstance(event, Failed):
             self.finished = True
         try:
             self.sink(event)
@@ -163,7 +167,7 @@ class Scheduler:
             return True
         if self._closing and self.busy_slots and time.monotonic() >= self._deadline:
             return True
-        return bool(self._queue) and self.busy_slots < len(self.slots)
+        return bool(self._queue) and len(self.slots) - self.busy_slots >= self._queue[0].request.params.n
 
     def _fail_queued(self, error: APIError) -> None:
         while self._queue:
@@ -193,11 +197,12 @@ class Scheduler:
         while True:
             with self._cond:
                 free = [s for s in self.slots if s.phase is Phase.IDLE]
-                if not free or not self._queue:
+                if not self._queue or len(free) < self._queue[0].request.params.n:  # a choice a slot, together
                     return
                 job = self._queue.popleft()
             if job.cancelled.is_set():
-                job.deliver(not_started(len(job.request.prompt)))
+                for choice in range(job.request.params.n):
+                    job.deliver(not_started(len(job.request.prompt), choice))
                 self.metrics.add("requests_cancelled")
                 continue
             try:
@@ -216,6 +221,8 @@ class Scheduler:
         slot = max(free, key=lambda s: (held[s.seq], -s.last_used))
         if held[slot.seq] == 0:
             slot = min(free, key=lambda s: s.last_used)
+        # the other choices (n > 1) on the free slots unused longest; they start from a copy of the prompt
+        siblings = sorted((s for s in free if s is not slot), key=lambda s: s.last_used)[:job.request.params.n - 1]
         source = max(self.slots, key=lambda s: held[s.seq])
         # the disk, another slot or nothing — decided before anything is copied: a restore replaces the sequence,
         # so a copy made first would be wasted (and would cost a decode to complete before the restore)
@@ -223,7 +230,8 @@ class Scheduler:
         from_disk = hit is not None and self._io is not None and hit[1] > held[source.seq] + COPY_MIN_GAIN
         if not from_disk and held[source.seq] >= held[slot.seq] + COPY_MIN_GAIN:
             engine.seq_copy(source.seq, slot.seq, held[source.seq])
-        self.loop.assign(slot, job.request, lambda event: self._deliver(job, event), cancel=job.cancelled)
+        self.loop.assign(slot, job.request, lambda event: self._deliver(job, event), cancel=job.cancelled,
+                         siblings=siblings)
         if from_disk:
             assert hit is not None and self._io is not None and self.prompt_cache is not None
             future = self._io.submit(self.prompt_cache.load, hit[0])
@@ -282,6 +290,9 @@ class Scheduler:
             self.metrics.add("generated_tokens", event.completion_tokens)
             if event.reason == "cancelled":
                 self.metrics.add("requests_cancelled")
+        elif isinstance(event, Failed) and isinstance(event.error, GrammarError):  # the request's grammar, stuck
+            event = Failed(APIError(400, f"the reply could not go on: {event.error}", param="grammar",
+                                    code="grammar_dead_end"))
         elif isinstance(event, Failed) and not isinstance(event.error, APIError):  # llama.cpp refused a decode
             log.error("decode failed: %s", event.error)
             event = Failed(APIError(500, f"llama.cpp could not decode: {event.error}", type="server_error"))
