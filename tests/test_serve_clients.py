@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import ollama
-import openai
 import pytest
 from pydantic import BaseModel, Field
 

@@ -12,10 +12,11 @@ the sequence holds (the longest common prefix is reused) and the slot gets its s
 3. samples each generating slot's next token from its own logits and hands it to the slot, which turns it into text
    (slots.py: end of generation, UTF-8, stop strings and the length limit, in one place).
 
-A decode llama.cpp refuses ends the requests in that batch with `Failed`, and a grammar that can go no further ends
-its own request; the others go on. The owner of the loop — the single-slot driver (drive.py) or serve's scheduler
-(queue, slot choice, cross-slot copies, the disk prompt cache, shutdown) — calls `step` from one thread, the only one
-that touches the engine.
+A failure ends only the request it belongs to: a batch llama.cpp refuses is decoded again one sequence at a time
+(each back to where it was), and only the requests whose own decode fails end with `Failed`; an exception while a
+slot samples (a grammar that can go no further too) or turns its token into text ends that slot's request. The owner
+of the loop — the single-slot driver (drive.py) or serve's scheduler (queue, slot choice, cross-slot copies, the disk
+prompt cache, shutdown) — calls `step` from one thread, the only one that touches the engine.
 
 The request's features, each in one place: its grammar joins the slot's sampler at `start` (`set_sampler`);
 log-probabilities are read from `engine.logits(seq)` right before `sample` (`_sample`); several choices (n > 1)
@@ -32,7 +33,6 @@ import time
 from collections.abc import Callable, Sequence
 
 from lcrun.engine.protocol import EngineProtocol, Feed, PromptPlan
-from lcrun.errors import LcrunError
 
 from .logprobs import token_logprob
 from .records import Failed, PrefillProgress, Request
@@ -136,15 +136,12 @@ class DecodeLoop:
                 engine = self.engine
                 try:
                     engine.decode((Feed(slot.seq, (slot.next_token,)),))
-                except LcrunError as exc:
-                    self.fail([slot], exc)
-                    return
-                try:
                     token = engine.sample(slot.seq) if slot.top_logprobs is None else self._sample(slot)
-                except LcrunError as exc:  # its grammar can go no further
+                    more = slot.on_token(token, engine)
+                except Exception as exc:  # noqa: BLE001 - llama.cpp refused it, the sampler or the text failed
                     self.fail([slot], exc)
                     return
-                if not slot.on_token(token, engine):
+                if not more:
                     self._active.clear()
                 return
         self._end_cancelled()
@@ -152,32 +149,43 @@ class DecodeLoop:
         if not feeds:
             return
         engine = self.engine
+        starts = [engine.seq_len(feed.seq) for feed in feeds] if len(feeds) > 1 else []
         try:
             engine.decode(feeds)
-        except LcrunError as exc:  # llama.cpp refused the batch: its requests fail, the others go on
-            self.fail(owners, exc)
+        except Exception as exc:  # noqa: BLE001 - llama.cpp refused the batch: find whose decode it is
+            self._decode_apart(feeds, owners, starts, exc)
             return
-        forked: list[Slot] = []
         for slot, feed in zip(owners, feeds):
+            self._decoded(slot, feed)
+
+    def _decoded(self, slot: Slot, feed: Feed) -> None:
+        """After a decode holding `feed`: the slot's prompt progress, or its next token (before the next decode); when
+        its prompt is done, the request's other choices start from it (`_fork`) and sample their first tokens."""
+        forked: list[Slot] = []
+        try:
             if slot.phase is PREFILL:
                 slot.prefill_done += len(feed.tokens)
                 slot.sink(PrefillProgress(slot.prefill_done, slot.prefill_total))
                 if not slot.chunks:
                     self._prompt_done(slot)
-                    forked += self._fork(slot)
+                    forked = self._fork(slot)
             if slot.phase is GENERATE:
                 self._next(slot)
-        for slot in forked:  # the other choices, from the logits of the prompt's last token
-            self._next(slot)
+        except Exception as exc:  # noqa: BLE001 - the sampler, the text or a hook failed: this request only
+            self.fail([slot], exc)
+            return
+        for sibling in forked:  # the other choices, from the logits of the prompt's last token
+            self._next(sibling)
 
     def _next(self, slot: Slot) -> None:
         """Sample a generating slot's next token and hand it to the slot."""
         try:
             token = self.engine.sample(slot.seq) if slot.top_logprobs is None else self._sample(slot)
-        except LcrunError as exc:  # its grammar can go no further: this request ends, the others go on
+            more = slot.on_token(token, self.engine)
+        except Exception as exc:  # noqa: BLE001 - its grammar can go no further, or its text failed: this request
             self.fail([slot], exc)
             return
-        if not slot.on_token(token, self.engine):
+        if not more and slot in self._active:
             self._active.remove(slot)
 
     def _sample(self, slot: Slot) -> int:
@@ -210,6 +218,22 @@ class DecodeLoop:
             sibling.phase = Phase.GENERATE
             self._active.append(sibling)
         return siblings
+
+    def _decode_apart(self, feeds: list[Feed], owners: list[Slot], starts: list[int], error: Exception) -> None:
+        """A batch failed: decode each sequence's feed on its own, from where it was before the batch (llama.cpp keeps
+        the ubatches it finished). Those that fail alone fail; a batch of one is that one."""
+        if len(feeds) == 1:
+            self.fail(owners, error)
+            return
+        engine = self.engine
+        for slot, feed, start in zip(owners, feeds, starts):
+            try:
+                engine.seq_truncate(feed.seq, start)
+                engine.decode([feed])
+            except Exception as exc:  # noqa: BLE001 - this sequence's own decode failed
+                self.fail([slot], exc)
+                continue
+            self._decoded(slot, feed)
 
     def _end_cancelled(self) -> None:
         for slot in self.slots:

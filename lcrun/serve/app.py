@@ -29,7 +29,8 @@ from .edge import Edge
 from .metrics import CONTENT_TYPE, Metrics
 from .ollama_routes import OLLAMA_ENDPOINTS, ollama_routes
 from .openai_reply import Reply, Usage, sse
-from .prompting import _tokenize_chat, chat_prompt, check_prompt, remember_reply
+from .jobs import Ticket
+from .prompting import _tokenize_chat, chat_prompt, check_prompt, partition_of, remember_reply
 from .respond import Run, unless_disconnected
 from .state import PUBLIC_PATHS, ServerState
 from .structured import JSON_OBJECT, OutputPlan, output_plan
@@ -153,12 +154,24 @@ async def _openapi(state: ServerState, request: Request) -> Response:
 
 
 # -- completions -----------------------------------------------------------------------------------------------------
-# Parsing, validating, rendering and tokenizing a prompt take milliseconds to seconds: on a worker thread, never on
-# the event loop that every other client's stream is written from.
-# TODO(issue 20, phase 2): admission (the queue bound) belongs before this work, so a full server refuses a request
-# before paying for its tokenization: a scheduler reservation taken here, handed to `_run`.
+# A request takes its place in the admission bound first (`reserve`: 503 when every slot is busy and the queue is
+# full), so a full server refuses it before paying for anything. Then parsing, validating, rendering and tokenizing
+# its prompt (and compiling its grammar) — milliseconds to seconds — run on a worker thread, never on the event loop
+# that every other client's stream is written from. The ticket goes with the job and is released when its generation
+# ends. Ollama's routes (ollama_routes.py) do the same.
 async def _chat_completions(state: ServerState, request: Request) -> Response:
+    with state.scheduler.reserve() as ticket:
+        return await _chat(state, request, ticket)
+
+
+async def _completions(state: ServerState, request: Request) -> Response:
+    with state.scheduler.reserve() as ticket:
+        return await _text(state, request, ticket)
+
+
+async def _chat(state: ServerState, request: Request, ticket: Ticket) -> Response:
     body = await request.body()
+    partition = partition_of(request)
 
     def prepare() -> tuple[oa.ChatCompletionRequest, str, list[int], str, OutputPlan]:
         req: oa.ChatCompletionRequest = oa.validate(oa.ChatCompletionRequest, oa.parse_json_body(body))
@@ -169,13 +182,13 @@ async def _chat_completions(state: ServerState, request: Request) -> Response:
                            tools=[t.model_dump() for t in req.tools or []], choice=_choice_of(req),
                            parallel=req.parallel_tool_calls)
         text = chat_prompt(state, req.template_messages(), plan)
-        return req, model, _tokenize_chat(state, text), text, plan
+        return req, model, _tokenize_chat(state, text, partition), text, plan
 
     req, model, tokens, text, plan = await to_thread.run_sync(prepare)
-    return await _run(state, request, req, model, "chat", tokens, "messages", plan, rendered=text)
+    return await _run(state, request, ticket, req, model, "chat", tokens, "messages", plan, rendered=text)
 
 
-async def _completions(state: ServerState, request: Request) -> Response:
+async def _text(state: ServerState, request: Request, ticket: Ticket) -> Response:
     body = await request.body()
 
     def prepare() -> tuple[oa.CompletionRequest, str, list[int], OutputPlan]:
@@ -192,7 +205,7 @@ async def _completions(state: ServerState, request: Request) -> Response:
         return req, model, list(prompt), plan
 
     req, model, tokens, plan = await to_thread.run_sync(prepare)
-    return await _run(state, request, req, model, "text", tokens, "prompt", plan)
+    return await _run(state, request, ticket, req, model, "text", tokens, "prompt", plan)
 
 
 def _schema_of(req: Any) -> tuple[str, Any] | None:
@@ -227,12 +240,13 @@ def _model(state: ServerState, name: str | None) -> str:
                            "(see /v1/models)", param="model", code="model_not_found")
 
 
-async def _run(state: ServerState, request: Request, req: Any, model: str, kind: str, tokens: list[int],
-               param: str, plan: OutputPlan, rendered: str | None = None) -> Response:
+async def _run(state: ServerState, request: Request, ticket: Ticket, req: Any, model: str, kind: str,
+               tokens: list[int], param: str, plan: OutputPlan, rendered: str | None = None) -> Response:
     params = dataclasses.replace(req.generation_params(seed=random.getrandbits(32)), grammar=plan.grammar,
                                  preserved=plan.preserved)
     check_prompt(state, tokens, param, params.n)
-    run = Run(state.scheduler, tokens, params, plan.tools)
+    partition = partition_of(request)
+    run = Run(state.scheduler, tokens, params, plan.tools, ticket=ticket, partition=partition)
     reply = Reply(kind, model, state.fingerprint, logprobs=params.logprobs is not None)  # type: ignore[arg-type]
 
     def usage() -> Usage:
@@ -241,7 +255,7 @@ async def _run(state: ServerState, request: Request, req: Any, model: str, kind:
     def remember() -> None:  # a plain chat reply comes back in the next request: keep its sampled tokens
         done = run.finished.get(0)
         if rendered is not None and params.n == 1 and plan.tools is None and done is not None:
-            remember_reply(state, rendered, tokens, run.text(0), done)
+            remember_reply(state, rendered, tokens, run.text(0), done, partition)
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

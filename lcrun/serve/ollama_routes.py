@@ -21,7 +21,8 @@ from starlette.routing import Route
 from .ollama_api import (OLLAMA_VERSION, ModelRequest, OllamaChatRequest, OllamaGenerateRequest, error_body,
                          format_schema, generation_params, now, ollama_calls, ollama_logprobs, stats)
 from .openai_api import APIError, bad_request, parse_json_body
-from .prompting import _tokenize_chat, chat_prompt, check_prompt
+from .jobs import Ticket
+from .prompting import _tokenize_chat, chat_prompt, check_prompt, partition_of
 from .respond import Choice, Run, unless_disconnected
 from .structured import output_plan
 
@@ -154,8 +155,21 @@ def _chat_messages(req: OllamaChatRequest) -> list[dict[str, Any]]:
     return out
 
 
+# As the OpenAI routes: a place in the admission bound before anything is parsed or tokenized; cached prompts and
+# remembered replies within the request's API key.
 async def _chat(state: ServerState, request: Request) -> Response:
+    with state.scheduler.reserve() as ticket:
+        return await _chat_reserved(state, request, ticket)
+
+
+async def _generate(state: ServerState, request: Request) -> Response:
+    with state.scheduler.reserve() as ticket:
+        return await _generate_reserved(state, request, ticket)
+
+
+async def _chat_reserved(state: ServerState, request: Request, ticket: Ticket) -> Response:
     raw = await request.body()
+    partition = partition_of(request)
 
     def prepare() -> tuple[OllamaChatRequest, Any, Any, list[int]]:
         req: OllamaChatRequest = _validate(OllamaChatRequest, raw)
@@ -168,7 +182,7 @@ async def _chat(state: ServerState, request: Request) -> Response:
             return req, None, None, []
         plan = output_plan(state.engine, state.template_source, schema=format_schema(req.format),
                            tools=req.tools, parallel=True)
-        tokens = _tokenize_chat(state, chat_prompt(state, _chat_messages(req), plan))
+        tokens = _tokenize_chat(state, chat_prompt(state, _chat_messages(req), plan), partition)
         params = generation_params(req.options, n_ctx_slot=state.n_ctx_slot, prompt_tokens=len(tokens),
                                    seed=random.getrandbits(32), logprobs=req.top_logprobs_asked())
         return req, plan, params, tokens
@@ -177,11 +191,12 @@ async def _chat(state: ServerState, request: Request) -> Response:
     if params is None:  # an empty conversation loads the model (it is loaded)
         return JSONResponse({"model": req.model, "created_at": now(), "message": {"role": "assistant", "content": ""},
                              "done": True, "done_reason": "load"})
-    return await _respond(state, request, req, "chat", tokens, params, plan)
+    return await _respond(state, request, ticket, req, "chat", tokens, params, plan)
 
 
-async def _generate(state: ServerState, request: Request) -> Response:
+async def _generate_reserved(state: ServerState, request: Request, ticket: Ticket) -> Response:
     raw = await request.body()
+    partition = partition_of(request)
 
     def prepare() -> tuple[OllamaGenerateRequest, Any, Any, list[int]]:
         req: OllamaGenerateRequest = _validate(OllamaGenerateRequest, raw)
@@ -203,7 +218,7 @@ async def _generate(state: ServerState, request: Request) -> Response:
         else:
             messages = ([{"role": "system", "content": req.system}] if req.system else []) + \
                 [{"role": "user", "content": req.prompt or ""}]
-            tokens = context + _tokenize_chat(state, chat_prompt(state, messages, plan))
+            tokens = context + _tokenize_chat(state, chat_prompt(state, messages, plan), partition)
         params = generation_params(req.options, n_ctx_slot=state.n_ctx_slot, prompt_tokens=len(tokens),
                                    seed=random.getrandbits(32), logprobs=req.top_logprobs_asked())
         return req, plan, params, tokens
@@ -213,17 +228,17 @@ async def _generate(state: ServerState, request: Request) -> Response:
         unload = req.keep_alive in (0, "0", "0s", "0m")
         return JSONResponse({"model": req.model, "created_at": now(), "response": "", "done": True,
                              "done_reason": "unload" if unload else "load"})
-    return await _respond(state, request, req, "generate", tokens, params, plan)
+    return await _respond(state, request, ticket, req, "generate", tokens, params, plan)
 
 
-async def _respond(state: ServerState, request: Request, req: Any, kind: str, tokens: list[int], params: Any,
-                   plan: Any) -> Response:
+async def _respond(state: ServerState, request: Request, ticket: Ticket, req: Any, kind: str, tokens: list[int],
+                   params: Any, plan: Any) -> Response:
     import dataclasses
 
     params = dataclasses.replace(params, grammar=plan.grammar, preserved=plan.preserved)
     check_prompt(state, tokens, "messages" if kind == "chat" else "prompt")
     started = time.perf_counter()
-    run = Run(state.scheduler, tokens, params, plan.tools)
+    run = Run(state.scheduler, tokens, params, plan.tools, ticket=ticket, partition=partition_of(request))
     head = {"model": req.model}
 
     def body(content: str, calls: Any, logprobs: Any, finished: Choice | None) -> dict[str, Any]:

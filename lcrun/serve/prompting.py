@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from starlette.requests import Request
+
 from lcrun.chat.prompt_tokens import MarkedText, as_content, render_marked
 from lcrun.errors import LcrunError
 from lcrun.generation.records import Finished, RequestError
@@ -33,10 +35,16 @@ def chat_prompt(state: ServerState, messages: list[dict[str, Any]], plan: Output
         raise oa.bad_request(f"the model's chat template refused the messages: {exc}", param="messages") from None
 
 
-def _tokenize_chat(state: ServerState, text: MarkedText) -> list[int]:
+def partition_of(request: Request) -> str | None:
+    """Whose cached prompts and remembered replies this request may share: its API key's id (edge.py), or
+    everyone's without keys."""
+    return request.scope.get("state", {}).get("api_key_id")
+
+
+def _tokenize_chat(state: ServerState, text: MarkedText, partition: str | None) -> list[int]:
     tokenize = lambda t: state.prompt_tokens(MarkedText(t, text.contents))  # noqa: E731
-    # a rendered chat ends with its replies: their sampled tokens, as the KV cache holds them
-    return state.replies.tokenize(text, tokenize)
+    # a rendered chat ends with its replies: their sampled tokens, as the KV cache holds them (this key's only)
+    return state.replies.tokenize(text, tokenize, partition)
 
 
 def check_prompt(state: ServerState, tokens: list[int], param: str, n: int = 1) -> None:
@@ -50,8 +58,9 @@ def check_prompt(state: ServerState, tokens: list[int], param: str, n: int = 1) 
                              "lcrun serve -np)", param="n")
 
 
-def remember_reply(state: ServerState, rendered: str, tokens: list[int], text: str, done: Finished) -> None:
-    """Keep a finished reply's sampled tokens for the next request that quotes it (replies.py)."""
+def remember_reply(state: ServerState, rendered: str, tokens: list[int], text: str, done: Finished,
+                   partition: str | None) -> None:
+    """Keep a finished reply's sampled tokens for the next request of the same key that quotes it (replies.py)."""
     if done.tokens and done.stop is None:  # the text is exactly its tokens'
         end = state.engine.token_text(done.tokens[-1]) if done.reason == "stop" else ""
-        state.replies.remember(rendered + as_content(text) + end, tokens + list(done.tokens))
+        state.replies.remember(rendered + as_content(text) + end, tokens + list(done.tokens), partition)

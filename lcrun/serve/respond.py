@@ -17,12 +17,15 @@ from lcrun.tool_calls.formats import Family, parse_reply
 from lcrun.tool_calls.specs import ToolCall, ToolSpec
 from lcrun.tool_calls.stream import CallSplitter
 
-from .scheduler import Job
+from .jobs import Job, Ticket
 
 if TYPE_CHECKING:
     from .scheduler import Scheduler
 
 T = TypeVar("T")
+# usage.prompt_tokens_details.cached_tokens in whole blocks, as OpenAI reports it: to the token, it would let a client
+# learn another's prompt one guessed token at a time
+CACHED_TOKENS_BLOCK = 128
 
 
 @dataclass(frozen=True)
@@ -59,10 +62,12 @@ def finish_reason(done: Finished, calls: object) -> str:
 
 
 class Run:
-    """One request submitted to the scheduler (from the event loop's thread)."""
+    """One request submitted to the scheduler (from the event loop's thread), holding the `ticket` it was admitted
+    with, its cached prompts shared only within its `partition` (its API key)."""
 
     def __init__(self, scheduler: Scheduler, tokens: list[int], params: GenerationParams,
-                 tools: ToolParsing | None = None) -> None:
+                 tools: ToolParsing | None = None, *, ticket: Ticket | None = None,
+                 partition: str | None = None) -> None:
         loop = asyncio.get_running_loop()
         self.events: asyncio.Queue[GenerateEvent] = asyncio.Queue()
 
@@ -72,7 +77,7 @@ class Run:
         self.n = params.n
         self.tools = tools
         self.prompt_tokens = len(tokens)
-        self.job = Job(GenerationRequest(tokens, params), sink)
+        self.job = Job(GenerationRequest(tokens, params), sink, partition=partition, ticket=ticket)
         self._raw: list[list[str]] = [[] for _ in range(self.n)]
         self._splitters = [CallSplitter(tools.family) if tools else None for _ in range(self.n)]
         self.finished: dict[int, Finished] = {}
@@ -91,7 +96,8 @@ class Run:
 
     @property
     def cached_tokens(self) -> int:
-        return max((done.reused_tokens for done in self.finished.values()), default=0)
+        reused = max((done.reused_tokens for done in self.finished.values()), default=0)
+        return reused // CACHED_TOKENS_BLOCK * CACHED_TOKENS_BLOCK
 
     async def deltas(self) -> AsyncIterator[list[Delta]]:
         """What each step brought, a Delta per choice that has news (what came while the client was being written
