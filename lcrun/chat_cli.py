@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from .cli_options import chat_format_options, launch_options
-from .engine.protocol import Sampling
+from .engine.protocol import Grammar, Sampling
 
 DEFAULTS = Sampling()   # the one source of the sampling defaults (llama.cpp's), shared with `lcrun serve`
 
@@ -37,6 +37,8 @@ Examples:
   lcrun chat --chat-template list                                # llama.cpp's built-in format names
   lcrun chat base-model.gguf --raw -p "Once upon a time"         # a base model: continue plain text
   lcrun chat base-model.gguf --raw -p "Q: 2+2? A:" --stop "Q:"  # end the reply before the next question
+  lcrun chat model.gguf -p "Describe Paris" --json-schema city.schema.json       # the reply is JSON of that schema
+  lcrun chat model.gguf -p "Yes or no?" --grammar 'root ::= "yes" | "no"'       # a GBNF grammar (llama.cpp's)
 """)
 @click.argument("model")
 @click.option("-f", "--file", "files", multiple=True, metavar="FILE|DIR|URL|-",
@@ -69,6 +71,13 @@ Examples:
 @click.option("--stop", "-r", "--reverse-prompt", "stops", multiple=True, metavar="TEXT",
               help="End the reply before TEXT when the model writes it (repeatable; llama.cpp's -r/--reverse-prompt, "
                    "OpenAI's `stop`: the text is not shown). E.g. --stop 'User:' --stop '###'.")
+@click.option("-j", "--json-schema", "json_schema", metavar="FILE|JSON",
+              help="Hold every reply to this JSON schema (a file, or the schema itself): llama.cpp's grammar sampler "
+                   "makes the output parse. What the grammar cannot enforce (minimum, most formats, …) is refused "
+                   "by name. E.g. -j '{\"type\": \"object\", \"properties\": {\"ok\": {\"type\": \"boolean\"}}}'.")
+@click.option("--grammar-file", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+              help="Hold every reply to this GBNF grammar (llama.cpp's grammars/*.gbnf format).")
+@click.option("--grammar", "grammar_text", metavar="GBNF", help="The same, the grammar given inline.")
 @click.option("--session", "session_file", type=click.Path(dir_okay=False, path_type=Path),
               help="Save the conversation and its KV cache here on exit (llama.cpp state file beside it, .kv) and "
                    "restore them when it exists: a long document is not prefilled twice.")
@@ -81,6 +90,7 @@ def chat(launch: LaunchOptions, files: tuple[str, ...], include: tuple[str, ...]
          prompt: str | None, system: str | None, temp: float,
          top_p: float, top_k: int, min_p: float, repeat_penalty: float, presence_penalty: float,
          frequency_penalty: float, seed: int, max_tokens: int | None, stops: tuple[str, ...],
+         json_schema: str | None, grammar_file: Path | None, grammar_text: str | None,
          session_file: Path | None, history_file: Path | None, no_history: bool, dry_run: bool) -> None:
     """Chat with MODEL (a GGUF file, `demo`, or a Hub GGUF repo as org/repo[:QUANT]), sized to this machine.
 
@@ -99,11 +109,12 @@ def chat(launch: LaunchOptions, files: tuple[str, ...], include: tuple[str, ...]
     if launch.chat_format == RAW and prompt is None and not dry_run:
         raise click.UsageError("--raw continues one prompt as plain text: give the prompt with -p (the interactive "
                                "chat needs a chat format)")
-    params = GenerationParams(
-        Sampling(temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty,
-                 presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, seed=seed),
-        max_tokens=max_tokens, stop=stops)
     try:
+        grammar = reply_grammar(json_schema, grammar_file, grammar_text)
+        params = GenerationParams(
+            Sampling(temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty,
+                     presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, seed=seed),
+            max_tokens=max_tokens, stop=stops, grammar=grammar)
         params.check()  # before the model loads
     except RequestError as exc:
         raise LcrunError("--" + exc.param.replace("_", "-"), exc.problem) from None
@@ -114,6 +125,48 @@ def chat(launch: LaunchOptions, files: tuple[str, ...], include: tuple[str, ...]
     code = _run(launch, options)
     if code:
         sys.exit(code)
+
+
+MAX_GRAMMAR_FILE = 1 << 20
+
+
+def reply_grammar(json_schema: str | None, grammar_file: Path | None, grammar_text: str | None) -> Grammar | None:
+    """The grammar of --json-schema, --grammar-file or --grammar (one of them), its bounds checked."""
+    from .errors import LcrunError
+
+    given = [name for name, value in (("--json-schema", json_schema), ("--grammar-file", grammar_file),
+                                      ("--grammar", grammar_text)) if value is not None]
+    if len(given) > 1:
+        raise click.UsageError(f"{' and '.join(given)}: give one")
+    if grammar_text is not None:
+        return Grammar(grammar_text)
+    if grammar_file is not None:
+        return Grammar(_read_small(grammar_file, "--grammar-file"))
+    if json_schema is None:
+        return None
+    import json
+
+    from .generation.json_schema import schema_grammar
+
+    text = json_schema if json_schema.lstrip().startswith(("{", "true", "false")) else \
+        _read_small(Path(json_schema), "--json-schema")
+    try:
+        schema = json.loads(text)
+    except ValueError as exc:
+        raise LcrunError("--json-schema", f"not valid JSON ({exc})") from None
+    return schema_grammar(schema, param="json_schema")
+
+
+def _read_small(path: Path, option: str) -> str:
+    from .errors import LcrunError
+
+    try:
+        size = path.stat().st_size
+        if size > MAX_GRAMMAR_FILE:
+            raise LcrunError(str(path), f"{size:,} bytes; {option} takes at most {MAX_GRAMMAR_FILE:,}")
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LcrunError(str(path), f"cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
 
 
 def _run(options: LaunchOptions, chat: ChatOptions) -> int:

@@ -24,5 +24,9 @@ class EngineError(LcrunError):
     """llama.cpp failed to load or run a model."""
 
 
+class GrammarError(LcrunError):
+    """A grammar (GBNF, or one made from a JSON schema) that llama.cpp cannot compile, or cannot follow any further."""
+
+
 class DocumentError(LcrunError):
     """A document (file, folder, URL, standard input) that cannot be read into the context."""

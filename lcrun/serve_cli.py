@@ -1,5 +1,5 @@
 """`lcrun serve`: decide the launch as `lcrun chat` does (for N slots sharing one context), open the model, and serve
-the OpenAI API."""
+the OpenAI API (and Ollama's)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,6 +22,7 @@ Examples:
   LCRUN_API_KEY=secret lcrun serve model.gguf --host 0.0.0.0
   lcrun serve model.gguf --api-key-file keys.txt --allowed-host llm.example.com   # behind a reverse proxy
   lcrun serve model.gguf --cors-origin http://localhost:5173  # a web UI in a browser may call the API
+  lcrun serve model.gguf --port 11434 -np 2                  # for clients that assume Ollama (its API is at /api)
 """)
 @click.argument("model")
 @launch_options()
@@ -69,9 +70,10 @@ def serve(launch: LaunchOptions, host: str, port: int, api_key: str | None, api_
           verbose: bool, dry_run: bool) -> None:
     """Serve MODEL (a GGUF file, `demo`, or a Hub GGUF repo) over an OpenAI-compatible HTTP API.
 
-    /v1/chat/completions and /v1/completions (streamed or not), /v1/models, /health and /metrics (Prometheus).
-    The slots are decoded together in one batch per step (continuous batching); a request reuses the longest
-    prefix of its prompt that any slot holds in its KV cache.
+    /v1/chat/completions and /v1/completions (streamed or not; JSON-schema output, tool calls, logprobs, n choices),
+    /v1/models, /health and /metrics (Prometheus); Ollama's /api/chat, /api/generate, /api/tags, /api/show, /api/ps
+    and /api/version on the same port. The slots are decoded together in one batch per step (continuous
+    batching); a request reuses the longest prefix of its prompt that any slot holds in its KV cache.
     """
     from .launch.decide import decide_launch
     from .launch.loaded import open_model
@@ -110,8 +112,8 @@ def serve(launch: LaunchOptions, host: str, port: int, api_key: str | None, api_
             where = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
             url = f"http://{where}:{bound[1]}"
             on_ready = lambda: out.print(  # noqa: E731
-                f"serving {state.model_id} at {url}/v1 (health {url}/health, metrics {url}/metrics); "
-                "Ctrl-C to stop", highlight=False, soft_wrap=True)
+                f"serving {state.model_id} at {url}/v1 (Ollama's API at {url}/api; health {url}/health, metrics "
+                f"{url}/metrics); Ctrl-C to stop", highlight=False, soft_wrap=True)
             run_server(state, sock, options, on_ready=on_ready)
     finally:
         sock.close()

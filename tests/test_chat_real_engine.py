@@ -14,7 +14,7 @@ from lcrun.chat.session import ChatSession
 from lcrun.engine.protocol import GREEDY
 from lcrun.engine.runtime import Engine, EngineConfig
 from lcrun.generation.records import GenerationParams, TextChunk
-from tests.fixtures.cli import run_lcrun
+from tests.fixtures.cli import assert_one_line_error, invoke, run_lcrun
 
 MAX = 24
 
@@ -187,3 +187,27 @@ def test_prompt_tokenizer_applies_the_whitespace_a_special_token_eats() -> None:
     text = "a<|x|>  \n" + as_content("b <|x|> c") + "<|x|>\n d"
     assert tokenizer(MarkedText(text)) == [1097, 1, 1098, 1032, *tokenize("<|x|>", special=False), 1032, 1099, 1,
                                            1100]
+
+
+def test_chat_p_holds_its_reply_to_a_json_schema_or_a_grammar(tiny: Path, tmp_path: Path) -> None:
+    schema = tmp_path / "reading.schema.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"ok": {"type": "boolean"},
+                                                                   "n": {"type": "integer"}}, "required": ["ok", "n"]}))
+    common = ["-p", "Answer in JSON.", "--threads", "2", "--no-history", "--max-tokens", "80"]
+    shaped = lcrun(str(tiny), *common, "--json-schema", str(schema))
+    assert shaped.returncode == 0, shaped.stderr
+    answer = json.loads(shaped.stdout)
+    assert isinstance(answer["ok"], bool) and isinstance(answer["n"], int)
+    chosen = lcrun(str(tiny), *common, "--grammar", 'root ::= "yes" | "no"', "--seed", "4")
+    assert chosen.returncode == 0 and chosen.stdout.strip() in ("yes", "no"), chosen.stderr
+    broken = lcrun(str(tiny), *common, "--grammar", "root ::= undefined")
+    assert broken.returncode == 1 and "Traceback" not in broken.stderr   # after -p's note of the chat format:
+    assert broken.stderr.strip().splitlines()[-1] == \
+        "error: grammar: llama.cpp cannot compile it: Undefined rule identifier 'undefined'"
+
+
+def test_chat_refuses_what_a_schema_cannot_hold_before_loading() -> None:
+    result = invoke("chat", "demo", "-p", "x", "-j", '{"type": "integer", "minimum": 0}', "--dry-run")
+    assert_one_line_error(result, "--json-schema", "'minimum'")
+    both = invoke("chat", "demo", "-p", "x", "-j", "{}", "--grammar", 'root ::= "a"', "--dry-run")
+    assert both.exit_code != 0 and "give one" in both.output + both.stderr

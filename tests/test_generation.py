@@ -10,10 +10,11 @@ import threading
 
 import pytest
 
-from lcrun.engine.protocol import GREEDY, Feed
+from lcrun.engine.protocol import GREEDY, Feed, Grammar
 from lcrun.errors import EngineError
 from lcrun.generation.loop import DecodeLoop
-from lcrun.generation.records import (MAX_STOP_BYTES, MAX_STOP_STRINGS, Failed, Finished, GenerateEvent,
+from lcrun.generation.records import (MAX_CHOICES, MAX_GRAMMAR_BYTES, MAX_GRAMMAR_NESTING, MAX_STOP_BYTES,
+                                      MAX_STOP_STRINGS, MAX_TOP_LOGPROBS, Failed, Finished, GenerateEvent,
                                       GenerationParams, Request, RequestError, TextChunk)
 from lcrun.generation.slots import Phase
 from lcrun.generation.stops import StopMatcher
@@ -79,9 +80,11 @@ def test_stop_strings_are_bounded() -> None:
         assert caught.value.param == "stop"
 
 
-@pytest.mark.parametrize(("field", "value"), [("grammar", "root ::= \"x\""), ("logprobs", 5), ("n", 2),
-                                              ("draft", object()), ("max_tokens", -1)])
-def test_what_is_not_built_yet_is_refused_by_name(field: str, value: object) -> None:
+@pytest.mark.parametrize(("field", "value"), [
+    ("grammar", Grammar("root ::= " + "(" * (MAX_GRAMMAR_NESTING + 1) + '"x"' + ")" * (MAX_GRAMMAR_NESTING + 1))),
+    ("grammar", Grammar('root ::= "' + "x" * MAX_GRAMMAR_BYTES + '"')), ("logprobs", MAX_TOP_LOGPROBS + 1),
+    ("logprobs", -1), ("n", 0), ("n", MAX_CHOICES + 1), ("draft", object()), ("max_tokens", -1)])
+def test_what_is_out_of_bounds_or_not_built_is_refused_by_name(field: str, value: object) -> None:
     with pytest.raises(RequestError) as caught:
         GenerationParams(**{field: value}).check()  # type: ignore[arg-type]
     assert caught.value.param == field
@@ -89,6 +92,11 @@ def test_what_is_not_built_yet_is_refused_by_name(field: str, value: object) -> 
     with pytest.raises(RequestError):  # the loop checks too: nothing reaches a slot unchecked
         loop.submit(loop.slots[0], Request([1, 2], GenerationParams(**{field: value})), print)  # type: ignore[arg-type]
     assert loop.slots[0].phase is Phase.IDLE
+
+
+def test_the_grammar_bounds_leave_literals_and_classes_alone() -> None:  # negative control of the nesting count
+    deep = "(" * MAX_GRAMMAR_NESTING + '"x"' + ")" * MAX_GRAMMAR_NESTING
+    GenerationParams(grammar=Grammar(f'root ::= {deep} "((((" [(((] # ((((\n')).check()
 
 
 def test_the_front_ends_refuse_a_stop_string_beyond_the_bound(tmp_path: object) -> None:

@@ -81,3 +81,26 @@ def test_max_queue_0_means_no_waiting_not_no_requests() -> None:
                                     range(2)))
         assert [a.choices[0].text for a in answers] == ["quick", "quick"]
         assert metrics(live.url)["lcrun_queue_length"] == 0
+
+
+def test_ollamas_routes_take_their_place_in_the_bound_too() -> None:
+    engine = FakeEngine(n_ctx=8192, n_seq=1, step_delay_s=0.005, responder=lambda p: "slow " * 30)
+    with LiveServer(engine, ServeOptions(max_queue=0)) as live:
+        huge = counting_tokenizer(engine, over=100_000)
+        stream = iter(live.client().completions.create(model="fake-model", prompt="busy", stream=True))
+        next(stream)                  # the one slot generates
+        flood = "x" * 200_000
+        for path, body in (("/api/chat", {"model": "fake-model", "messages": [{"role": "user", "content": flood}]}),
+                           ("/api/generate", {"model": "fake-model", "prompt": flood, "raw": True})):
+            status, _, raw = http("POST", live.url + path, body)
+            assert status == 503 and "busy" in json.loads(raw)["error"], raw   # Ollama's shape
+        assert huge == []
+        for _ in stream:
+            pass
+        assert wait_for(lambda: metrics(live.url)["lcrun_slots_busy"] == 0)
+        for _ in range(3):            # refused after admission: the place is given back each time
+            assert http("POST", live.url + "/api/generate", {"model": "fake-model", "prompt": "x",
+                                                             "options": {"num_gpu": 9}})[0] == 400
+        status, _, raw = http("POST", live.url + "/api/generate", {"model": "fake-model", "prompt": "hi", "raw": True,
+                                                                   "stream": False})
+        assert status == 200 and json.loads(raw)["response"] == "slow " * 30

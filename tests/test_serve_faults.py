@@ -115,3 +115,33 @@ def test_the_cache_writer_holds_two_states_and_never_makes_a_request_wait(tmp_pa
         client.completions.create(model="fake-model", prompt=f"5 {DOCUMENT}")   # room again: taken
         assert wait_for(lambda: metrics(live.url)["lcrun_cache_saved_prompts_total"] == 3)
         assert metrics(live.url)["lcrun_cache_saves_dropped_total"] == 3
+
+
+def test_one_failing_choice_ends_its_request_and_frees_every_slot_it_held() -> None:
+    """n > 1: the choices share a request; one choice's sampler failing ends it (one error, no half answer), its
+    other choices stop at the next step, and a bystander streaming beside them is whole."""
+    engine = FakeEngine(n_ctx=8192, n_seq=3, step_delay_s=0.004,
+                        responder=lambda p: "word " * 2000 if MARK in p else responder(p))   # ~8 s a choice
+    samples = {"poisoned": 0}
+    sample = engine.sample
+
+    def faulty(seq: int) -> int:  # the fourth token sampled for the poisoned request: one choice's, mid-reply
+        if POISON in engine.seq_tokens(seq):
+            samples["poisoned"] += 1
+            if samples["poisoned"] == 4:
+                raise RuntimeError("sampler failed")
+        return sample(seq)
+
+    engine.sample = faulty  # type: ignore[method-assign]
+    with LiveServer(engine) as live:
+        chunks = iter(live.client().completions.create(model="fake-model", prompt="BYSTANDER", stream=True))
+        first = next(chunks).choices[0].text
+        status, _, body = http("POST", live.url + "/v1/completions",
+                               {"prompt": "REPLY " + MARK, "n": 2, "max_tokens": 2000}, timeout=10)
+        assert status == 500 and b"internal error (id " in body and b"sampler failed" not in body
+        assert samples["poisoned"] >= 4      # negative control: the fault did strike, after both choices began
+        assert first + "".join(c.choices[0].text for c in chunks) == BYSTANDER_REPLY
+        assert wait_for(lambda: metrics(live.url)["lcrun_slots_busy"] == 0, timeout=2)  # not the other's 8 s
+        engine.sample = sample  # type: ignore[method-assign]
+        both = live.client().completions.create(model="fake-model", prompt="two choices", n=2)
+        assert [c.index for c in both.choices] == [0, 1]   # both slots came back

@@ -130,7 +130,8 @@ _FAKE_SERVER = textwrap.dedent("""
     from lcrun.serve.server import ServeOptions
     from tests.fixtures.fake_engine import FakeEngine
     from tests.fixtures.serve_support import LiveServer
-    engine = FakeEngine(n_ctx=2048, n_seq=4)   # 512-token slots: ignore_eos replies stay short
+    # 512-token slots: ignore_eos replies stay short; nothing recorded (the fake's bookkeeping is not the server's)
+    engine = FakeEngine(n_ctx=2048, n_seq=4, record=False)
     engine.responder = lambda prompt: "fuzzed " * (len(prompt) % 7)
     with LiveServer(engine, ServeOptions(max_queue=8)) as live:
         print(live.url, flush=True)

@@ -100,3 +100,19 @@ def test_a_remembered_reply_keeps_its_tokens_only_for_its_key() -> None:
         counts = {key: live.client(api_key=key).chat.completions.create(model="fake-model", messages=follow)
                   .usage.prompt_tokens for key in (ALICE, BOB)}
         assert counts[BOB] == counts[ALICE] + len("<|start_header_id|>") - 1   # Bob's: the text's own tokens
+
+
+def test_the_other_choices_slots_take_the_requests_key() -> None:
+    """n > 1 copies the prompt into the slots of the other choices: a slot that last ran Bob's request and now holds
+    a copy of Alice's document is Alice's, so Bob's next request does not reuse her tokens from it."""
+    engine = FakeEngine(n_ctx=16384, n_seq=2, responder=lambda _: "ok")
+    with LiveServer(engine, ServeOptions(api_keys=(ALICE, BOB))) as live:
+        ask = Asker(live)
+        ask(BOB, "Bob's own short question")                     # one slot is Bob's
+        n, cached, reused, evaluated = ask(ALICE, DOCUMENT + "Q1", n=2)   # both slots now hold Alice's document
+        assert evaluated == n                                    # the prompt once, for two choices
+        assert all(DOCUMENT[:40] in engine.detokenize(engine.seq_tokens(s)) for s in (0, 1))
+        n, cached, reused, evaluated = ask(BOB, DOCUMENT + "Q2")
+        assert (cached, reused, evaluated) == (0, 0, n)
+        n, cached, reused, evaluated = ask(ALICE, DOCUMENT + "Q3")   # control: Alice's own prefix is reused
+        assert reused > len(DOCUMENT)

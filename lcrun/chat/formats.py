@@ -186,7 +186,8 @@ class BuiltinFormat:
     def source(self) -> str:
         return self.name
 
-    def render(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True,
+               tools: list[dict[str, Any]] | None = None) -> str:
         from lcrun.engine.chat_format import ChatFormatError, apply_builtin_format
 
         try:
@@ -203,7 +204,8 @@ class RawFormat:
     add_bos: bool = False
     source: str = ""
 
-    def render(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True,
+               tools: list[dict[str, Any]] | None = None) -> str:
         return with_bos("\n\n".join(m["content"] for m in messages), self.bos_token, self.add_bos)
 
 

@@ -53,11 +53,14 @@ def unmark(text: str) -> str:
     return _MARKS.sub("", text)
 
 
-def render_marked(renderer: Any, messages: Sequence[Mapping[str, str]], *,
-                  add_generation_prompt: bool = True) -> MarkedText:
-    """`renderer.render` (a ChatRenderer) of the messages with their contents marked."""
-    marked = [{**m, "content": as_content(m["content"])} for m in messages]
-    text = renderer.render(marked, add_generation_prompt=add_generation_prompt)
+def render_marked(renderer: Any, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
+                  tools: list[dict[str, Any]] | None = None) -> MarkedText:
+    """`renderer.render` (a ChatRenderer) of the messages with their contents marked (and `tools`, where given)."""
+    marked = [{**m, "content": as_content(m["content"] or "")} for m in messages]
+    if tools is None:
+        text = renderer.render(marked, add_generation_prompt=add_generation_prompt)
+    else:
+        text = renderer.render(marked, add_generation_prompt=add_generation_prompt, tools=tools)
     return MarkedText(text, (unmark(m["content"]).strip() for m in marked))
 
 

@@ -35,7 +35,9 @@ class ChatRenderer(Protocol):
     def source(self) -> str:
         """What the prompt tokenizer scans for special tokens (a template's source; a name)."""
 
-    def render(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str: ...
+    def render(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True,
+               tools: list[dict[str, Any]] | None = None) -> str:
+        """`tools` (OpenAI's shape) reach a Jinja template as its `tools` variable; other formats take none."""
 
 
 def with_bos(text: str, bos_token: str, add_bos: bool) -> str:
@@ -51,36 +53,39 @@ class ChatTemplate:
     eos_token: str = ""
     add_bos: bool = False
 
-    def render(self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True) -> str:
+    def render(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True,
+               tools: list[dict[str, Any]] | None = None) -> str:
         """The prompt text. A template that refuses the conversation gets consecutive same-role messages joined (for
         templates that insist on alternating roles), then also the system prompt folded into the first user message
         (for templates without a system role)."""
-        return with_bos(self._render_any(messages, add_generation_prompt), self.bos_token, self.add_bos)
+        return with_bos(self._render_any(messages, add_generation_prompt, tools), self.bos_token, self.add_bos)
 
-    def _render_any(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
+    def _render_any(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool,
+                    tools: list[dict[str, Any]] | None) -> str:
         try:
-            return self._render(messages, add_generation_prompt)
+            return self._render(messages, add_generation_prompt, tools)
         except TemplateTooCostly:
             raise
         except TemplateError as refused:
             for variant in (merge_same_roles(messages), fold_system(messages)):
                 if variant != list(messages):
                     try:
-                        return self._render(variant, add_generation_prompt)
+                        return self._render(variant, add_generation_prompt, tools)
                     except TemplateTooCostly:
                         raise
                     except TemplateError:
                         continue
             raise refused
 
-    def _render(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> str:
+    def _render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool,
+                tools: list[dict[str, Any]] | None = None) -> str:
         import jinja2
 
-        given = sum(len(m.get("content") or "") for m in messages)
+        given = sum(len(m.get("content") or "") for m in messages) + (len(repr(tools)) if tools else 0)
         try:
             return bounded_render(compile_template(self.source), given, messages=list(messages),
                                   add_generation_prompt=add_generation_prompt, bos_token=self.bos_token,
-                                  eos_token=self.eos_token)
+                                  eos_token=self.eos_token, tools=tools)
         except _TemplateRaised as exc:  # its message may quote a message's (marked) text
             raise TemplateError("chat template", unmark(str(exc))) from None
         except _TooCostly as exc:
@@ -197,17 +202,22 @@ def compile_template(source: str) -> Any:
     return _CACHE[source]
 
 
-def merge_same_roles(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
-    merged: list[dict[str, str]] = []
+def _plain(message: dict[str, Any]) -> bool:
+    """A message of text only (a tool call or a tool's result is never joined to another)."""
+    return message["role"] != "tool" and not message.get("tool_calls")
+
+
+def merge_same_roles(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    merged: list[dict[str, Any]] = []
     for message in messages:
-        if merged and merged[-1]["role"] == message["role"]:
+        if merged and merged[-1]["role"] == message["role"] and _plain(merged[-1]) and _plain(message):
             merged[-1] = {**merged[-1], "content": merged[-1]["content"] + "\n\n" + message["content"]}
         else:
             merged.append(dict(message))
     return merged
 
 
-def fold_system(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+def fold_system(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     if not messages or messages[0]["role"] != "system":
         return merge_same_roles(messages)
     system, rest = messages[0]["content"], merge_same_roles(messages[1:])

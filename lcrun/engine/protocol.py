@@ -71,6 +71,20 @@ class Sampling:
 GREEDY = Sampling(temperature=0.0)   # niah, bench, parity checks: the most likely token every time
 
 
+@dataclass(frozen=True)
+class Grammar:
+    """A GBNF grammar (llama.cpp's grammars/README.md) that a reply must follow: llama.cpp's grammar sampler joins
+    the sequence's chain. Strict (`lazy` off), it holds from the first token. Lazy, it holds from the token that
+    starts a trigger: one of `trigger_tokens` (a token such as <tool_call>, whose text the grammar spells first), or,
+    while the reply is only whitespace, a token whose text (its whitespace dropped) starts with one of
+    `trigger_prefixes` or is the start of one (a JSON call opening with `{`). Before that, nothing is constrained."""
+    gbnf: str
+    root: str = "root"
+    lazy: bool = False
+    trigger_tokens: tuple[int, ...] = ()
+    trigger_prefixes: tuple[str, ...] = ()
+
+
 class Feed(NamedTuple):
     """Tokens to append to one sequence in a `decode` step. With `logits`, the last one's logits are kept for
     `sample(seq)`; a prefill chunk that is not a prompt's last goes without. (A NamedTuple: one is made per generated
@@ -103,12 +117,13 @@ class EngineProtocol(Protocol):
     """Sequences 0 … n_seq-1 in one context; the single-conversation methods (`cached_tokens`, `save_state`,
     `load_state`) default to sequence 0. The step API, as the decode loop uses it:
 
-        engine.set_sampler(s, sampling)                       # when a request starts on sequence s
+        engine.set_sampler(s, sampling, grammar)              # when a request starts on sequence s
         plan = engine.plan_prompt(s, prompt)                  # reuse what s holds; the rest in chunks
         engine.decode([Feed(a, [last_a]), Feed(b, [last_b]), Feed(s, plan.chunks[i], logits=i == last)])
         next_a, next_b = engine.sample(a), engine.sample(b)   # each from its own logits, with its own sampler
 
-    A decode replaces the logits of the one before: sample (and read `logits`) in between.
+    A decode replaces the logits of the one before: sample (and read `logits`) in between. Several choices of one
+    prompt: `seq_copy(s, t)` then `copy_logits(s, t)`, and t samples its own first token from s's logits.
     """
 
     n_ctx: int
@@ -144,10 +159,14 @@ class EngineProtocol(Protocol):
 
     def plan_prompt(self, seq: int, prompt_tokens: list[int], *, chunk: int = 512, sample: bool = True,
                     pad_short_batches: bool = True) -> PromptPlan: ...
-    def set_sampler(self, seq: int, sampling: Sampling) -> None: ...
+    def set_sampler(self, seq: int, sampling: Sampling, grammar: Grammar | None = None) -> None: ...
+    def check_grammar(self, grammar: Grammar) -> None:
+        """Raise GrammarError (naming the problem) when llama.cpp cannot compile `grammar`."""
     def decode(self, feeds: Sequence[Feed]) -> None: ...
     def sample(self, seq: int) -> int: ...
     def logits(self, seq: int) -> np.ndarray: ...
+    def copy_logits(self, src: int, dst: int) -> None:
+        """Let `sample(dst)` (and `logits(dst)`) read the logits `src` got in the last decode."""
 
     def save_state(self, path: Path, *, seq: int = 0) -> None: ...
     def load_state(self, path: Path, *, seq: int = 0) -> int: ...

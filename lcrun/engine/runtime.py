@@ -7,7 +7,8 @@
 - `vocab`: tokenizer, token pieces, special and end-of-generation tokens, metadata;
 - `sequences`: each sequence's tokens and KV cells, copies between sequences, the batch;
 - `step`: `plan_prompt`, `decode`, `sample`, `logits` — the step API `lcrun.generation`'s one decode loop drives;
-- `sampler`: one sampler chain per sequence; `state`: state files and in-memory snapshots of a sequence.
+- `sampler`: one sampler chain per sequence, `grammar` its grammar (JSON schemas, tool calls) beside it;
+- `state`: state files and in-memory snapshots of a sequence.
 
 The engine generates nothing by itself: requests go through `lcrun.generation`. llama_cpp is imported inside
 `Engine.__init__`, so importing this module stays cheap.
@@ -26,7 +27,7 @@ from lcrun.errors import EngineError
 from . import state as state_io
 from .library import log, start_llama
 from .params import context_params, model_params
-from .protocol import EngineConfig, Feed, PromptPlan, Sampling, SequenceState
+from .protocol import EngineConfig, Feed, Grammar, PromptPlan, Sampling, SequenceState
 from .sampler import SamplerChains
 from .sequences import Batch, Sequences
 from .step import Steps
@@ -75,7 +76,7 @@ class Engine:
         batch = Batch(lc, self.n_batch)
         self._seqs = Sequences(lc, self._ctx, batch, n_seq=self.n_seq, n_ctx_seq=self.n_ctx_seq,
                                kv_unified=config.kv_unified, where=str(config.model_path))
-        self._samplers = SamplerChains(lc, self.n_vocab)
+        self._samplers = SamplerChains(lc, self.n_vocab, self._ctx, lc.llama_model_get_vocab(self._model))
         self._steps = Steps(lc, self._ctx, config, batch, self._seqs, self._samplers, self.n_vocab)
         # called once per generated token: the parts' methods themselves, without the delegating call (the class's
         # methods below say what they are)
@@ -153,11 +154,22 @@ class Engine:
         return self._steps.plan_prompt(seq, prompt_tokens, chunk=chunk, sample=sample,
                                        pad_short_batches=pad_short_batches)
 
-    def set_sampler(self, seq: int, sampling: Sampling) -> None:
-        """Give sequence `seq` a fresh sampler chain (penalty history empty) for `sampling`."""
+    def set_sampler(self, seq: int, sampling: Sampling, grammar: Grammar | None = None) -> None:
+        """Give sequence `seq` a fresh sampler chain (penalty history empty) for `sampling`, and `grammar`'s
+        sampler beside it (GrammarError when llama.cpp cannot compile it)."""
         self._seqs.get(seq)
         assert self._samplers is not None
-        self._samplers.set(seq, sampling)
+        self._samplers.set(seq, sampling, grammar)
+
+    def check_grammar(self, grammar: Grammar) -> None:
+        """GrammarError naming the problem when llama.cpp cannot compile `grammar`; the vocabulary's index for
+        grammars built here the first time, so the thread that decodes does not pay for it. Safe from any thread:
+        it reads only the vocabulary."""
+        from .grammar import init_grammar
+
+        self._lc.llama_sampler_free(init_grammar(self._lc, self._lc.llama_model_get_vocab(self._model), grammar))
+        assert self._samplers is not None
+        self._samplers.index().build()
 
     def decode(self, feeds: Sequence[Feed]) -> None:
         self._steps.decode(feeds)
@@ -167,6 +179,9 @@ class Engine:
 
     def logits(self, seq: int) -> np.ndarray:
         return self._steps.logits(seq)
+
+    def copy_logits(self, src: int, dst: int) -> None:
+        self._steps.copy_logits(src, dst)
 
     # -- state files and snapshots --------------------------------------------------------------------------------
     def save_state(self, path: Path, *, seq: int = 0) -> None:

@@ -134,12 +134,26 @@ class Steps:
 
     def sample(self, seq: int) -> int:
         """Sample sequence `seq`'s next token from the logits of its last token in the last decode, with its
-        sampler (which then remembers the token for its penalties). Once per decode."""
-        chain = self._samplers.get(seq)
+        sampler (which then remembers the token for its penalties) and its grammar, if it has one. Once per
+        decode."""
+        samplers = self._samplers
+        chain = samplers.get(seq)
         index = self._seqs.outputs.pop(seq, None)
         if index is None:
             raise ValueError(f"sequence {seq} has no logits to sample: decode its last token with logits first")
+        if samplers.grammars:
+            grammar = samplers.grammars.get(seq)
+            if grammar is not None:
+                return grammar.sample(chain, index)
         return int(self._lc.llama_sampler_sample(chain, self._ctx, index))
+
+    def copy_logits(self, src: int, dst: int) -> None:
+        """Let `dst` sample from the logits `src` got in the last decode (several choices of one prompt)."""
+        outputs = self._seqs.outputs
+        self._seqs.get(dst)
+        if src not in outputs:
+            raise ValueError(f"sequence {src} has no logits to share")
+        outputs[dst] = outputs[src]
 
     def logits(self, seq: int) -> np.ndarray:
         """The logits `sample(seq)` would sample from (a copy, n_vocab floats); before sampling."""

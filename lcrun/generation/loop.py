@@ -14,22 +14,27 @@ the sequence holds (the longest common prefix is reused) and the slot gets its s
 
 A failure ends only the request it belongs to: a batch llama.cpp refuses is decoded again one sequence at a time
 (each back to where it was), and only the requests whose own decode fails end with `Failed`; an exception while a
-slot samples or turns its token into text ends that slot's request. The owner of the loop —
-the single-slot driver (drive.py) or serve's scheduler (queue, slot choice, cross-slot copies, the disk prompt cache,
-shutdown) — calls `step` from one thread, the only one that touches the engine.
+slot samples (a grammar that can go no further too) or turns its token into text ends that slot's request. The owner
+of the loop — the single-slot driver (drive.py) or serve's scheduler (queue, slot choice, cross-slot copies, the disk
+prompt cache, shutdown) — calls `step` from one thread, the only one that touches the engine.
 
-Where later features hook in: a grammar joins the slot's sampler chain at `start` (`set_sampler`); log-probabilities
-read `engine.logits(seq)` right before `sample`; n > 1 choices start sibling slots from a `seq_copy` of the prompt;
-a draft source feeds several tokens per slot in `_batch` and accepts a prefix of them after sampling.
+The request's features, each in one place: its grammar joins the slot's sampler at `start` (`set_sampler`);
+log-probabilities are read from `engine.logits(seq)` right before `sample` (`_sample`); several choices (n > 1)
+take a slot each — the first evaluates the prompt, and when its last chunk is decoded the others get a copy of the
+sequence and of its logits (`_fork`) and sample their first tokens in the same step, so the prompt is evaluated
+once and the choices then decode together, one token each per step. (A draft source would feed several tokens per
+slot in `_batch` and accept a prefix of them after sampling.)
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Sequence
 
 from lcrun.engine.protocol import EngineProtocol, Feed, PromptPlan
 
+from .logprobs import token_logprob
 from .records import Failed, PrefillProgress, Request
 from .slots import Phase, Sink, Slot
 
@@ -69,14 +74,21 @@ class DecodeLoop:
                                          for s in self.slots)
 
     # -- requests in --------------------------------------------------------------------------------------------------
-    def assign(self, slot: Slot, request: Request, sink: Sink, *, cancel: threading.Event | None = None) -> None:
-        """Give `slot` a request to `start` later (its prompt's time counts from now)."""
-        if slot.phase is not Phase.IDLE:
+    def assign(self, slot: Slot, request: Request, sink: Sink, *, cancel: threading.Event | None = None,
+               siblings: Sequence[Slot] = ()) -> None:
+        """Give `slot` a request to `start` later (its prompt's time counts from now); with n > 1 choices, the
+        `siblings` (n - 1 other free slots) take the other choices once the prompt is evaluated."""
+        if slot.phase is not Phase.IDLE or any(s.phase is not Phase.IDLE for s in siblings):
             raise ValueError(f"slot {slot.seq} is busy")
         if not request.prompt:
             raise ValueError("a request needs at least one prompt token")
         request.params.check()
+        if len(siblings) != request.params.n - 1 or slot in siblings:
+            raise ValueError(f"{request.params.n} choices need {request.params.n - 1} other slots")
         slot.assign(request, sink, cancel)
+        for choice, sibling in enumerate(siblings, 1):
+            sibling.assign(request, sink, cancel, choice)
+        slot.siblings = list(siblings)
 
     def start(self, slot: Slot, *, restored: int = 0) -> PromptPlan:
         """Plan an assigned request's prompt on its slot and set its sampler; the next steps evaluate it.
@@ -86,14 +98,12 @@ class DecodeLoop:
         params, engine = request.params, self.engine
         generates = params.max_tokens != 0
         if generates:
-            engine.set_sampler(slot.seq, params.sampling)
+            engine.set_sampler(slot.seq, params.sampling, params.grammar)
         plan = engine.plan_prompt(slot.seq, list(request.prompt), chunk=self.prefill_chunk, sample=generates,
                                   pad_short_batches=self.pad_short_batches)
-        room = self.n_ctx_slot - len(request.prompt)
-        limit = room if params.max_tokens is None else min(params.max_tokens, room)
         self._starts += 1
         slot.admitted = self._starts
-        slot.begin(plan.reused, restored, plan.chunks, limit)
+        slot.begin(plan.reused, restored, plan.chunks, self._limit(request))
         if not plan.chunks:  # a prompt-only request whose tokens the sequence holds already
             slot.prefilled_at = time.perf_counter()
             slot.finish("length")
@@ -106,6 +116,10 @@ class DecodeLoop:
         """`assign` and `start` at once."""
         self.assign(slot, request, sink, cancel=cancel)
         return self.start(slot)
+
+    def _limit(self, request: Request) -> int:
+        room = self.n_ctx_slot - len(request.prompt)
+        return room if request.params.max_tokens is None else min(request.params.max_tokens, room)
 
     def release(self, slot: Slot) -> None:
         """Free a slot without a finish record (its owner tells the requester why)."""
@@ -122,8 +136,9 @@ class DecodeLoop:
                 engine = self.engine
                 try:
                     engine.decode((Feed(slot.seq, (slot.next_token,)),))
-                    more = slot.on_token(engine.sample(slot.seq), engine)
-                except Exception as exc:  # noqa: BLE001 - llama.cpp refused it, or the sampler or text failed
+                    token = engine.sample(slot.seq) if slot.top_logprobs is None else self._sample(slot)
+                    more = slot.on_token(token, engine)
+                except Exception as exc:  # noqa: BLE001 - llama.cpp refused it, the sampler or the text failed
                     self.fail([slot], exc)
                     return
                 if not more:
@@ -144,17 +159,65 @@ class DecodeLoop:
             self._decoded(slot, feed)
 
     def _decoded(self, slot: Slot, feed: Feed) -> None:
-        """After a decode holding `feed`: the slot's prompt progress, or its next token (before the next decode)."""
+        """After a decode holding `feed`: the slot's prompt progress, or its next token (before the next decode); when
+        its prompt is done, the request's other choices start from it (`_fork`) and sample their first tokens."""
+        forked: list[Slot] = []
         try:
             if slot.phase is PREFILL:
                 slot.prefill_done += len(feed.tokens)
                 slot.sink(PrefillProgress(slot.prefill_done, slot.prefill_total))
                 if not slot.chunks:
                     self._prompt_done(slot)
-            if slot.phase is GENERATE and not slot.on_token(self.engine.sample(slot.seq), self.engine):
-                self._active.remove(slot)
+                    forked = self._fork(slot)
+            if slot.phase is GENERATE:
+                self._next(slot)
         except Exception as exc:  # noqa: BLE001 - the sampler, the text or a hook failed: this request only
             self.fail([slot], exc)
+            return
+        for sibling in forked:  # the other choices, from the logits of the prompt's last token
+            self._next(sibling)
+
+    def _next(self, slot: Slot) -> None:
+        """Sample a generating slot's next token and hand it to the slot."""
+        try:
+            token = self.engine.sample(slot.seq) if slot.top_logprobs is None else self._sample(slot)
+            more = slot.on_token(token, self.engine)
+        except Exception as exc:  # noqa: BLE001 - its grammar can go no further, or its text failed: this request
+            self.fail([slot], exc)
+            return
+        if not more and slot in self._active:
+            self._active.remove(slot)
+
+    def _sample(self, slot: Slot) -> int:
+        """`sample`, with the token's log-probability (and the top alternatives') from the logits it is drawn from."""
+        engine = self.engine
+        assert slot.top_logprobs is not None
+        logits = engine.logits(slot.seq)
+        token = engine.sample(slot.seq)
+        slot.logprobs.append(token_logprob(logits, token, slot.top_logprobs, lambda t: slot.piece(t, engine)))
+        return token
+
+    def _fork(self, slot: Slot) -> list[Slot]:
+        """Start the other choices of `slot`'s request from a copy of its sequence (its prompt, all evaluated) and
+        of its last logits; each samples with its own chain, its seed the request's plus its choice."""
+        request = slot.request
+        siblings = [s for s in slot.siblings if s.phase is Phase.WAITING and s.request is request]
+        slot.siblings = []
+        if not siblings or slot.phase is not GENERATE:
+            return []
+        assert request is not None
+        engine, params = self.engine, request.params
+        for sibling in siblings:
+            engine.seq_copy(slot.seq, sibling.seq)
+            engine.copy_logits(slot.seq, sibling.seq)
+            sampling = dataclasses.replace(params.sampling, seed=(params.sampling.seed + sibling.choice) & 0xFFFFFFFF)
+            engine.set_sampler(sibling.seq, sampling, params.grammar)
+            sibling.begin(len(request.prompt), 0, [], self._limit(request))
+            sibling.admitted = slot.admitted
+            sibling.prefilled_at = slot.prefilled_at
+            sibling.phase = Phase.GENERATE
+            self._active.append(sibling)
+        return siblings
 
     def _decode_apart(self, feeds: list[Feed], owners: list[Slot], starts: list[int], error: Exception) -> None:
         """A batch failed: decode each sequence's feed on its own, from where it was before the batch (llama.cpp keeps
@@ -214,7 +277,9 @@ class DecodeLoop:
             slot.phase = Phase.GENERATE
 
     def fail(self, slots: list[Slot], error: Exception) -> None:
-        """End these slots' requests with `Failed(error)` and empty their sequences (their cache is unknown now)."""
+        """End these slots' requests with `Failed(error)` and empty their sequences (their cache is unknown now); the
+        choices still waiting for a failed prompt fail with it."""
+        slots = slots + [s for slot in slots for s in slot.siblings if s not in slots]
         for slot in slots:
             if slot.phase is Phase.IDLE:
                 continue

@@ -1,7 +1,9 @@
 """A slot: one sequence of the engine and the request it is running — what the loop needs between two steps (the
 prompt's chunks still to decode, the next token to feed, the counts and times of the finish record) — and the one
 place where a sampled token becomes text: end of generation, incremental UTF-8 (bytes of a character split across
-tokens are held until it is whole), stop strings, the length limit."""
+tokens are held until it is whole), stop strings, the length limit; the sampled tokens' log-probabilities go out
+with the text they make. A request with several choices runs on a slot per choice: the first evaluates the prompt,
+the others (`siblings`) wait and then start from a copy of it."""
 from __future__ import annotations
 
 import codecs
@@ -13,7 +15,7 @@ from enum import Enum
 
 from lcrun.engine.protocol import EngineProtocol
 
-from .records import Finished, GenerateEvent, Request, TextChunk
+from .records import Finished, GenerateEvent, Request, TextChunk, TokenLogprob
 from .stops import StopMatcher
 
 Sink = Callable[[GenerateEvent], None]
@@ -55,10 +57,17 @@ class Slot:
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.stops: StopMatcher | None = None
         self.ignore_eos = False
+        self.choice = 0
+        self.siblings: list[Slot] = []   # the slots of the request's other choices, started once its prompt is in
+        self.top_logprobs: int | None = None
+        self.preserved: frozenset[int] = frozenset()
+        self.logprobs: list[TokenLogprob] = []   # sampled tokens whose text is not out yet
 
-    def assign(self, request: Request, sink: Sink, cancel: threading.Event | None) -> None:
+    def assign(self, request: Request, sink: Sink, cancel: threading.Event | None, choice: int = 0) -> None:
         self.request, self.sink, self.cancel = request, sink, cancel
         self.phase = Phase.WAITING
+        self.choice = choice
+        self.siblings = []
         self.started_at = time.perf_counter()
 
     def begin(self, reused: int, restored: int, chunks: list[list[int]], limit: int) -> None:
@@ -73,6 +82,9 @@ class Slot:
         self.decoder = codecs.getincrementaldecoder("utf-8")("replace")
         self.stops = StopMatcher(stop) if stop else None
         self.ignore_eos = self.request.params.ignore_eos
+        self.top_logprobs = self.request.params.logprobs
+        self.preserved = frozenset(self.request.params.preserved)
+        self.logprobs = []
         self.phase = Phase.PREFILL
 
     # -- tokens out: the one place --------------------------------------------------------------------------------
@@ -83,21 +95,23 @@ class Slot:
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
         if not self.ignore_eos and engine.is_eog(token):
+            if self.top_logprobs is not None:
+                self.logprobs.pop()  # the end of the reply is no text
             self._flush()
             self.finish("stop")
             return False
         self.unsent += 1
-        text = self.decoder.decode(engine.token_bytes(token))
+        text = self.decoder.decode(self.piece(token, engine))
         if text:
             stops = self.stops
             if stops is None:
-                self.sink(TextChunk(text, self.unsent))
-                self.unsent = 0
+                self._send(text)
             else:
                 text, stop = stops.feed(text)
+                if stop is not None and self.top_logprobs is not None:
+                    self.logprobs.pop()  # the token that completed the stop string
                 if text:
-                    self.sink(TextChunk(text, self.unsent))
-                    self.unsent = 0
+                    self._send(text)
                 if stop is not None:
                     self.finish("stop", stop)
                     return False
@@ -108,6 +122,20 @@ class Slot:
         self.next_token = token
         return True
 
+    def piece(self, token: int, engine: EngineProtocol) -> bytes:
+        """The token's bytes as the reply's text has them."""
+        if self.preserved and token in self.preserved:
+            return engine.token_text(token).encode("utf-8")
+        return engine.token_bytes(token)
+
+    def _send(self, text: str) -> None:
+        if self.top_logprobs is None:
+            self.sink(TextChunk(text, self.unsent, self.choice))
+        else:
+            self.sink(TextChunk(text, self.unsent, self.choice, tuple(self.logprobs)))
+            self.logprobs = []
+        self.unsent = 0
+
     def _flush(self) -> None:
         """Send what is held at the end: an incomplete character (as U+FFFD) and a stop string's unfinished start."""
         text = self.decoder.decode(b"", final=True)
@@ -116,8 +144,7 @@ class Slot:
             if stop is None:
                 text += self.stops.flush()
         if text:
-            self.sink(TextChunk(text, self.unsent))
-            self.unsent = 0
+            self._send(text)
 
     def finish(self, reason: str, stop: str | None = None) -> Finished:
         """Build the finish record, free the slot, send the record."""
@@ -130,7 +157,7 @@ class Slot:
             time_to_first_token_s=(first if first is not None else now) - self.started_at,
             prefill_tokens_per_s=_rate(self.prefill_done, (self.prefilled_at or now) - self.started_at),
             gen_tokens_per_s=_rate(self.generated - 1, now - first) if first is not None else 0.0,
-            restored_tokens=self.restored, tokens=tuple(self.sampled), stop=stop,
+            restored_tokens=self.restored, tokens=tuple(self.sampled), stop=stop, choice=self.choice,
         )
         sink = self.sink
         self.release()
@@ -140,6 +167,8 @@ class Slot:
     def release(self) -> None:
         self.phase, self.request, self.sink, self.cancel = Phase.IDLE, None, _nowhere, None
         self.chunks = deque()
+        self.siblings = []
+        self.logprobs = []
         self.last_used = time.perf_counter()
 
 

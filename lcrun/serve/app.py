@@ -8,12 +8,11 @@ error object. A streaming client that disconnects cancels its generation (Starle
 server reports the disconnect; the scheduler frees the slot at its next step); a non-streaming one too."""
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import logging
 import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from anyio import to_thread
@@ -24,56 +23,24 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from lcrun.chat.prompt_tokens import MarkedText, PromptTokenizer, as_content, render_marked
-from lcrun.chat.template import ChatRenderer
-from lcrun.engine.protocol import EngineProtocol
-from lcrun.errors import LcrunError
-from lcrun.generation.records import Failed, Finished, GenerateEvent, TextChunk
-from lcrun.generation.records import Request as GenerationRequest
 
 from . import openai_api as oa
-from .edge import Edge, EdgePolicy, host_policy
+from .edge import Edge
 from .metrics import CONTENT_TYPE, Metrics
-from .replies import ReplyMemory
-from .scheduler import Job, Scheduler, Ticket
+from .ollama_routes import OLLAMA_ENDPOINTS, ollama_routes
+from .openai_reply import Reply, Usage, sse
+from .jobs import Ticket
+from .prompting import _tokenize_chat, chat_prompt, check_prompt, partition_of, remember_reply
+from .respond import Run, unless_disconnected
+from .state import PUBLIC_PATHS, ServerState
+from .structured import JSON_OBJECT, OutputPlan, output_plan
+
+__all__ = ["PUBLIC_PATHS", "ServerState", "create_app"]
 
 log = logging.getLogger("lcrun.serve")
 
-# as llama-server: no key needed to see that it is up; the API's shape is no secret either
-PUBLIC_PATHS = frozenset({"/health", "/v1/models", "/openapi.json"})
 ENDPOINTS = frozenset({"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",
-                       "/openapi.json"})
-# usage.prompt_tokens_details.cached_tokens in whole blocks, as OpenAI reports it: to the token, it would let a client
-# learn another's prompt one guessed token at a time
-CACHED_TOKENS_BLOCK = 128
-
-
-def _loopback_edge() -> EdgePolicy:
-    return EdgePolicy(host_policy("127.0.0.1", loopback=True), public_paths=PUBLIC_PATHS)
-
-
-@dataclass
-class ServerState:
-    engine: EngineProtocol
-    scheduler: Scheduler
-    metrics: Metrics
-    model_id: str
-    template: ChatRenderer | None
-    fingerprint: str = "lcrun"
-    aliases: tuple[str, ...] = ()          # other names a request may give the model by
-    edge: EdgePolicy = field(default_factory=_loopback_edge)   # Host, Origin, keys, body size (edge.py)
-    created: int = 0
-    meta: dict[str, Any] = field(default_factory=dict)
-    replies: ReplyMemory = field(default_factory=ReplyMemory)
-    prompt_tokens: PromptTokenizer = field(init=False)    # special tokens only where the template put them
-
-    def __post_init__(self) -> None:
-        # a small memo: long system prompts and documents that many requests share, not every client's text
-        self.prompt_tokens = PromptTokenizer(self.engine.tokenize, self.engine.token_text, memo_tokens=2 << 20)
-
-    @property
-    def n_ctx_slot(self) -> int:
-        return self.scheduler.n_ctx_slot
+                       "/openapi.json"}) | OLLAMA_ENDPOINTS
 
 
 def create_app(state: ServerState) -> ASGIApp:
@@ -84,6 +51,7 @@ def create_app(state: ServerState) -> ASGIApp:
         Route("/openapi.json", _endpoint(state, _openapi), methods=["GET"]),
         Route("/v1/chat/completions", _endpoint(state, _chat_completions), methods=["POST"]),
         Route("/v1/completions", _endpoint(state, _completions), methods=["POST"]),
+        *ollama_routes(state, _endpoint),
     ]
 
     async def http_error(request: Request, exc: Exception) -> Response:
@@ -120,21 +88,23 @@ class _Counted:
         await self.app(scope, receive, counted)
 
 
-def _error(error: oa.APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+def _error(error: oa.APIError, body: Callable[[oa.APIError], dict[str, Any]] = oa.APIError.body) -> JSONResponse:
+    return JSONResponse(body(error), status_code=error.status, headers=error.headers)
 
 
 Handler = Callable[[ServerState, Request], Awaitable[Response]]
 
 
-def _endpoint(state: ServerState, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+def _endpoint(state: ServerState, handler: Handler, body: Callable[[oa.APIError], dict[str, Any]] = oa.APIError.body
+              ) -> Callable[[Request], Awaitable[Response]]:
+    """`handler` with every error answered in its API's shape (`body`: OpenAI's by default, Ollama's for /api)."""
     async def endpoint(request: Request) -> Response:
         try:
             return await handler(state, request)
         except oa.APIError as error:
-            return _error(_public(error))
+            return _error(_public(error), body)
         except Exception:  # noqa: BLE001 - never a traceback to a client, never a dead server
-            return _error(_internal(f"on {request.url.path}"))
+            return _error(_internal(f"on {request.url.path}"), body)
 
     return endpoint
 
@@ -186,8 +156,9 @@ async def _openapi(state: ServerState, request: Request) -> Response:
 # -- completions -----------------------------------------------------------------------------------------------------
 # A request takes its place in the admission bound first (`reserve`: 503 when every slot is busy and the queue is
 # full), so a full server refuses it before paying for anything. Then parsing, validating, rendering and tokenizing
-# its prompt — milliseconds to seconds — run on a worker thread, never on the event loop that every other client's
-# stream is written from. The ticket goes with the job and is released when its generation ends.
+# its prompt (and compiling its grammar) — milliseconds to seconds — run on a worker thread, never on the event loop
+# that every other client's stream is written from. The ticket goes with the job and is released when its generation
+# ends. Ollama's routes (ollama_routes.py) do the same.
 async def _chat_completions(state: ServerState, request: Request) -> Response:
     with state.scheduler.reserve() as ticket:
         return await _chat(state, request, ticket)
@@ -198,48 +169,68 @@ async def _completions(state: ServerState, request: Request) -> Response:
         return await _text(state, request, ticket)
 
 
-def _partition(request: Request) -> str | None:
-    """Whose cached prompts this request may share: its API key's id (edge.py), or everyone's without keys."""
-    return request.scope.get("state", {}).get("api_key_id")
-
-
 async def _chat(state: ServerState, request: Request, ticket: Ticket) -> Response:
     body = await request.body()
-    partition = _partition(request)
+    partition = partition_of(request)
 
-    def prepare() -> tuple[oa.ChatCompletionRequest, str, list[int], str]:
+    def prepare() -> tuple[oa.ChatCompletionRequest, str, list[int], str, OutputPlan]:
         req: oa.ChatCompletionRequest = oa.validate(oa.ChatCompletionRequest, oa.parse_json_body(body))
         model = _model(state, req.model)
         if state.template is None:
             raise oa.bad_request("this model has no chat template; use /v1/completions", param="messages")
-        try:
-            text = render_marked(state.template, req.template_messages())
-        except LcrunError as exc:  # a Jinja template that refuses them, or llama.cpp refusing a built-in format
-            raise oa.bad_request(f"the model's chat template refused the messages: {exc}",
-                                 param="messages") from None
-        return req, model, _tokenize_chat(state, text, partition), text
+        plan = output_plan(state.engine, state.template_source, schema=_schema_of(req), grammar=req.grammar,
+                           tools=[t.model_dump() for t in req.tools or []], choice=_choice_of(req),
+                           parallel=req.parallel_tool_calls)
+        text = chat_prompt(state, req.template_messages(), plan)
+        return req, model, _tokenize_chat(state, text, partition), text, plan
 
-    req, model, tokens, text = await to_thread.run_sync(prepare)
-    return await _run(state, request, ticket, req, model, "chat", tokens, "messages", rendered=text)
+    req, model, tokens, text, plan = await to_thread.run_sync(prepare)
+    return await _run(state, request, ticket, req, model, "chat", tokens, "messages", plan, rendered=text)
 
 
 async def _text(state: ServerState, request: Request, ticket: Ticket) -> Response:
     body = await request.body()
 
-    def prepare() -> tuple[oa.CompletionRequest, str, list[int]]:
+    def prepare() -> tuple[oa.CompletionRequest, str, list[int], OutputPlan]:
         req: oa.CompletionRequest = oa.validate(oa.CompletionRequest, oa.parse_json_body(body))
         model = _model(state, req.model)
+        plan = output_plan(state.engine, None, schema=_schema_of(req), grammar=req.grammar)
         prompt = req.single_prompt()
         if isinstance(prompt, str):
             # the client writes the whole prompt, special tokens included (as llama-server's /completion): parsed
-            return req, model, state.engine.tokenize(prompt, special=True, add_bos=True)
+            return req, model, state.engine.tokenize(prompt, special=True, add_bos=True), plan
         n_vocab = getattr(state.engine, "n_vocab", None)
         if n_vocab is not None and any(not 0 <= t < n_vocab for t in prompt):
             raise oa.bad_request(f"prompt: token ids must be in [0, {n_vocab})", param="prompt")
-        return req, model, list(prompt)
+        return req, model, list(prompt), plan
 
-    req, model, tokens = await to_thread.run_sync(prepare)
-    return await _run(state, request, ticket, req, model, "text", tokens, "prompt")
+    req, model, tokens, plan = await to_thread.run_sync(prepare)
+    return await _run(state, request, ticket, req, model, "text", tokens, "prompt", plan)
+
+
+def _schema_of(req: Any) -> tuple[str, Any] | None:
+    """The JSON schema a request holds its reply to, and the field it came in (json_object: any object)."""
+    given = [(field, schema) for field, schema in (
+        ("response_format", _format_schema(req.response_format)), ("json_schema", req.json_schema))
+        if schema is not None]
+    if len(given) > 1:
+        raise oa.bad_request("give either response_format or json_schema, not both", param="json_schema")
+    return given[0] if given else None
+
+
+def _format_schema(form: oa.ResponseFormat | None) -> Any:
+    if form is None or form.type == "text":
+        return None
+    if form.type == "json_object":
+        return JSON_OBJECT
+    if form.json_schema is None or form.json_schema.schema_ is None:
+        raise oa.bad_request("response_format: json_schema.schema is required", param="response_format")
+    return form.json_schema.schema_
+
+
+def _choice_of(req: oa.ChatCompletionRequest) -> Any:
+    choice = req.tool_choice
+    return choice.model_dump() if isinstance(choice, oa.NamedToolChoice) else choice
 
 
 def _model(state: ServerState, name: str | None) -> str:
@@ -249,104 +240,50 @@ def _model(state: ServerState, name: str | None) -> str:
                            "(see /v1/models)", param="model", code="model_not_found")
 
 
-def _tokenize_chat(state: ServerState, text: MarkedText, partition: str | None) -> list[int]:
-    tokenize = lambda t: state.prompt_tokens(MarkedText(t, text.contents))  # noqa: E731
-    # a rendered chat ends with its replies: their sampled tokens, as the KV cache holds them
-    return state.replies.tokenize(text, tokenize, partition)
-
-
 async def _run(state: ServerState, request: Request, ticket: Ticket, req: Any, model: str, kind: str,
-               tokens: list[int], param: str, rendered: str | None = None) -> Response:
-    if not tokens:
-        raise oa.bad_request(f"{param}: empty (no tokens)", param=param)
-    if len(tokens) >= state.n_ctx_slot:
-        raise oa.context_length_exceeded(len(tokens), state.n_ctx_slot, param)
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue[GenerateEvent] = asyncio.Queue()
+               tokens: list[int], param: str, plan: OutputPlan, rendered: str | None = None) -> Response:
+    params = dataclasses.replace(req.generation_params(seed=random.getrandbits(32)), grammar=plan.grammar,
+                                 preserved=plan.preserved)
+    check_prompt(state, tokens, param, params.n)
+    partition = partition_of(request)
+    run = Run(state.scheduler, tokens, params, plan.tools, ticket=ticket, partition=partition)
+    reply = Reply(kind, model, state.fingerprint, logprobs=params.logprobs is not None)  # type: ignore[arg-type]
 
-    def sink(event: GenerateEvent) -> None:
-        loop.call_soon_threadsafe(events.put_nowait, event)
+    def usage() -> Usage:
+        return Usage(len(tokens), run.completion_tokens, run.cached_tokens)
 
-    partition = _partition(request)
-    job = Job(GenerationRequest(tokens, req.generation_params(seed=random.getrandbits(32))), sink,
-              partition=partition, ticket=ticket)
-    state.scheduler.submit(job)
-    reply = oa.Reply(kind, model, state.fingerprint)  # type: ignore[arg-type]
-
-    def finished(text: str, done: Finished) -> None:
-        if rendered is not None and done.tokens and done.stop is None:  # the text is exactly its tokens'
-            end = state.engine.token_text(done.tokens[-1]) if done.reason == "stop" else ""
-            state.replies.remember(rendered + as_content(text) + end, tokens + list(done.tokens), partition)
+    def remember() -> None:  # a plain chat reply comes back in the next request: keep its sampled tokens
+        done = run.finished.get(0)
+        if rendered is not None and params.n == 1 and plan.tools is None and done is not None:
+            remember_reply(state, rendered, tokens, run.text(0), done, partition)
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_stream(job, events, reply, include_usage, finished),
-                                 media_type="text/event-stream",
+        return StreamingResponse(_stream(run, reply, include_usage, usage, remember), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    collector = asyncio.ensure_future(_collect(events))
-    watcher = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({collector, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not collector.done():
-            collector.cancel()
-        job.cancel()
-    if not collector.done() or collector.cancelled():
+    choices = await unless_disconnected(request, run.collect(), run)
+    if choices is None:
         return Response(status_code=499)  # the client is gone; nobody reads this
-    text, done = collector.result()
-    finished(text, done)
-    return JSONResponse(reply.complete(text, done.reason, _usage(done)))
+    remember()
+    return JSONResponse(reply.complete(choices, usage()))
 
 
-def _usage(done: Finished) -> oa.Usage:
-    cached = done.reused_tokens // CACHED_TOKENS_BLOCK * CACHED_TOKENS_BLOCK
-    return oa.Usage(done.prompt_tokens, done.completion_tokens, cached)
-
-
-async def _collect(events: asyncio.Queue[GenerateEvent]) -> tuple[str, Finished]:
-    parts: list[str] = []
-    while True:
-        event = await events.get()
-        if isinstance(event, TextChunk):
-            parts.append(event.text)
-        elif isinstance(event, Finished):
-            return "".join(parts), event
-        elif isinstance(event, Failed):
-            raise event.error  # made public by `_endpoint`
-
-
-async def _disconnected(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def _stream(job: Job, events: asyncio.Queue[GenerateEvent], reply: oa.Reply, include_usage: bool,
-                  finished: Callable[[str, Finished], None]) -> AsyncIterator[bytes]:
-    sent: list[str] = []
+async def _stream(run: Run, reply: Reply, include_usage: bool, usage: Callable[[], Usage],
+                  remember: Callable[[], None]) -> AsyncIterator[bytes]:
     try:
         if reply.kind == "chat":
-            yield oa.sse(reply.chunk("", first=True))
-        while True:
-            batch = [await events.get()]
-            while not events.empty():  # the loop fell behind the tokens: one chunk for what is there
-                batch.append(events.get_nowait())
-            text = "".join(e.text for e in batch if isinstance(e, TextChunk))
-            if text:
-                sent.append(text)
-                yield oa.sse(reply.chunk(text))
-            end = next((e for e in batch if isinstance(e, (Finished, Failed))), None)
-            if isinstance(end, Finished):
-                finished("".join(sent), end)
-                yield oa.sse(reply.chunk(None, end.reason))
-                if include_usage:
-                    yield oa.sse(reply.usage_chunk(_usage(end)))
-                yield oa.sse("[DONE]")
-                return
-            if isinstance(end, Failed):
-                yield oa.sse(_public(end.error).body())
-                return
+            yield sse(reply.first_chunk(run.n))
+        try:
+            async for deltas in run.deltas():
+                chunk = reply.chunk(deltas)
+                if chunk is not None:
+                    yield sse(chunk)
+        except oa.APIError as error:  # the scheduler's Failed: the stream ends with the error
+            yield sse(_public(error).body())
+            return
+        remember()
+        if include_usage:
+            yield sse(reply.usage_chunk(usage()))
+        yield sse("[DONE]")
     finally:
-        job.cancel()  # a no-op once it is done; a client that went away ends its generation here
+        run.cancel()  # a no-op once it is done; a client that went away ends its generation here

@@ -54,6 +54,7 @@ class Job:
             ticket.job = self
         self.cancelled = threading.Event()
         self.finished = False
+        self._choices_left = request.params.n   # a Finished each, or one Failed, ends the job
         self.submitted_at = time.perf_counter()
         self._wake: Callable[[], None] = lambda: None
 
@@ -63,10 +64,14 @@ class Job:
             self._wake()
 
     def deliver(self, event: GenerateEvent) -> None:
-        if isinstance(event, (Finished, Failed)):
-            if self.finished:
-                return  # one end per request
+        if self.finished:
+            return  # one end per request: nothing after it (a failed request's other choices end as cancelled)
+        if isinstance(event, Finished):
+            self._choices_left -= 1
+        if isinstance(event, Failed) or self._choices_left <= 0:
             self.finished = True
+            if isinstance(event, Failed):
+                self.cancelled.set()  # its other choices, if any, stop at the loop's next step
             if self.ticket is not None:
                 self.ticket.release()
         try:

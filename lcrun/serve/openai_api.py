@@ -1,20 +1,21 @@
-"""OpenAI's request and response shapes for `/v1/chat/completions`, `/v1/completions` and `/v1/models`, and its error
-object. Requests are validated strictly (a string where a number belongs is an error, not a coercion); unknown fields
-are ignored, as llama-server does. What the server cannot honour (several choices, logprobs, tools) is refused with a
-400 naming the parameter, never silently dropped."""
+"""OpenAI's request shapes for `/v1/chat/completions` and `/v1/completions` (with llama-server's extensions: `top_k`,
+`min_p`, `json_schema`, `grammar` …), and its error object; the response shapes are in openai_reply.py. Requests are
+validated strictly (a string where a number belongs is an error, not a coercion); unknown fields are ignored, as
+llama-server does. What the server cannot honour (logit_bias, echo, suffix, best_of) is refused with a 400 naming the
+parameter, never silently dropped."""
 from __future__ import annotations
 
 import json
-import re
-import time
-import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from lcrun.engine.protocol import Sampling
-from lcrun.generation.records import GenerationParams, RequestError
+from lcrun.generation.records import MAX_CHOICES, MAX_TOP_LOGPROBS, GenerationParams, RequestError
+from lcrun.json_bounds import MAX_JSON_DEPTH, json_depth
+from lcrun.tool_calls.formats import MAX_CALLS
+from lcrun.tool_calls.specs import MAX_TOOLS
 
 @dataclass
 class APIError(Exception):
@@ -57,10 +58,23 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str = Field(max_length=64)
+    arguments: str | dict[str, Any] = "{}"     # OpenAI sends a JSON text; some clients an object
+
+
+class ToolCallIn(_Strict):
+    id: str | None = Field(None, max_length=64)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = Field(None, max_length=MAX_CALLS)
+    tool_call_id: str | None = Field(None, max_length=64)
 
     def text(self) -> str:
         if self.content is None:
@@ -74,6 +88,40 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(_Strict):
+    model_config = ConfigDict(strict=True, extra="ignore", populate_by_name=True)
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class FunctionSpec(_Strict):
+    name: str = Field(max_length=64)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolSpecIn(_Strict):
+    type: Literal["function"] = "function"
+    function: FunctionSpec
+
+
+class NamedFunction(_Strict):
+    name: str = Field(max_length=64)
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
 class _Generation(_Strict):
     """What both endpoints take."""
     model: str | None = None
@@ -84,7 +132,7 @@ class _Generation(_Strict):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
@@ -94,6 +142,10 @@ class _Generation(_Strict):
     min_p: float | None = Field(None, ge=0, le=1)
     repeat_penalty: float | None = Field(None, gt=0)
     ignore_eos: bool = False
+    # structured output: OpenAI's response_format, and llama-server's own fields
+    response_format: ResponseFormat | None = None
+    json_schema: dict[str, Any] | None = None
+    grammar: str | None = None
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -113,14 +165,16 @@ class _Generation(_Strict):
                 repeat_penalty=default.repeat_penalty if self.repeat_penalty is None else self.repeat_penalty,
                 frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
                 seed=seed if self.seed is None else self.seed),
-            max_tokens=self.reply_limit(), stop=tuple(self.stop_strings()), ignore_eos=self.ignore_eos)
+            max_tokens=self.reply_limit(), stop=tuple(self.stop_strings()), ignore_eos=self.ignore_eos,
+            logprobs=self.top_logprobs_asked(), n=self.n)
 
     def reply_limit(self) -> int | None:
         return self.max_tokens
 
+    def top_logprobs_asked(self) -> int | None:
+        return None
+
     def refuse_unsupported(self) -> None:
-        if self.n != 1:
-            raise bad_request("only n=1 is supported (one choice per request)", param="n")
         if self.logit_bias:
             raise bad_request("logit_bias is not supported", param="logit_bias")
         if len(self.stop_strings()) > 4:
@@ -135,41 +189,50 @@ class ChatCompletionRequest(_Generation):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
-    response_format: dict[str, Any] | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[ToolSpecIn] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        if self.logprobs or self.top_logprobs:
-            raise bad_request("logprobs are not supported", param="logprobs")
-        if self.tools:
-            raise bad_request("tools are not supported", param="tools")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise bad_request("only response_format type 'text' is supported", param="response_format")
-        if any(m.role == "tool" for m in self.messages):
-            raise bad_request("tool messages are not supported", param="messages")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
+
+    def top_logprobs_asked(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def reply_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
-    def template_messages(self) -> list[dict[str, str]]:
-        # OpenAI's "developer" role is the system prompt of newer models
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+    def template_messages(self) -> list[dict[str, Any]]:
+        """The messages as dicts (OpenAI's "developer" role is the system prompt of newer models); assistant calls
+        and tool results keep their fields for the tool-call formats (lcrun.tool_calls.prompt)."""
+        out: list[dict[str, Any]] = []
+        for m in self.messages:
+            message: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            if m.tool_calls:
+                message["tool_calls"] = [call.model_dump() for call in m.tool_calls]
+            if m.tool_call_id is not None:
+                message["tool_call_id"] = m.tool_call_id
+            if m.name is not None and m.role == "tool":
+                message["name"] = m.name
+            out.append(message)
+        return out
 
 
 class CompletionRequest(_Generation):
     prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
 
+    def top_logprobs_asked(self) -> int | None:
+        return self.logprobs
+
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        if self.logprobs:
-            raise bad_request("logprobs are not supported", param="logprobs")
         if self.echo:
             raise bad_request("echo is not supported", param="echo")
         if self.suffix:
@@ -186,23 +249,6 @@ class CompletionRequest(_Generation):
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # type: ignore[assignment]
         return prompt  # type: ignore[return-value]
-
-
-MAX_JSON_DEPTH = 64      # OpenAI's requests nest about 6 deep (tools' JSON schemas more): far below Python's limit
-_JSON_STRINGS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
-_NOT_BRACKETS = bytes(set(range(256)) - set(b"[]{}"))
-_DEPTH_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
-
-
-def json_depth(raw: bytes) -> int:
-    """How deep the arrays and objects of a JSON text nest, counted before parsing (the parser recurses once per
-    level): brackets inside strings do not count. Linear, in C but for one step per bracket."""
-    brackets = _JSON_STRINGS.sub(b"", raw).translate(None, _NOT_BRACKETS)
-    depth = deepest = 0
-    for step in map(_DEPTH_STEP.__getitem__, brackets):
-        depth += step
-        deepest = max(deepest, depth)
-    return deepest
 
 
 def parse_json_body(raw: bytes) -> dict[str, Any]:
@@ -238,65 +284,3 @@ def validate(model: type[_Generation], body: dict[str, Any]) -> Any:
             from None
     request.refuse_unsupported()
     return request
-
-
-# -- responses ----------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
-
-
-class Reply:
-    """The fixed fields of one response (id, created, model) and the bodies and stream chunks built from them."""
-
-    def __init__(self, kind: Literal["chat", "text"], model: str, fingerprint: str) -> None:
-        self.kind = kind
-        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
-        self.created = int(time.time())
-        self.model = model
-        self.fingerprint = fingerprint
-
-    def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "system_fingerprint": self.fingerprint, "choices": choices}
-
-    def complete(self, text: str, finish_reason: str, usage: Usage) -> dict[str, Any]:
-        if self.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": finish_reason}
-            body = self._envelope("chat.completion", [choice])
-        else:
-            body = self._envelope("text_completion", [{"index": 0, "text": text, "logprobs": None,
-                                                       "finish_reason": finish_reason}])
-        body["usage"] = usage.to_dict()
-        return body
-
-    def chunk(self, text: str | None, finish_reason: str | None = None, *, first: bool = False) -> dict[str, Any]:
-        if self.kind == "chat":
-            delta: dict[str, Any] = {}
-            if first:
-                delta["role"] = "assistant"
-            if text is not None:
-                delta["content"] = text
-            return self._envelope("chat.completion.chunk", [{"index": 0, "delta": delta, "logprobs": None,
-                                                             "finish_reason": finish_reason}])
-        return self._envelope("text_completion", [{"index": 0, "text": text or "", "logprobs": None,
-                                                   "finish_reason": finish_reason}])
-
-    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
-        body = self._envelope("chat.completion.chunk" if self.kind == "chat" else "text_completion", [])
-        body["usage"] = usage.to_dict()
-        return body
-
-
-def sse(data: dict[str, Any] | str) -> bytes:
-    """One server-sent event: `data: <json>` and a blank line."""
-    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {text}\n\n".encode()

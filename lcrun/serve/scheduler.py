@@ -30,7 +30,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from lcrun.engine.protocol import EngineProtocol, SequenceState
-from lcrun.errors import LcrunError
+from lcrun.errors import GrammarError, LcrunError
 from lcrun.generation.loop import DecodeLoop
 from lcrun.generation.records import Failed, Finished, GenerateEvent, PrefillProgress, not_started
 from lcrun.generation.slots import Phase, Slot
@@ -199,7 +199,7 @@ class Scheduler:
             return True
         if self._closing and self.busy_slots and time.monotonic() >= self._deadline:
             return True
-        return bool(self._queue) and self.busy_slots < len(self.slots)
+        return bool(self._queue) and len(self.slots) - self.busy_slots >= self._queue[0].request.params.n
 
     def _fail_queued(self, error: APIError) -> None:
         while self._queue:
@@ -236,13 +236,14 @@ class Scheduler:
         while True:
             with self._cond:
                 free = [s for s in self.slots if s.phase is Phase.IDLE]
-                if not free or not self._queue:
+                if not self._queue or len(free) < self._queue[0].request.params.n:  # a choice a slot, together
                     return
                 job = self._queue.popleft()
             # from here on this job is nowhere but in this frame: whatever happens, it gets its event
             try:
                 if job.cancelled.is_set():
-                    job.deliver(not_started(len(job.request.prompt)))
+                    for choice in range(job.request.params.n):
+                        job.deliver(not_started(len(job.request.prompt), choice))
                     self.metrics.add("requests_cancelled")
                     continue
                 self._start(job, free)
@@ -271,9 +272,16 @@ class Scheduler:
         if self._owners[slot.seq] != owner:
             engine.seq_clear(slot.seq)
             self._owners[slot.seq] = owner
+        # the other choices (n > 1) on the free slots unused longest; they start from a copy of this prompt
+        siblings = sorted((s for s in free if s is not slot), key=lambda s: s.last_used)[:job.request.params.n - 1]
+        for sibling in siblings:  # (each gets a copy of the prompt: until then it holds no other key's tokens)
+            if self._owners[sibling.seq] != owner:
+                engine.seq_clear(sibling.seq)
+                self._owners[sibling.seq] = owner
         if not from_disk and held[source.seq] >= held[slot.seq] + COPY_MIN_GAIN:
             engine.seq_copy(source.seq, slot.seq, held[source.seq])
-        self.loop.assign(slot, job.request, lambda event: self._deliver(job, event), cancel=job.cancelled)
+        self.loop.assign(slot, job.request, lambda event: self._deliver(job, event), cancel=job.cancelled,
+                         siblings=siblings)
         if from_disk:
             assert hit is not None and self._reader is not None and cache is not None
             future = self._reader.submit(cache.load, hit[0], owner)
@@ -358,6 +366,9 @@ class Scheduler:
             self.metrics.add("generated_tokens", event.completion_tokens)
             if event.reason == "cancelled":
                 self.metrics.add("requests_cancelled")
+        elif isinstance(event, Failed) and isinstance(event.error, GrammarError):  # the request's grammar, stuck
+            event = Failed(APIError(400, f"the reply could not go on: {event.error}", param="grammar",
+                                    code="grammar_dead_end"))
         elif isinstance(event, Failed) and not isinstance(event.error, APIError):  # llama.cpp refused a decode
             log.error("decode failed: %s", event.error)
             event = Failed(APIError(500, f"generation failed: {event.error}", type="server_error"))
