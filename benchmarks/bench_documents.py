@@ -15,7 +15,12 @@ Then, in interleaved rounds (medians reported, every run kept in the JSON):
   goal (issue 17): >= 0.5x pdftotext's speed with the same words;
 - `git ls-files -z | xargs -0 cat | wc -c` against lcrun's folder reader (walk, .gitignore, binary sniffing, UTF-8
   decoding, the text assembled) on the tree; goal: <= 2x git's time;
-- loading the 128K vocabulary alone (vocab_only) and tokenizing the PDF's text with it.
+- loading the 128K vocabulary alone (vocab_only) and tokenizing the PDF's text with it;
+- `lcrun chat MODEL -f BIG.pdf -p …` from the command to llama.cpp's first prefill batch, MODEL a GGUF with Llama 3's
+  128K vocabulary and a 1M-token trained context (tiny weights: what is timed is lcrun's own path — reading the PDF,
+  counting it with the vocabulary alone, sizing the context, loading, tokenizing the prompt — not the model's
+  compute), against the same command without the document and `lcrun read BIG.pdf` (processes, interleaved).
+  `--chat-only` runs this part alone.
 """
 from __future__ import annotations
 
@@ -177,11 +182,88 @@ def bench_tokens(text: str, rounds: int) -> dict:
             "characters": len(text), "tokens_per_s": n / statistics.median(counts), "loads": loads}
 
 
+# run in a child process: the real `lcrun chat`, its engine made by the launch's one injection point, timed at the
+# first llama_decode (the first prefill batch) and ended there
+_FIRST_BATCH = """
+import os, sys, time
+start = float(sys.argv[1])
+from lcrun.launch.loaded import set_engine_factory
+
+def engine(config):
+    from lcrun.engine.runtime import Engine
+
+    made = time.time()
+    made_engine = Engine(config)
+    loaded = time.time()
+    decode = made_engine.decode   # the engine binds its step API's decode per instance
+
+    def first_batch(feeds):
+        begun = time.time()
+        decode(feeds)
+        print(f"FIRST_BATCH {made - start:.4f} {loaded - start:.4f} {begun - start:.4f} {time.time() - start:.4f} "
+              f"{sum(len(f.tokens) for f in feeds)}", file=sys.stderr, flush=True)
+        os._exit(0)
+
+    made_engine.decode = first_batch
+    return made_engine
+
+set_engine_factory(engine)
+from lcrun.cli import main
+main(sys.argv[2:])
+"""
+
+
+def chat_to_first_batch(model: Path, pdf: Path | None) -> dict:
+    args = ["chat", str(model), "-p", "What is this document about?", "--no-history", "-t", "1"]
+    if pdf is not None:
+        args[2:2] = ["-f", str(pdf)]
+    start = time.time()
+    run = subprocess.run([sys.executable, "-c", _FIRST_BATCH, str(start), *args], capture_output=True, text=True,
+                         cwd=ROOT, timeout=900)
+    line = next((x for x in run.stderr.splitlines() if x.startswith("FIRST_BATCH ")), None)
+    if line is None:
+        raise SystemExit(f"lcrun chat did not reach a prefill batch: {run.stderr[-2000:]}")
+    made, loaded, begun, ended, batch = line.split()[1:]
+    tokens = re.search(r"prompt ([\d,]+) tokens", run.stderr)
+    return {"engine_made_s": float(made), "engine_loaded_s": float(loaded), "first_batch_start_s": float(begun),
+            "first_batch_end_s": float(ended), "batch_tokens": int(batch),
+            "prompt_tokens": int(tokens[1].replace(",", "")) if tokens else None}
+
+
+def bench_chat(pdf: Path, rounds: int) -> dict:
+    model = WORK / "llama3-1m.gguf"
+    if not model.exists():
+        write_realistic_gguf(model, "llama3", n_ctx_train=1 << 20)
+    lcrun = [sys.executable, "-m", "lcrun.cli"]
+    processes = {"lcrun read BIG.pdf": [*lcrun, "read", str(pdf)],
+                 "chat --dry-run -f BIG.pdf": [*lcrun, "chat", str(model), "-f", str(pdf), "--dry-run", "-t", "1"],
+                 "chat --dry-run (no document)": [*lcrun, "chat", str(model), "--dry-run", "-t", "1"]}
+    runs: dict[str, list] = {"chat -f BIG.pdf": [], "chat (no document)": [], **{k: [] for k in processes}}
+    for _ in range(rounds):
+        runs["chat -f BIG.pdf"].append(chat_to_first_batch(model, pdf))
+        runs["chat (no document)"].append(chat_to_first_batch(model, None))
+        for name, command in processes.items():
+            runs[name].append(timed(lambda: subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                                           stderr=subprocess.DEVNULL)))
+    def med(key: str, field: str) -> float:
+        return statistics.median(r[field] for r in runs[key])
+    fields = ("engine_made_s", "engine_loaded_s", "first_batch_start_s", "first_batch_end_s")
+    with_doc = {f: med("chat -f BIG.pdf", f) for f in fields}
+    bare = {f: med("chat (no document)", f) for f in fields}
+    return {"pdf": str(pdf), "pages": read_document(str(pdf), replace(ReadLimits(), seconds=600)).pages,
+            "prompt_tokens": runs["chat -f BIG.pdf"][0]["prompt_tokens"], "runs": runs, "median_s": with_doc,
+            "median_s_without_document": bare, "lcrun_read_s": statistics.median(runs["lcrun read BIG.pdf"]),
+            "dry_run_s": statistics.median(runs["chat --dry-run -f BIG.pdf"]),
+            "dry_run_without_document_s": statistics.median(runs["chat --dry-run (no document)"]),
+            "document_cost_s": with_doc["first_batch_start_s"] - bare["first_batch_start_s"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--pdf", type=Path, help="A (TeX) PDF to join to >= 300 pages and measure too.")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--chat-only", action="store_true", help="Only `lcrun chat -f BIG.pdf` to the first batch.")
     args = parser.parse_args()
     for tool in ("pdftotext", "pdfunite", "git"):
         if shutil.which(tool) is None:
@@ -189,9 +271,10 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     pdfs = []
     columns = WORK / "columns-320.pdf"
-    if not columns.exists():
+    if not columns.exists() and not args.chat_only:
         build_columns_pdf(columns, 320)
-    pdfs.append(columns)
+    if columns.exists():
+        pdfs.append(columns)
     tex = args.pdf or next((p for p in TEX_PDFS if p.exists()), None)
     if tex is not None:
         joined = WORK / f"{tex.stem}-joined.pdf"
@@ -200,6 +283,17 @@ def main() -> None:
         pdfs.append(joined)
     results: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                      "load": os.getloadavg(), "date": time.strftime("%Y-%m-%d"), "pdf": [], "tree": None}
+    c = bench_chat(pdfs[-1], args.rounds)
+    results["chat"] = c
+    print(f"lcrun chat -f {Path(c['pdf']).name} ({c['pages']} pages, {c['prompt_tokens']:,} prompt tokens) to the "
+          f"first prefill batch: engine made at {c['median_s']['engine_made_s']:.2f} s, loaded at "
+          f"{c['median_s']['engine_loaded_s']:.2f} s, first batch "
+          f"{c['median_s']['first_batch_start_s']:.2f}-{c['median_s']['first_batch_end_s']:.2f} s; without the "
+          f"document {c['median_s_without_document']['first_batch_start_s']:.2f} s; the document's cost "
+          f"{c['document_cost_s']:.2f} s (lcrun read alone {c['lcrun_read_s']:.2f} s); chat --dry-run "
+          f"{c['dry_run_s']:.2f} s with it, {c['dry_run_without_document_s']:.2f} s without")
+    if args.chat_only:
+        pdfs = []
     for pdf in pdfs:
         r = bench_pdf(pdf, args.rounds, WORK / "pdftotext.txt")
         results["pdf"].append(r)
@@ -207,6 +301,12 @@ def main() -> None:
               ", ".join(f"{k} {v:,.0f}" for k, v in r["pages_per_s"].items()) +
               "; speed vs pdftotext " + ", ".join(f"{k} {v:.2f}x" for k, v in r["speed_vs_pdftotext"].items()) +
               f"; words: recall {r['words']['recall']:.3f}, precision {r['words']['precision']:.3f}")
+    if args.chat_only:
+        results["load_after"] = os.getloadavg()
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=2))
+        return
     tree = WORK / "tree"
     build_tree(tree)
     t = bench_tree(tree, args.rounds)

@@ -10,6 +10,9 @@ import click
 from .cli_options import launch_options
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from .bench import BenchReport
     from .launch.options import LaunchOptions
 
 
@@ -45,7 +48,8 @@ def bench(launch: LaunchOptions, depths: tuple[str, ...], pp: int, tg: int, repe
     forced settings: compare quants, KV cache types and flash attention on this machine.
 
     Without --ctx the context is the smallest that holds the deepest measurement. The cache is filled untimed with
-    each depth (smallest first); tokens are the model's own, from seeded random words.
+    each depth (smallest first); tokens are the model's own, from seeded random words. The pp rates are kept per
+    model file and settings, so that `lcrun chat -f DOC` can say how long DOC will take to prefill here.
     """
     from .bench import bench_report, check_counts, run_bench, set_up_bench
     from .launch.decide import decide_launch
@@ -64,9 +68,21 @@ def bench(launch: LaunchOptions, depths: tuple[str, ...], pp: int, tg: int, repe
     with open_model(setup.launch, loading=loading_status(err)) as model, bench_progress(err) as step:
         results = run_bench(model.engine, setup.depths, pp=pp, tg=tg, repetitions=repetitions, progress=step)
     report = bench_report(setup, results, pp=pp, tg=tg, repetitions=repetitions)
+    kept = _keep_prefill_speed(report)
     if as_json:
         for warning in report.warnings:
             err.print(f"warning: {warning}")
         click.echo(json.dumps(report.to_dict(), indent=2))
         return
     render_bench(report, out)
+    err.print(f"prefill speeds kept for lcrun chat's document estimates: {kept}", style="dim", highlight=False,
+              markup=False)
+
+
+def _keep_prefill_speed(report: BenchReport) -> Path:
+    """This machine's pp rates for this file and these settings, where `lcrun chat` reads them (lcrun.prefill_speed)."""
+    from .prefill_speed import save_measured
+
+    settings = {"type_k": report.type_k, "type_v": report.type_v, "flash_attn": report.flash_attn,
+                "n_gpu_layers": report.n_gpu_layers, "n_threads": report.n_threads, "n_ubatch": report.n_ubatch}
+    return save_measured(report.path, settings, report.pp, [(r.depth, r.pp_rate.mean) for r in report.results])

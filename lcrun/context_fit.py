@@ -64,6 +64,7 @@ class ContextFit:
     planned_ctx: int | None = None         # the context a run already planned (chat), if any
     planned_kv: tuple[str, str] | None = None
     largest: tuple[int, str, str] | None = None  # when nothing fits: the largest context that does, and its KV
+    reserve_for: str = "the answer"        # what the reserve is kept for, in words
 
     @property
     def exceeds_model(self) -> bool:
@@ -86,7 +87,8 @@ class ContextFit:
         """One line: what the document needs, what each KV type takes, and the flags that make it fit (or why
         nothing does), e.g. "needs -c 160k: 19.6 GiB with f16 KV, 10.4 GiB with q8_0 — fits with -ctk q8_0
         -ctv q8_0"."""
-        need = f"needs -c {ctx_flag(self.needed_ctx)} ({self.tokens:,} tokens + {self.reserve:,} for the answer)"
+        need = (f"needs -c {ctx_flag(self.needed_ctx)} ({self.tokens:,} tokens + {self.reserve:,} for "
+                f"{self.reserve_for})")
         if self.exceeds_model:
             return (f"{need}: more than the model's maximum context of {ctx_flag(self.max_ctx)} "
                     f"({self.max_ctx:,}); give a part of it")
@@ -124,7 +126,7 @@ class ContextFit:
 def fit_context(spec: ModelSpec, quant: str, devices: list[Device], tokens: int, *, reserve: int = ANSWER_RESERVE,
                 kv_types: Sequence[tuple[str, str]] | None = None, planned_ctx: int | None = None,
                 planned_kv: tuple[str, str] | None = None, flash_attn: bool = True, n_ubatch: int = 512,
-                n_seq: int = 1, n_gpu_layers: int | None = None) -> ContextFit:
+                n_seq: int = 1, n_gpu_layers: int | None = None, reserve_for: str = "the answer") -> ContextFit:
     """Whether `tokens` (the documents as they enter the context) and `reserve` fit `spec` at `quant` on
     `devices`: the plans at the needed context for each KV type (`kv_types`, or the planner's ladder f16 → q8_0 →
     q4_0 that this model allows), least lossy first. `planned_ctx`/`planned_kv`: what a run has already planned,
@@ -134,7 +136,7 @@ def fit_context(spec: ModelSpec, quant: str, devices: list[Device], tokens: int,
     ladder = list(kv_types) if kv_types else kv_candidates(spec, None, flash_attn)
     if tokens + reserve > spec.n_ctx_train:
         return ContextFit(spec.name, quant.upper(), tokens, reserve, needed, spec.n_ctx_train, (), planned_ctx,
-                          planned_kv)
+                          planned_kv, reserve_for=reserve_for)
     fits = tuple(KvFit(k, v, estimate_memory(spec, quant, needed, devices, type_k=k, type_v=v, **options))
                  for k, v in ladder)
     largest = None
@@ -142,4 +144,4 @@ def fit_context(spec: ModelSpec, quant: str, devices: list[Device], tokens: int,
         k, v = ladder[-1]
         largest = (largest_fitting_ctx(spec, quant, devices, max_ctx=needed, type_k=k, type_v=v, **options), k, v)
     return ContextFit(spec.name, quant.upper(), tokens, reserve, needed, spec.n_ctx_train, fits, planned_ctx,
-                      planned_kv, largest)
+                      planned_kv, largest, reserve_for)

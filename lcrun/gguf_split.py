@@ -7,10 +7,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import GGUFFileError, LcrunError
 from .gguf_reader import GGUFHeader, TensorInfo, read_gguf_header
 
 SPLIT_NAME = re.compile(r"^(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf$")
 SPLIT_COUNT_KEY = "split.count"
+MAX_SPLITS = 65535     # llama.cpp reads split.count as a 16-bit number
 
 
 def split_file_name(prefix: str, number: int, count: int) -> str:
@@ -18,11 +20,15 @@ def split_file_name(prefix: str, number: int, count: int) -> str:
 
 
 def split_set_names(filename: str) -> list[str]:
-    """Every file of the split set `filename` (a name or a path in a repo) belongs to, or just `filename`."""
+    """Every file of the split set `filename` (a name or a path in a repo) belongs to, or just `filename`. A split
+    name that cannot be one (`-00001-of-00000`, `-00003-of-00002`) is an LcrunError naming it."""
     match = SPLIT_NAME.match(filename)
     if match is None:
         return [filename]
-    count = int(match["count"])
+    number, count = int(match["no"]), int(match["count"])
+    if not 1 <= number <= count:
+        raise LcrunError(filename, f"not a valid split file name: part {number} of {count} (parts count from 1 to "
+                                   "the number of splits)")
     return [split_file_name(match["prefix"], i, count) for i in range(1, count + 1)]
 
 
@@ -70,6 +76,9 @@ def split_set_paths(path: Path, header: GGUFHeader) -> tuple[list[Path], int, li
     count = header.get(SPLIT_COUNT_KEY)
     if not isinstance(count, int) or isinstance(count, bool) or count <= 1:
         return [path], 1, []
+    if count > MAX_SPLITS:  # a list of 2**31 paths would be the end of this process
+        raise GGUFFileError(path, f"corrupt header: {SPLIT_COUNT_KEY} is {count:,}; llama.cpp reads at most "
+                                  f"{MAX_SPLITS:,} splits")
     match = SPLIT_NAME.match(path.name)
     if match is None:
         return [path], count, [f"split set incomplete: this file is one of {count} splits, but its name does not "
@@ -92,6 +101,6 @@ def read_gguf_set(path: Path) -> GGUFSet:
         else:
             missing.append(p)
     if missing:
-        names = ", ".join(p.name for p in missing)
+        names = ", ".join(p.name for p in missing[:4]) + (f" and {len(missing) - 4:,} more" if len(missing) > 4 else "")
         warnings.append(f"split set incomplete: found {len(headers)} of {count} files, missing {names}")
     return GGUFSet(path, headers, count, missing, warnings, first_found=headers[0][0] == expected[0])

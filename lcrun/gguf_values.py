@@ -14,6 +14,9 @@ from typing import Any
 import numpy as np
 
 EAGER_ARRAY_LIMIT = 1024       # arrays up to this length are decoded to lists at once (per-layer values, names)
+# arrays of arrays: llama.cpp's reader refuses them outright, gguf-py reads any depth (by recursion, as here); a
+# header nesting thousands deep would otherwise end in a RecursionError
+MAX_ARRAY_DEPTH = 8
 
 # GGUFValueType (gguf-py constants): the numbering is the file format's
 UINT8, INT8, UINT16, INT16, UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY, UINT64, INT64, FLOAT64 = range(13)
@@ -149,7 +152,7 @@ class _Cursor:
             raise HeaderError(f"truncated or corrupt header: {what} at byte {at}, more than the "
                               f"{self.limit}-byte file can hold")
 
-    def value(self, kind: int, *, decode_limit: int = EAGER_ARRAY_LIMIT) -> Any:
+    def value(self, kind: int, *, decode_limit: int = EAGER_ARRAY_LIMIT, depth: int = 0) -> Any:
         code = _SCALAR_CODES.get(kind)
         if code is not None:
             size = struct.calcsize(code)
@@ -160,11 +163,13 @@ class _Cursor:
         if kind == STRING:
             return self.string("a string value")
         if kind == ARRAY:
-            return self.array(decode_limit)
+            return self.array(decode_limit, depth)
         raise HeaderError(f"corrupt header: unknown value type {kind} at byte {self.pos - 4}")
 
-    def array(self, decode_limit: int) -> Any:
+    def array(self, decode_limit: int, depth: int = 0) -> Any:
         at = self.pos
+        if depth >= MAX_ARRAY_DEPTH:
+            raise HeaderError(f"corrupt header: arrays nested more than {MAX_ARRAY_DEPTH} deep at byte {at}")
         item = self.u32("an array type")
         if item not in _MIN_ITEM:
             raise HeaderError(f"corrupt header: unknown array element type {item} at byte {at}")
@@ -173,16 +178,18 @@ class _Cursor:
         if length * _MIN_ITEM[item] > room and (self.complete or length > (1 << 40)):
             raise HeaderError(f"truncated or corrupt header: an array at byte {at} claims {length} entries, more "
                               f"than the {self.limit}-byte file can hold")
+        # the smallest bytes the entries can take, before anything is sized by `length`: in a prefix of a remote
+        # file this asks for that many bytes (the caller bounds how far it reads) instead of allocating for them
+        self.need(length * _MIN_ITEM[item], "an array")
         start = self.pos
         offsets = None
         if item in _SCALAR_CODES:
-            self.need(length * _MIN_ITEM[item], "an array")
             self.pos += length * _MIN_ITEM[item]
         elif item == STRING:
             offsets = self.skip_strings(length)
         else:
             for _ in range(length):
-                self.value(ARRAY, decode_limit=0)
+                self.value(ARRAY, decode_limit=0, depth=depth + 1)
         kept = GGUFArray(item, length, bytes(self.buf[start:self.pos]), self.order,
                          None if offsets is None else offsets - start)
         return kept.tolist() if length <= decode_limit else kept

@@ -364,9 +364,9 @@ def download_gguf(repo_id: str, filename: str, revision: str | None = None, *,
     from huggingface_hub import HfApi, get_token, hf_hub_download
 
     endpoint, cache_dir, offline, token = settings.endpoint(), settings.hub_cache_dir(), settings.offline(), get_token()
-    from .gguf_split import split_set_names
+    from .model_ref import split_names
 
-    names = split_set_names(filename)
+    names = split_names(repo_id, filename)
     with _hub_errors(repo_id, revision, endpoint=endpoint, token_sent=bool(token), cache_may_answer=True):
         sizes: dict[str, int] = {}
         if not offline:

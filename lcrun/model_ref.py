@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .errors import HubError
+from .errors import HubError, LcrunError
 
 _REPO_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 
@@ -65,3 +65,14 @@ def choose_gguf(repo_id: str, files: list[str], quant: str | None) -> str:
         raise HubError(repo_id, f"has {len(chosen)} {quant} GGUFs ({', '.join(chosen[:4])}); "
                                 "give the file's path instead")
     return chosen[0]
+
+
+def split_names(repo_id: str, filename: str) -> list[str]:
+    """The files of `filename`'s split set in a Hub repo; a split name that cannot be one (`-00001-of-00000.gguf`)
+    is a one-line HubError."""
+    from .gguf_split import split_set_names
+
+    try:
+        return split_set_names(filename)
+    except LcrunError as malformed:
+        raise HubError(repo_id, str(malformed)) from None

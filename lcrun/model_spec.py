@@ -201,9 +201,9 @@ def _quantized_headers(config: dict[str, Any], tensors: dict[str, tuple[str, tup
 def _spec_from_remote_gguf(repo_id: str, filename: str, revision: str | None) -> ModelSpec:
     """A GGUF on the Hub, from its header alone (range requests); split sets are read split by split."""
     from . import hub
-    from .gguf_split import split_set_names
+    from .model_ref import split_names
 
-    headers = [hub.fetch_gguf_header(repo_id, name, revision) for name in split_set_names(filename)]
+    headers = [hub.fetch_gguf_header(repo_id, name, revision) for name in split_names(repo_id, filename)]
     where = f"{repo_id}/{filename}"
     spec = _spec_from_headers(headers, headers[0], where, where)
     spec.source = "hub"

@@ -34,6 +34,7 @@ Examples:
   lcrun niah model.gguf --max-ctx 64k -o run.jsonl --resume          # after an interruption
   lcrun niah model.gguf --max-ctx 32k --chat-template chatml         # a llama.cpp format instead of the file's
   lcrun niah base-model.gguf --max-ctx 16k --raw                     # a base model: a sentence to complete
+  lcrun niah model.gguf --max-ctx 64k --haystack contract.pdf        # your own document as the haystack
 \b
 The RULER-style suite (six tasks; effective context per KV type, stored for plan/chat/serve):
   lcrun niah model.gguf --suite ruler                                # 4K, 8K, … up to the planned context
@@ -68,8 +69,9 @@ The RULER-style suite (six tasks; effective context per KV type, stored for plan
 @click.option("--digits", type=int, default=8, show_default=True, help="needle: digits of the number to find.")
 @click.option("-s", "--seed", type=int, default=0, show_default=True,
               help="Seed of what is hidden: the same seed hides the same needles (for every KV type and model).")
-@click.option("--haystack", "haystack_file", type=click.Path(path_type=Path), metavar="FILE",
-              help="UTF-8 text to hide the needle in (default: the essays lcrun ships; repeated when too short).")
+@click.option("--haystack", "haystack_file", metavar="FILE|DIR|URL|-",
+              help="The document to hide the needle in, read as `lcrun read` and `chat -f` read it: text, PDF, HTML, "
+                   "DOCX, EPUB, a folder, a URL or - (default: the essays lcrun ships; repeated when too short).")
 @click.option("-o", "--output", type=click.Path(path_type=Path), metavar="PATH.jsonl",
               help="Results log, one line per cell (default: niah-<model>-<kv>.jsonl here; ruler: in the user data "
                    "dir, keyed by the model file's fingerprint); the summary goes beside it (.summary.json).")
@@ -80,7 +82,7 @@ The RULER-style suite (six tasks; effective context per KV type, stored for plan
 @click.option("--html", type=click.Path(dir_okay=False, path_type=Path), help="Save the heatmap as HTML.")
 def niah(launch: LaunchOptions, kv_types: tuple[str, ...], suite: str, min_ctx: int | None, max_ctx: int | None,
          lengths: str | None, tasks: str | None, ctx_interval: int | None, ctx_steps: int | None,
-         depth_interval: float, samples: int | None, digits: int, seed: int, haystack_file: Path | None,
+         depth_interval: float, samples: int | None, digits: int, seed: int, haystack_file: str | None,
          output: Path | None, resume: bool, force: bool, as_json: bool, svg: Path | None,
          html: Path | None) -> None:
     """Needle in a haystack on MODEL (a GGUF file, `demo`, or a Hub GGUF repo as org/repo[:QUANT]): can it find a number
@@ -125,7 +127,7 @@ def niah(launch: LaunchOptions, kv_types: tuple[str, ...], suite: str, min_ctx: 
         sys.exit(code)
 
 
-def _run(options: LaunchOptions, params: NiahParams, haystack_file: Path | None, output: Path | None, *,
+def _run(options: LaunchOptions, params: NiahParams, haystack_file: str | None, output: Path | None, *,
          resume: bool, force: bool, as_json: bool, svg: Path | None, html: Path | None) -> int:
     from .launch.decide import decide_launch, no_larger_than_needed
     from .launch.loaded import open_model

@@ -63,7 +63,7 @@ def suite_params(launch: Launch, kv_types: tuple[str, ...], *, min_ctx: int | No
 
 
 def run_ruler(options: LaunchOptions, kv_types: tuple[str, ...], *, min_ctx: int | None, max_ctx: int | None,
-              lengths: str | None, tasks: str | None, samples: int | None, seed: int, haystack_file: Path | None,
+              lengths: str | None, tasks: str | None, samples: int | None, seed: int, haystack_file: str | None,
               output: Path | None, resume: bool, force: bool, as_json: bool) -> int:
     from .chat.formats import engine_renderer
     from .launch.decide import decide_launch

@@ -70,12 +70,7 @@ def _summary(document: object, tokens: int | None) -> str:
     from .documents import Document
 
     assert isinstance(document, Document)
-    parts = [document.kind]
-    if document.pages is not None:
-        parts.append(f"{document.pages:,} {'chapters' if document.kind == 'epub' else 'pages'}")
-    if document.files is not None:
-        parts.append(f"{document.files:,} files")
-    parts.append(f"{document.characters:,} characters")
+    parts = [document.about(), f"{document.characters:,} characters"]
     if tokens is not None:
         parts.append(f"{tokens:,} tokens")
     skipped = ", ".join(f"{n:,} {why}" for why, n in document.skipped.items())

@@ -55,7 +55,9 @@ Examples:
 @click.option("--cache-min-tokens", type=click.IntRange(256), default=1024, show_default=True, metavar="N",
               help="Prompts shorter than this are not saved to --cache-dir.")
 @click.option("--max-queue", type=click.IntRange(0), default=64, show_default=True, metavar="N",
-              help="Requests that may wait for a free slot; more are answered 503 with Retry-After.")
+              help="Requests that may wait for a free slot; more are answered 503 with Retry-After. 0: none wait "
+                   "(503 whenever every slot is busy), e.g. behind a load balancer that retries elsewhere: "
+                   "--max-queue 0.")
 @click.option("-tb", "--threads-batch", type=click.IntRange(1), metavar="N",
               help="CPU threads for prompt batches (default: every CPU, as llama.cpp's own default).")
 @click.option("-a", "--alias", metavar="NAME", help="The model's id in the API (default: the GGUF's file name).")

@@ -44,7 +44,7 @@ def test_one_shot_reads_the_prompt_from_stdin_and_adds_files(model: Path, engine
     assert result.stdout == "You said: Summarise\n"
     prompt = engines[0].detokenize(engines[0].cached_tokens)
     assert '<document name="notes.txt">\nThe secret is 42.\n</document>' in prompt
-    assert "notes.txt: " in result.stderr and "tokens" in result.stderr
+    assert f"{doc} " in result.stderr and "notes.txt added: " in result.stderr   # the table, then the prefill
 
 
 def test_interactive_transcript_of_the_commands(model: Path, engines: Engines, tmp_path: Path) -> None:
@@ -59,7 +59,7 @@ def test_interactive_transcript_of_the_commands(model: Path, engines: Engines, t
     out = result.stdout
     assert result.exit_code == 0, out
     assert "context 2,048 tokens" in out                                   # the plan panel, before loading
-    assert "/file PATH" in out and "/retry" in out                         # /help
+    assert "/add PATH" in out and "/drop N" in out and "/retry" in out     # /help
     assert "You said: hello" in out
     assert "system prompt set (" in out
     assert "doc.txt: " in out and "fits" in out and "doc.txt added" in out

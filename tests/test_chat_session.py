@@ -8,14 +8,18 @@ from pathlib import Path
 
 import pytest
 
-from lcrun.chat.documents import DocumentError
 from lcrun.chat.history import History
 from lcrun.chat.prompt_tokens import unmark
 from lcrun.chat.session import ChatSession, ContextFull, Notice, TurnStarted
+from lcrun.documents import Document, read_document
 from lcrun.engine.protocol import Sampling
-from lcrun.errors import LcrunError
+from lcrun.errors import DocumentError, LcrunError
 from lcrun.generation.records import Finished, GenerationParams, PrefillProgress, TextChunk
 from tests.fixtures.fake_engine import FakeEngine
+
+
+def read(path: Path) -> Document:
+    return read_document(str(path))
 
 
 def turn(session: ChatSession, text: str, cancel: threading.Event | None = None) -> tuple[str, Finished, list]:
@@ -45,7 +49,7 @@ def test_overflow_drops_oldest_turns_but_never_system_or_documents(tmp_path: Pat
     session = ChatSession(engine, system="SYSTEM", params=GenerationParams(max_tokens=40))
     doc = tmp_path / "doc.txt"
     doc.write_text("D" * 150)
-    list(session.add_document(session.check_document(doc)))
+    list(session.add_document(session.check_document(read(doc))))
     notices = []
     for i in range(12):
         _, fin, events = turn(session, f"question number {i} " + "x" * 20)
@@ -76,7 +80,7 @@ def test_document_check_counts_tokens_and_refuses_what_cannot_fit(tmp_path: Path
     small.write_text("abc " * 20)
     big.write_text("z" * 1000)
     binary.write_bytes(b"\x7fELF\x00\x01\x02")
-    check = session.check_document(small)
+    check = session.check_document(read(small))
     # what it adds to the prompt: its header, the text in its <document> wrapper, the end of the message (the BOS
     # is there before any message: the vocabulary adds it to every prompt, as llama-server does)
     message = '<|start_header_id|>user<|end_header_id|>\n\n<document name="small.txt">\n' + \
@@ -84,11 +88,11 @@ def test_document_check_counts_tokens_and_refuses_what_cannot_fit(tmp_path: Path
     assert check.tokens == len(session.engine.tokenize(message))
     assert check.drops_turns == 0 and not session.conversation.messages  # checking adds nothing
     with pytest.raises(DocumentError, match="big.txt: 1,0[0-9][0-9] tokens; the 500-token context cannot hold it"):
-        session.check_document(big)
+        session.check_document(read(big))
     with pytest.raises(DocumentError, match="x.bin: a binary file"):
-        session.check_document(binary)
+        read(binary)
     with pytest.raises(DocumentError, match="nothere.txt: no such file"):
-        session.check_document(tmp_path / "nothere.txt")
+        read(tmp_path / "nothere.txt")
 
 
 def test_document_is_prefilled_when_added_and_cancel_undoes_it(tmp_path: Path) -> None:
@@ -97,7 +101,7 @@ def test_document_is_prefilled_when_added_and_cancel_undoes_it(tmp_path: Path) -
     doc = tmp_path / "d.txt"
     doc.write_text("w" * 1500)
     cancel = threading.Event()
-    check = session.check_document(doc)
+    check = session.check_document(read(doc))
     events = []
     for event in session.add_document(check, cancel):
         events.append(event)
@@ -154,7 +158,7 @@ def test_usage_breaks_the_context_down(tmp_path: Path) -> None:
     session = ChatSession(engine, system="S" * 30)
     doc = tmp_path / "notes.txt"
     doc.write_text("n" * 200)
-    list(session.add_document(session.check_document(doc)))
+    list(session.add_document(session.check_document(read(doc))))
     turn(session, "hi")
     usage = session.usage()
     assert usage.system >= 30 and usage.documents[0][0] == "notes.txt" and usage.documents[0][1] > 200

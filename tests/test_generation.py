@@ -171,17 +171,19 @@ class Refusing(FakeEngine):
         super().decode(feeds)
 
 
-def test_a_refused_decode_ends_only_the_requests_in_its_batch() -> None:
+def test_a_refused_decode_ends_only_the_request_whose_decode_it_is() -> None:
     engine = Refusing(n_ctx=4096, n_seq=3, responder=lambda prompt: "a long enough reply")
     loop = DecodeLoop(engine, prefill_chunk=64)
     first, second = collect(), collect()
     loop.submit(loop.slots[0], Request(engine.tokenize("one", add_bos=True)), first[1])
     loop.step()                                                   # slot 0 alone: prefilled, first token out
     loop.submit(loop.slots[1], Request(engine.tokenize("two", add_bos=True)), second[1])
-    loop.step()                                                   # slots 0 and 1 together: refused
-    assert isinstance(first[0][-1], Failed) and isinstance(second[0][-1], Failed)
-    assert "no free KV cells" in str(second[0][-1].error)
-    assert all(s.phase is Phase.IDLE for s in loop.slots) and engine.seq_len(1) == 0
+    loop.step()                                      # slots 0 and 1 together: refused, then each alone
+    assert isinstance(second[0][-1], Failed) and "no free KV cells" in str(second[0][-1].error)
+    assert loop.slots[1].phase is Phase.IDLE and engine.seq_len(1) == 0
+    assert [len(d) for d in engine.decodes[-1:]] == [1]              # slot 0's token went through alone
+    run_until_idle(loop)
+    assert text(first[0]) == "a long enough reply" and first[0][-1].reason == "stop"  # type: ignore[union-attr]
     third = collect()                                              # the loop goes on
     loop.submit(loop.slots[2], Request(engine.tokenize("three", add_bos=True)), third[1])
     run_until_idle(loop)

@@ -21,7 +21,7 @@ from lcrun.errors import GGUFFileError
 from lcrun.gguf_reader import parse_gguf_header, read_gguf_header
 from lcrun.gguf_split import read_gguf_set
 from lcrun.gguf_values import STRING, GGUFArray, HeaderError, NeedMoreBytes, _Cursor, _string_starts_fast
-from tests.fixtures.cli import run_lcrun
+from tests.fixtures.cli import assert_one_line_error, invoke, run_lcrun
 from tests.fixtures.gguf_equivalence import assert_same_as_gguf_reader
 from tests.fixtures.realistic_gguf import FAMILIES, write_realistic_gguf
 
@@ -161,8 +161,10 @@ def test_a_thousand_damaged_headers_give_one_line_errors(realistic: dict[str, Pa
             yield bytes(raw)
         for _ in range(200):                         # truncations anywhere
             yield data[:rng.randrange(1, len(data))]
+        for _ in range(20):                          # arrays of arrays, up to far beyond Python's recursion limit
+            yield _nested_header(rng.choice([rng.randrange(1, 12), rng.randrange(12, 200_000)]))
 
-    assert len(changes) + flips + 200 >= 1000
+    assert len(changes) + flips + 200 + 20 >= 1000
     tenth = None
     outcomes = {"read": 0, "refused": 0}
     tracemalloc.start()
@@ -177,6 +179,11 @@ def test_a_thousand_damaged_headers_give_one_line_errors(realistic: dict[str, Pa
             except HeaderError as err:
                 assert "\n" not in err.problem and err.problem, err.problem
                 outcomes["refused"] += 1
+            if i % 8 == 0:   # as the Hub reads it: a prefix, whose claims can only be bounded by asking for bytes
+                try:
+                    parse_gguf_header(mutant[:1 << 16], f"mutant{i}", complete=False, file_size=len(mutant))
+                except (HeaderError, NeedMoreBytes):
+                    pass
             assert time.perf_counter() - started < 5, f"mutant {i} took too long"  # a hang guard, not a speed bar
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -294,3 +301,79 @@ def test_the_one_split_name_pattern_matches_what_the_converter_writes(tmp_path: 
                                                                   "q4/M-Q4_K_M-00002-of-00002.gguf"]
     assert split_set_names("M-Q4_K_M.gguf") == ["M-Q4_K_M.gguf"] and is_first_split("M-Q4_K_M.gguf")
     assert split_set_names("M-0001-of-0002.gguf") == ["M-0001-of-0002.gguf"]
+
+
+# ---- what a header may claim beyond its bytes (issue 20: 12) ----------------------------------------------------------
+
+def _nested_header(depth: int) -> bytes:
+    """A GGUF header whose one key holds arrays nested `depth` deep, the innermost an empty u8 array."""
+    key = b"deep.arrays"
+    body = struct.pack("<4sIQQ", b"GGUF", 3, 0, 1) + struct.pack("<Q", len(key)) + key + struct.pack("<I", 9)
+    body += struct.pack("<IQ", 9, 1) * (depth - 1) + struct.pack("<IQ", 0, 0)
+    return body
+
+
+def test_nested_arrays_have_a_depth_limit_and_never_a_recursion_error(tmp_path: Path) -> None:
+    from lcrun.gguf_values import MAX_ARRAY_DEPTH
+
+    deepest = parse_gguf_header(_nested_header(MAX_ARRAY_DEPTH), "ok", complete=True).fields["deep.arrays"]
+    for _ in range(MAX_ARRAY_DEPTH - 1):   # negative control: the limit itself reads, to the innermost array
+        assert isinstance(deepest, list) and len(deepest) == 1
+        deepest = deepest[0]
+    assert deepest == []
+    for depth in (MAX_ARRAY_DEPTH + 1, 100_000):   # 100,000 deep: a RecursionError with the old reader
+        with pytest.raises(HeaderError, match=rf"arrays nested more than {MAX_ARRAY_DEPTH} deep"):
+            parse_gguf_header(_nested_header(depth), "deep", complete=True)
+        with pytest.raises(HeaderError, match="nested more than"):   # a prefix too, as the Hub reads it
+            parse_gguf_header(_nested_header(depth), "deep", complete=False)
+    # gguf-py writes arrays of arrays; a shallow one reads as it wrote it
+    path = tmp_path / "nested.gguf"
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_array("test.nested", [[1, 2], [3]])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    assert read_gguf_header(path).fields["test.nested"] == [[1, 2], [3]]
+    path.write_bytes(_nested_header(100_000))
+    done = invoke("inspect", str(path))
+    assert_one_line_error(done, str(path), "nested more than")
+
+
+# each command in the child under an address-space limit: the old reader built a list of 2**31 paths (hundreds of
+# GiB), which here is a MemoryError in a second rather than a machine swapping
+SPLIT_COUNT_COMMANDS = r"""
+import json, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))
+from tests.fixtures.cli import invoke
+path, out = sys.argv[1], sys.argv[2]
+results = {}
+for args in (["inspect", path], ["chat", path, "--dry-run"], ["serve", path, "--dry-run"],
+             ["quantize", path, out, "Q4_0"]):
+    try:
+        run = invoke(*args)
+        results[args[0]] = [run.exit_code, run.stderr]
+    except BaseException as exc:  # what escaped the CLI's one-line errors
+        results[args[0]] = [-1, f"{type(exc).__name__}: {exc}"]
+print(json.dumps(results))
+"""
+
+
+def test_a_giant_split_count_is_one_line_in_inspect_chat_serve_and_quantize(tmp_path: Path) -> None:
+    from lcrun.gguf_split import MAX_SPLITS
+
+    path = tmp_path / "model-00001-of-00002.gguf"   # a split name: the set is built from the header's count
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_uint32("split.count", 1 << 31)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    done = subprocess.run([sys.executable, "-c", SPLIT_COUNT_COMMANDS, str(path), str(tmp_path / "q.gguf")],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(results) == {"inspect", "chat", "serve", "quantize"}
+    for command, (code, stderr) in results.items():
+        lines = stderr.strip().splitlines()
+        assert code not in (0, -1) and len(lines) == 1, (command, stderr)
+        assert lines[0] == f"error: {path}: corrupt header: split.count is {1 << 31:,}; llama.cpp reads at most " \
+                           f"{MAX_SPLITS:,} splits", (command, lines)

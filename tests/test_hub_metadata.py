@@ -297,3 +297,28 @@ def test_offline_mode_says_why(fake_hub: FakeHub, monkeypatch: pytest.MonkeyPatc
         fetch_checkpoint_metadata(REPO)
     assert "HF_HUB_OFFLINE" in assert_one_line_message(caught.value)
     assert fake_hub.requests == []
+
+
+def test_a_remote_string_array_claiming_2_40_entries_asks_for_bytes_never_allocates(
+        fake_hub: FakeHub, tmp_path: Path) -> None:
+    data = bytearray(gguf_file(tmp_path))
+    at = data.find(b"tokenizer.ggml.tokens") + len("tokenizer.ggml.tokens") + 8  # after the value and item types
+    assert struct.unpack_from("<Q", data, at)[0] == VOCAB   # the count this test changes (not a vacuous patch)
+    data[at:at + 8] = struct.pack("<Q", 1 << 40)
+    fake_hub.add_repo(GGUF_REPO, {GGUF_FILE: bytes(data)})
+    with pytest.raises(HubError) as caught:   # on the old reader: np.empty(2**40), a MemoryError and a traceback
+        fetch_gguf_header(GGUF_REPO, GGUF_FILE, first_read=4096)
+    assert "GGUF header is larger than" in assert_one_line_message(caught.value)
+
+
+@pytest.mark.parametrize("name", ["Tiny-00001-of-00000.gguf", "Tiny-00000-of-00002.gguf", "Tiny-00003-of-00002.gguf"])
+def test_a_malformed_split_name_on_the_hub_is_one_line(fake_hub: FakeHub, tmp_path: Path, name: str) -> None:
+    from tests.fixtures.cli import assert_one_line_error, invoke
+
+    fake_hub.add_repo(GGUF_REPO, {name: gguf_file(tmp_path)})
+    # estimate reads the header by ranges, chat downloads the file: both name it (an IndexError before)
+    for command in (("estimate",), ("chat", "--dry-run")):
+        run = invoke(*command, GGUF_REPO, "--hf-file", name, "--ctx", "1k")
+        assert_one_line_error(run, GGUF_REPO, name, "not a valid split file name")
+    if name.startswith("Tiny-00001"):  # the repo's only GGUF, chosen without --hf-file
+        assert_one_line_error(invoke("estimate", GGUF_REPO, "--ctx", "1k"), name, "not a valid split file name")

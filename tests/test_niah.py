@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from lcrun.errors import LcrunError
 from lcrun.niah import NiahError
 from lcrun.niah.grid import Cell, context_lengths, depths, grid_cells
 from lcrun.niah.haystack import build_stream, default_haystack_path, read_haystack
@@ -20,6 +21,7 @@ from lcrun.niah.results import ResultsLog, read_log
 from lcrun.niah.run import CellDone, NiahParams, NiahRun, prepare_run, run_cells
 from lcrun.niah.summary import summarize
 from lcrun.ui.niah_view import render_heatmap
+from tests.fixtures.documents import pdf_pages, sentence
 from tests.fixtures.fake_engine import FakeEngine
 from tests.fixtures.niah_responders import NEEDLE_RE, finds_shallow_needles_in_short_documents, position_in_document
 
@@ -216,12 +218,12 @@ def test_default_haystack_is_not_repeated_for_short_contexts(tmp_path: Path) -> 
     assert len(stream.boundaries) > 30
 
 
-@pytest.mark.parametrize("content, problem", [
-    (None, "no such haystack file"),
+@pytest.mark.parametrize("content, problem", [   # read by lcrun.documents, as `lcrun read` reads them
+    (None, "no such file or folder"),
     (b"\x89PNG\r\n\x1a\n\0\0\0IHDR", "a binary file, not text"),
     ("caf\u00e9".encode("latin-1"), "not UTF-8 text"),
-    (b"  \n\n \t", "the haystack is empty"),
-    ("folder", "a folder, not a text file"),
+    (b"  \n\n \t", "empty: nothing to add"),
+    ("folder", "no text files in this folder"),
 ])
 def test_unusable_haystacks_are_one_line(tmp_path: Path, content: bytes | str | None, problem: str) -> None:
     path = tmp_path / "hay.txt"
@@ -229,9 +231,20 @@ def test_unusable_haystacks_are_one_line(tmp_path: Path, content: bytes | str | 
         path.mkdir()
     elif content is not None:
         path.write_bytes(content)
-    with pytest.raises(NiahError) as err:
+    with pytest.raises(LcrunError) as err:
         read_haystack(path)
     assert str(err.value).startswith(f"{path}: {problem}")
+
+
+def test_a_pdf_is_a_haystack_through_the_document_readers(tmp_path: Path) -> None:
+    pages = [[sentence(3 * p + i) for i in range(3)] for p in range(3)]
+    haystack = read_haystack(pdf_pages(tmp_path / "hay.pdf", pages))
+    assert haystack.text.startswith("[page 1]") and "[page 3]" in haystack.text
+    found = [haystack.text.find(sentence(i)) for i in range(9)]
+    assert -1 not in found and found == sorted(found)            # every sentence, in reading order
+    assert "<document" not in haystack.text                       # the text alone: the needle goes between sentences
+    stream = build_stream(FakeEngine(n_ctx=8192), haystack, 2000)
+    assert stream.copies > 1 and len(stream.boundaries) > 9 * stream.copies
 
 
 def test_shipped_haystack_is_what_the_generator_writes_and_is_licensed() -> None:

@@ -116,7 +116,7 @@ def test_ctrl_c_keeps_the_finished_cells_and_resume_completes_them(model: Path, 
 # -- bad input: one line, before the model loads ------------------------------------------------------------------
 @pytest.mark.parametrize("args, message", [
     (["nope.gguf"], "error: nope.gguf: no such file"),
-    (["{model}", "--haystack", "{tmp}/missing.txt"], "error: {tmp}/missing.txt: no such haystack file"),
+    (["{model}", "--haystack", "{tmp}/missing.txt"], "error: {tmp}/missing.txt: no such file or folder"),
     (["{model}", "--haystack", "{model}"], "error: {model}: a binary file, not text"),
     (["{model}", "--depth-interval", "1.5"], "error: --depth-interval: 1.5 is out of range (above 0.0, at most 1.0)"),
     (["{model}", "--depth-interval", "0"], "error: --depth-interval: 0 is out of range"),

@@ -616,3 +616,51 @@ def test_the_worker_cache_directory_is_bounded(tmp_path: Path) -> None:
         assert sorted(p.name.lstrip("0") for p in cache.iterdir()) == ["newest"]
     finally:
         worker.stop()
+
+
+def test_a_worker_killed_mid_request_answers_every_request_and_stops_the_server(model: Path) -> None:
+    """serve over a worker that is killed while two replies stream and a third request waits: each gets its answer
+    (an error event, a 503 `worker_lost`), nothing hangs, and the server exits 1 with one line naming the worker."""
+    import openai
+
+    from tests.fixtures.serve_support import ServeProcess, metrics, wait_for
+
+    worker = Worker().wait_listening()
+    try:
+        server = ServeProcess(str(model), "-c", "2048", "-np", "2", "-fa", "off", "-t", "1", "--ram", "16G",
+                              "--rpc", worker.endpoint)
+        with server:
+            client = server.client(timeout=60)
+            endless = dict(model="split.gguf", max_tokens=900, temperature=0, extra_body={"ignore_eos": True})
+            streams = [iter(client.completions.create(prompt=p, stream=True, **endless))
+                       for p in ("The quick brown fox", "Rivers run to the sea")]
+            for stream in streams:
+                next(stream)
+            waited: list[object] = []
+            waiting = threading.Thread(target=lambda: waited.append(_outcome(
+                lambda: client.completions.create(prompt="A third one waits", **endless))))
+            waiting.start()
+            assert wait_for(lambda: metrics(server.url)["lcrun_queue_length"] == 1, 30)
+            worker.proc.kill()
+            for stream in streams:
+                with pytest.raises(openai.APIError) as caught:
+                    for _ in stream:
+                        pass
+                assert "lost a worker" in str(caught.value.message)
+            waiting.join(60)
+            assert len(waited) == 1 and isinstance(waited[0], openai.InternalServerError), waited
+            assert waited[0].status_code == 503 and waited[0].code == "worker_lost"   # type: ignore[union-attr]
+            code, _, stderr = server.stop(timeout=60)
+        assert code == 1
+        lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+        assert len(lines) == 1 and lines[0].startswith(f"error: worker {worker.endpoint} went away"), stderr[-2000:]
+        assert "Traceback" not in stderr and "ggml-rpc.cpp" not in stderr
+    finally:
+        worker.stop()
+
+
+def _outcome(call):  # type: ignore[no-untyped-def]
+    try:
+        return call()
+    except Exception as exc:  # noqa: BLE001 - the test looks at what came back
+        return exc

@@ -5,7 +5,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "help": ("", "this list"),
     "clear": ("", "forget the turns and documents (the system prompt stays)"),
     "system": ("TEXT", "set the system prompt (empty: remove it)"),
-    "file": ("PATH", "add a text document: shows its size in tokens and whether it fits, then prefills it"),
+    "add": ("PATH", "add a document (a file, PDF, Word, HTML, a folder, a URL): its size in tokens and whether it "
+                    "fits, then its prefill"),
+    "docs": ("", "the documents, numbered, with the tokens each takes"),
+    "drop": ("N", "take document N out (what followed it is prefilled again)"),
     "ctx": ("", "where the context window goes: system, documents, turns, free"),
     "stats": ("", "speed and token counts of the last turn and the session"),
     "save": ("PATH", "save the conversation as JSON"),
@@ -13,7 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "retry": ("", "answer the last question again"),
     "quit": ("", "leave (Ctrl-D does the same)"),
 }
-ALIASES = {"exit": "quit", "q": "quit", "h": "help", "?": "help", "reset": "clear"}
+ALIASES = {"exit": "quit", "q": "quit", "h": "help", "?": "help", "reset": "clear", "file": "add"}
 
 
 class UnknownCommand(ValueError):

@@ -1,5 +1,9 @@
 """The conversation as the model sees it: a system prompt, pinned documents, and turns — rendered through the model's
-chat format into one prompt, and trimmed (oldest unpinned turns first) when it would not fit the context."""
+chat format into one prompt, and trimmed (oldest unpinned turns first) when it would not fit the context.
+
+Documents come first, in the order they were given, before the turns: the prompt's prefix is then the same from turn
+to turn and from run to run, so the KV cache (across turns, in a `--session` file, in serve's prompt cache) holds
+the documents once and every question reuses them."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -18,6 +22,7 @@ class Message:
     content: str
     document: str | None = None     # a pinned document's name: never dropped to make room
     interrupted: bool = False       # a reply stopped by the user
+    about: str | None = None        # a document's kind and size as read ("pdf, 412 pages"), for /docs
 
     @property
     def pinned(self) -> bool:
@@ -42,6 +47,13 @@ class Conversation:
         """The prompt with the messages' text marked as content (prompt_tokens.py): tokenized, it has special tokens
         only where the template put them."""
         return render_marked(template, self.template_messages(messages), add_generation_prompt=add_generation_prompt)
+
+    def documents_end(self) -> int:
+        """Where the next document goes: after the documents that lead the conversation, before its first turn."""
+        return next((i for i, m in enumerate(self.messages) if not m.pinned), len(self.messages))
+
+    def document_indices(self) -> list[int]:
+        return [i for i, m in enumerate(self.messages) if m.pinned]
 
     def droppable_turn(self) -> tuple[int, int] | None:
         """[start, end) of the oldest unpinned turn (a user message and the replies after it), never the last
@@ -71,7 +83,9 @@ class Conversation:
             if not isinstance(item, dict) or item.get("role") not in ("user", "assistant") or \
                     not isinstance(item.get("content"), str):
                 raise ValueError("every message needs a role (user/assistant) and a content string")
-            messages.append(Message(item["role"], item["content"], item.get("document"), bool(item.get("interrupted"))))
+            about = item.get("about")
+            messages.append(Message(item["role"], item["content"], item.get("document"), bool(item.get("interrupted")),
+                                    about if isinstance(about, str) else None))
         return cls(system, messages)
 
 

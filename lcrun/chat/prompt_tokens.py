@@ -137,6 +137,27 @@ class PromptTokenizer:
         self._control: dict[int, tuple[bool, bool] | None] = {}   # id → (lstrip, rstrip) if a control token
         self._known: tuple[str, list[int]] | None = None
 
+    def fragments(self) -> dict[str, array]:
+        """The long fragments tokenized so far (text -> tokens), for another PromptTokenizer of the same vocabulary."""
+        with self._lock:
+            return dict(self._memo)
+
+    def learn(self, fragments: Mapping[str, array]) -> bool:
+        """Take fragments another tokenizer of the same vocabulary made (the documents counted before the model
+        loaded, by its vocabulary alone), so they are not tokenized again — once the shortest of them tokenizes
+        the same here (another vocabulary's are refused: False)."""
+        if not fragments:
+            return True
+        probe = min(fragments, key=len)
+        if self._tokenize(probe, special=False) != list(fragments[probe]):
+            return False
+        with self._lock:
+            for text, tokens in fragments.items():
+                if text not in self._memo and self._memo_size + len(tokens) <= self._memo_tokens:
+                    self._memo[text] = tokens
+                    self._memo_size += len(tokens)
+        return True
+
     def remember(self, text: str, tokens: list[int]) -> None:
         """`text` (marked) is what these tokens stand for — e.g. a prompt and the reply the model generated to it,
         whose sampled tokens need not be the ones re-tokenizing the reply would give. A later prompt that starts with

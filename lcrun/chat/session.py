@@ -1,26 +1,28 @@
 """A chat session: the conversation, the engine that holds its KV cache, and the rules between them — the prompt is
-re-rendered each turn and the engine reuses the cached prefix, documents are prefilled when added, the oldest turns
-are dropped (never the system prompt or a document) when the next turn would not fit, and every finished turn goes
-to the history. No llama_cpp and no rich here: the engine comes in as a parameter, the UI consumes the events."""
+re-rendered each turn and the engine reuses the cached prefix, documents go before the turns and are prefilled when
+added (only from where the new one goes) or dropped (again only from where it was), the oldest turns are dropped
+(never the system prompt or a document) when the next turn would not fit, and every finished turn goes to the
+history. No llama_cpp and no rich here: the engine comes in as a parameter, the UI consumes the events."""
 from __future__ import annotations
 
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from lcrun.atomic_files import write_atomic
+from lcrun.documents import Document
 from lcrun.engine.protocol import EngineProtocol
-from lcrun.errors import LcrunError
+from lcrun.errors import DocumentError, LcrunError
 from lcrun.generation.drive import generate, prefill
 from lcrun.generation.records import Finished, GenerationParams, PrefillProgress, Request, TextChunk
 
-from .conversation import Conversation, Fitted, Message, document_text, fit_to_context
-from .documents import DocumentError, read_document
+from .conversation import Conversation, Fitted, Message, fit_to_context
 from .history import History
+from .documents import DocumentCheck, DocumentEntry, DocumentPrefilled, DocumentTooLong, document_message
 from .prompt_tokens import PromptTokenizer, as_content
 from .formats import FormatChoice, choose_format, engine_renderer, engine_vocabulary
 from .template import ChatRenderer, TemplateError
@@ -42,17 +44,7 @@ class TurnStarted:
     n_ctx: int
 
 
-ChatEvent = Notice | TurnStarted | PrefillProgress | TextChunk | Finished
-
-
-@dataclass(frozen=True)
-class DocumentCheck:
-    path: Path
-    name: str
-    content: str           # as it enters the conversation
-    tokens: int            # what it adds to the prompt
-    used_after: int        # prompt tokens once it is in (after any drops)
-    drops_turns: int       # oldest turns that must go to make room
+ChatEvent = Notice | TurnStarted | PrefillProgress | TextChunk | Finished | DocumentPrefilled
 
 
 @dataclass(frozen=True)
@@ -212,46 +204,95 @@ class ChatSession:
             self.save(self.session_path)
 
     # -- documents ----------------------------------------------------------------------------------------------
-    def check_document(self, path: Path) -> DocumentCheck:
-        """Read and measure a document without adding it; refuse one that cannot fit at all."""
-        text = read_document(path)
-        name = path.name
-        content = document_text(name, text)
-        trial = Conversation(self.conversation.system, [*self.conversation.messages, Message("user", content, name)])
-        adds = len(self.tokenize(trial.render(self.template, add_generation_prompt=False))) - \
-            len(self._tokens(add_generation_prompt=False))
+    def _with_document(self, message: Message) -> Conversation:
+        messages = list(self.conversation.messages)
+        messages.insert(self.conversation.documents_end(), message)
+        return Conversation(self.conversation.system, messages)
+
+    def check_document(self, document: Document) -> DocumentCheck:
+        """Measure a document read by lcrun.documents without adding it; refuse one that cannot fit at all."""
+        trial = self._with_document(document_message(document))
+        at = self.conversation.documents_end()
+        # what it adds where it goes (the turns after it are tokenized again from their text, which can differ from
+        # the tokens the model sampled: not the document's to count)
+        adds = len(self.tokenize(trial.render(self.template, messages=trial.messages[: at + 1],
+                                              add_generation_prompt=False))) - \
+            len(self._tokens(self.conversation.messages[:at], add_generation_prompt=False))
         fitted = fit_to_context(trial, self.template, self.tokenize, self.n_ctx - self.reserve)
         if fitted is None:
-            pinned = sum(1 for m in self.conversation.messages if m.pinned)
+            pinned = len(self.conversation.document_indices())
             held = f" and {pinned} document(s) already added" if pinned else ""
-            raise DocumentError(str(path), f"{adds:,} tokens; the {self.n_ctx:,}-token context cannot hold it with "
-                                           f"the system prompt{held} and {self.reserve:,} tokens for a reply "
-                                           "(use a larger --ctx, a smaller KV type, or a shorter excerpt)")
-        return DocumentCheck(path, name, content, adds, len(fitted.tokens), fitted.dropped_turns)
+            with_it = len(self.tokenize(trial.render(self.template, messages=[m for m in trial.messages if m.pinned],
+                                                     add_generation_prompt=False)))
+            raise DocumentTooLong(document.name, f"{adds:,} tokens; the {self.n_ctx:,}-token context cannot hold it "
+                                                 f"with the system prompt{held} and {self.reserve:,} tokens for a "
+                                                 "reply (use a larger --ctx, a smaller KV type, or a shorter excerpt)",
+                                  prompt_tokens=with_it, reserve=self.params.max_tokens or 1024)  # uncapped
+        return DocumentCheck(document, adds, len(fitted.tokens), fitted.dropped_turns)
 
     def add_document(self, check: DocumentCheck, cancel: threading.Event | None = None) -> Iterator[ChatEvent]:
-        """Add a checked document and prefill it now, so the next question costs only its own tokens. Cancelling
-        the prefill leaves the conversation as it was."""
+        """Add a checked document after the documents already there, before the turns, and prefill it now — from
+        where it goes: the cache before it is reused — so the next question costs only its own tokens. Cancelling
+        the prefill, or a failure, leaves the conversation as it was."""
         saved = list(self.conversation.messages)
-        self.conversation.messages.append(Message("user", check.content, check.name))
+        self.conversation = self._with_document(document_message(check.document))
         fitted = fit_to_context(self.conversation, self.template, self.tokenize, self.n_ctx - self.reserve)
         if fitted is None:  # the conversation changed since the check
             self.conversation.messages[:] = saved
-            raise DocumentError(str(check.path), "no longer fits the context")
+            raise DocumentError(check.document.name, "no longer fits the context")
         if fitted.dropped_turns:
             self.stats.dropped_turns += fitted.dropped_turns
             yield Notice(f"dropped the {fitted.dropped_turns} oldest turn(s) ({fitted.dropped_tokens:,} tokens) "
                          "to make room for the document", "warning")
-        tokens = self._tokens(add_generation_prompt=False)
-        for event in prefill(self.engine, tokens, cancel=cancel):
-            if isinstance(event, PrefillProgress):
-                yield event
-        if cancel is not None and cancel.is_set() and len(self.engine.cached_tokens) < len(tokens):
+        try:
+            finished, seconds = yield from self._prefill(cancel)
+        except BaseException:
+            self.conversation.messages[:] = saved
+            raise
+        if finished is None or finished.reason == "cancelled":
             self.conversation.messages[:] = saved
             yield Notice(f"cancelled: {check.name} was not added")
             return
-        yield Notice(f"{check.name} added: {check.tokens:,} tokens, pinned (never dropped to make room); "
-                     "questions about it now cost only their own tokens")
+        yield DocumentPrefilled(check.name, check.tokens, finished.prompt_tokens - finished.reused_tokens, seconds)
+        self._save_with_cache()
+
+    def drop_document(self, number: int, cancel: threading.Event | None = None) -> Iterator[ChatEvent]:
+        """Take document `number` (from 1, as /docs lists them) out of the conversation and bring the cache up to
+        the conversation without it: what comes before it stays cached, only what followed it is evaluated again."""
+        indices = self.conversation.document_indices()
+        if not 1 <= number <= len(indices):
+            have = f"1 to {len(indices)}" if indices else "none: /add one first"
+            raise LcrunError("/drop", f"no document {number} (the documents are {have}; /docs lists them)")
+        index = indices[number - 1]
+        messages = self.conversation.messages
+        took = len(self._tokens(messages[: index + 1], add_generation_prompt=False)) - \
+            len(self._tokens(messages[:index], add_generation_prompt=False))
+        message = messages.pop(index)
+        finished, seconds = yield from self._prefill(cancel)
+        evaluated = finished.prompt_tokens - finished.reused_tokens if finished is not None else 0
+        yield DocumentPrefilled(message.document or "", took, evaluated, seconds, dropped=True)
+        self._save_with_cache()
+
+    def _prefill(self, cancel: threading.Event | None) -> Generator[ChatEvent, None, tuple[Finished | None, float]]:
+        """Bring the cache to the conversation as it is now (no reply header): (its Finished, seconds)."""
+        tokens = self._tokens(add_generation_prompt=False)
+        finished: Finished | None = None
+        started = time.perf_counter()
+        if tokens:
+            for event in prefill(self.engine, tokens, cancel=cancel):
+                if isinstance(event, PrefillProgress):
+                    yield event
+                else:
+                    finished = event
+        return finished, time.perf_counter() - started
+
+    def documents(self) -> list[DocumentEntry]:
+        """The documents in the conversation, in order, with the tokens each takes in the prompt now."""
+        pinned = [m for m in self.conversation.messages if m.pinned]
+        counts = [tokens for _name, tokens in self.usage().documents]
+        return [DocumentEntry(i, m.document or "", m.about, n) for i, (m, n) in enumerate(zip(pinned, counts), 1)]
+
+    def _save_with_cache(self) -> None:
         if self.session_path is not None:
             self.save(self.session_path)
             self.engine.save_state(kv_state_path(self.session_path))

@@ -32,6 +32,18 @@ class Document:
     def characters(self) -> int:
         return len(self.text)
 
+    @property
+    def parts(self) -> str:
+        """Its pages, chapters or files in words ("412 pages", "1,203 files"), or "" for a plain text."""
+        if self.pages is not None:
+            unit = "chapter" if self.kind == "epub" else "page"
+            return f"{self.pages:,} {unit}{'' if self.pages == 1 else 's'}"
+        return f"{self.files:,} file{'' if self.files == 1 else 's'}" if self.files is not None else ""
+
+    def about(self) -> str:
+        """What it is, in a few words: "pdf, 412 pages"."""
+        return ", ".join(p for p in (self.kind, self.parts) if p)
+
     def context_text(self) -> str:
         """Exactly what enters the context for this document."""
         return wrap_document(self.label, self.text)

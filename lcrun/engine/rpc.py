@@ -253,6 +253,14 @@ def keep_alive(endpoints: list[str]) -> int:
 _watched: list[str] = []
 _LOSS_NOTE = "the turn in progress is lost; finished chat turns (the transcript) and niah cells (the results file) are kept"
 _callback_keepalive: list[Any] = []
+_on_lost: list[Callable[[str], None]] = []
+
+
+def on_worker_lost(handler: Callable[[str], None]) -> None:
+    """Instead of ending the process at once when a worker goes away, call `handler(problem)` on the thread ggml
+    aborts in, and hold that thread there for good (returning would let ggml abort): the handler answers what it
+    must (serve: every request in flight) and ends the process itself."""
+    _on_lost[:] = [handler]
 
 
 def watch_workers(endpoints: list[str]) -> None:
@@ -300,6 +308,11 @@ def _on_abort(message: bytes | None) -> None:
     else:
         line = f"error: a worker stopped answering ({', '.join(_watched)}: {text.rpartition(': ')[2]}); " \
                f"{_LOSS_NOTE}\n"
+    if _on_lost:
+        try:
+            _on_lost[0](line.removeprefix("error: ").removesuffix(f"; {_LOSS_NOTE}\n"))
+        finally:
+            threading.Event().wait()
     if sys.stderr.isatty():
         line = "\x1b[?25h\n" + line  # a live display may have hidden the cursor
     try:

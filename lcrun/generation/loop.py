@@ -12,7 +12,9 @@ the sequence holds (the longest common prefix is reused) and the slot gets its s
 3. samples each generating slot's next token from its own logits and hands it to the slot, which turns it into text
    (slots.py: end of generation, UTF-8, stop strings and the length limit, in one place).
 
-A decode llama.cpp refuses ends the requests in that batch with `Failed`; the others go on. The owner of the loop —
+A failure ends only the request it belongs to: a batch llama.cpp refuses is decoded again one sequence at a time
+(each back to where it was), and only the requests whose own decode fails end with `Failed`; an exception while a
+slot samples or turns its token into text ends that slot's request. The owner of the loop —
 the single-slot driver (drive.py) or serve's scheduler (queue, slot choice, cross-slot copies, the disk prompt cache,
 shutdown) — calls `step` from one thread, the only one that touches the engine.
 
@@ -27,7 +29,6 @@ import time
 from collections.abc import Callable, Sequence
 
 from lcrun.engine.protocol import EngineProtocol, Feed, PromptPlan
-from lcrun.errors import LcrunError
 
 from .records import Failed, PrefillProgress, Request
 from .slots import Phase, Sink, Slot
@@ -121,10 +122,11 @@ class DecodeLoop:
                 engine = self.engine
                 try:
                     engine.decode((Feed(slot.seq, (slot.next_token,)),))
-                except LcrunError as exc:
+                    more = slot.on_token(engine.sample(slot.seq), engine)
+                except Exception as exc:  # noqa: BLE001 - llama.cpp refused it, or the sampler or text failed
                     self.fail([slot], exc)
                     return
-                if not slot.on_token(engine.sample(slot.seq), engine):
+                if not more:
                     self._active.clear()
                 return
         self._end_cancelled()
@@ -132,19 +134,43 @@ class DecodeLoop:
         if not feeds:
             return
         engine = self.engine
+        starts = [engine.seq_len(feed.seq) for feed in feeds] if len(feeds) > 1 else []
         try:
             engine.decode(feeds)
-        except LcrunError as exc:  # llama.cpp refused the batch: its requests fail, the others go on
-            self.fail(owners, exc)
+        except Exception as exc:  # noqa: BLE001 - llama.cpp refused the batch: find whose decode it is
+            self._decode_apart(feeds, owners, starts, exc)
             return
         for slot, feed in zip(owners, feeds):
+            self._decoded(slot, feed)
+
+    def _decoded(self, slot: Slot, feed: Feed) -> None:
+        """After a decode holding `feed`: the slot's prompt progress, or its next token (before the next decode)."""
+        try:
             if slot.phase is PREFILL:
                 slot.prefill_done += len(feed.tokens)
                 slot.sink(PrefillProgress(slot.prefill_done, slot.prefill_total))
                 if not slot.chunks:
                     self._prompt_done(slot)
-            if slot.phase is GENERATE and not slot.on_token(engine.sample(slot.seq), engine):
+            if slot.phase is GENERATE and not slot.on_token(self.engine.sample(slot.seq), self.engine):
                 self._active.remove(slot)
+        except Exception as exc:  # noqa: BLE001 - the sampler, the text or a hook failed: this request only
+            self.fail([slot], exc)
+
+    def _decode_apart(self, feeds: list[Feed], owners: list[Slot], starts: list[int], error: Exception) -> None:
+        """A batch failed: decode each sequence's feed on its own, from where it was before the batch (llama.cpp keeps
+        the ubatches it finished). Those that fail alone fail; a batch of one is that one."""
+        if len(feeds) == 1:
+            self.fail(owners, error)
+            return
+        engine = self.engine
+        for slot, feed, start in zip(owners, feeds, starts):
+            try:
+                engine.seq_truncate(feed.seq, start)
+                engine.decode([feed])
+            except Exception as exc:  # noqa: BLE001 - this sequence's own decode failed
+                self.fail([slot], exc)
+                continue
+            self._decoded(slot, feed)
 
     def _end_cancelled(self) -> None:
         for slot in self.slots:

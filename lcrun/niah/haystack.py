@@ -1,5 +1,6 @@
-"""The haystack: a UTF-8 text file (by default the one lcrun ships), turned once into a token stream long enough
-for the largest context — repeated when the file is shorter — with the positions where a sentence ends."""
+"""The haystack: the text lcrun ships (generated essays), or any document as `lcrun read` reads it — a text, a PDF,
+HTML, DOCX, EPUB, a folder, a URL, standard input — turned once into a token stream long enough for the largest
+context (repeated when the text is shorter), with the positions where a sentence ends."""
 from __future__ import annotations
 
 import hashlib
@@ -23,30 +24,25 @@ def default_haystack_path() -> Path:
 
 @dataclass(frozen=True)
 class Haystack:
-    path: Path
+    path: Path | str          # the file, folder or URL it was read from
     text: str
     sha256: str
 
 
-def read_haystack(path: Path | None = None) -> Haystack:
-    path = path or default_haystack_path()
-    if path.is_dir():
-        raise NiahError(path, "a folder, not a text file")
-    try:
+def read_haystack(source: Path | str | None = None) -> Haystack:
+    """The shipped essays, or the document `source` names, read by lcrun.documents' readers: its text (page markers
+    and file headers included, as the model would see it in a chat) without the <document> tag around it."""
+    if source is None:
+        path = default_haystack_path()
         data = path.read_bytes()
-    except FileNotFoundError:
-        raise NiahError(path, "no such haystack file") from None
-    except OSError as exc:
-        raise NiahError(path, f"cannot read the haystack ({exc.strerror or exc})") from None
-    if b"\0" in data:
-        raise NiahError(path, "a binary file, not text (the haystack must be UTF-8 text)")
-    try:
-        text = data.decode("utf-8").replace("\r\n", "\n").strip()
-    except UnicodeDecodeError as exc:
-        raise NiahError(path, f"not UTF-8 text (byte {exc.start:,} does not decode)") from None
+        return Haystack(path, data.decode("utf-8").replace("\r\n", "\n").strip(), hashlib.sha256(data).hexdigest())
+    from lcrun.documents import read_document
+
+    document = read_document(str(source))   # a DocumentError (one line naming it) when it cannot be read
+    text = document.text.replace("\r\n", "\n").strip()
     if not text:
-        raise NiahError(path, "the haystack is empty")
-    return Haystack(path, text, hashlib.sha256(data).hexdigest())
+        raise NiahError(source, "the haystack is empty")
+    return Haystack(source, text, hashlib.sha256(text.encode("utf-8")).hexdigest())
 
 
 @dataclass(frozen=True)

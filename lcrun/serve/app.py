@@ -35,7 +35,7 @@ from . import openai_api as oa
 from .edge import Edge, EdgePolicy, host_policy
 from .metrics import CONTENT_TYPE, Metrics
 from .replies import ReplyMemory
-from .scheduler import Job, Scheduler
+from .scheduler import Job, Scheduler, Ticket
 
 log = logging.getLogger("lcrun.serve")
 
@@ -43,6 +43,9 @@ log = logging.getLogger("lcrun.serve")
 PUBLIC_PATHS = frozenset({"/health", "/v1/models", "/openapi.json"})
 ENDPOINTS = frozenset({"/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions",
                        "/openapi.json"})
+# usage.prompt_tokens_details.cached_tokens in whole blocks, as OpenAI reports it: to the token, it would let a client
+# learn another's prompt one guessed token at a time
+CACHED_TOKENS_BLOCK = 128
 
 
 def _loopback_edge() -> EdgePolicy:
@@ -181,12 +184,28 @@ async def _openapi(state: ServerState, request: Request) -> Response:
 
 
 # -- completions -----------------------------------------------------------------------------------------------------
-# Parsing, validating, rendering and tokenizing a prompt take milliseconds to seconds: on a worker thread, never on
-# the event loop that every other client's stream is written from.
-# TODO(issue 20, phase 2): admission (the queue bound) belongs before this work, so a full server refuses a request
-# before paying for its tokenization: a scheduler reservation taken here, handed to `_run`.
+# A request takes its place in the admission bound first (`reserve`: 503 when every slot is busy and the queue is
+# full), so a full server refuses it before paying for anything. Then parsing, validating, rendering and tokenizing
+# its prompt — milliseconds to seconds — run on a worker thread, never on the event loop that every other client's
+# stream is written from. The ticket goes with the job and is released when its generation ends.
 async def _chat_completions(state: ServerState, request: Request) -> Response:
+    with state.scheduler.reserve() as ticket:
+        return await _chat(state, request, ticket)
+
+
+async def _completions(state: ServerState, request: Request) -> Response:
+    with state.scheduler.reserve() as ticket:
+        return await _text(state, request, ticket)
+
+
+def _partition(request: Request) -> str | None:
+    """Whose cached prompts this request may share: its API key's id (edge.py), or everyone's without keys."""
+    return request.scope.get("state", {}).get("api_key_id")
+
+
+async def _chat(state: ServerState, request: Request, ticket: Ticket) -> Response:
     body = await request.body()
+    partition = _partition(request)
 
     def prepare() -> tuple[oa.ChatCompletionRequest, str, list[int], str]:
         req: oa.ChatCompletionRequest = oa.validate(oa.ChatCompletionRequest, oa.parse_json_body(body))
@@ -198,13 +217,13 @@ async def _chat_completions(state: ServerState, request: Request) -> Response:
         except LcrunError as exc:  # a Jinja template that refuses them, or llama.cpp refusing a built-in format
             raise oa.bad_request(f"the model's chat template refused the messages: {exc}",
                                  param="messages") from None
-        return req, model, _tokenize_chat(state, text), text
+        return req, model, _tokenize_chat(state, text, partition), text
 
     req, model, tokens, text = await to_thread.run_sync(prepare)
-    return await _run(state, request, req, model, "chat", tokens, "messages", rendered=text)
+    return await _run(state, request, ticket, req, model, "chat", tokens, "messages", rendered=text)
 
 
-async def _completions(state: ServerState, request: Request) -> Response:
+async def _text(state: ServerState, request: Request, ticket: Ticket) -> Response:
     body = await request.body()
 
     def prepare() -> tuple[oa.CompletionRequest, str, list[int]]:
@@ -220,7 +239,7 @@ async def _completions(state: ServerState, request: Request) -> Response:
         return req, model, list(prompt)
 
     req, model, tokens = await to_thread.run_sync(prepare)
-    return await _run(state, request, req, model, "text", tokens, "prompt")
+    return await _run(state, request, ticket, req, model, "text", tokens, "prompt")
 
 
 def _model(state: ServerState, name: str | None) -> str:
@@ -230,14 +249,14 @@ def _model(state: ServerState, name: str | None) -> str:
                            "(see /v1/models)", param="model", code="model_not_found")
 
 
-def _tokenize_chat(state: ServerState, text: MarkedText) -> list[int]:
+def _tokenize_chat(state: ServerState, text: MarkedText, partition: str | None) -> list[int]:
     tokenize = lambda t: state.prompt_tokens(MarkedText(t, text.contents))  # noqa: E731
     # a rendered chat ends with its replies: their sampled tokens, as the KV cache holds them
-    return state.replies.tokenize(text, tokenize)
+    return state.replies.tokenize(text, tokenize, partition)
 
 
-async def _run(state: ServerState, request: Request, req: Any, model: str, kind: str, tokens: list[int],
-               param: str, rendered: str | None = None) -> Response:
+async def _run(state: ServerState, request: Request, ticket: Ticket, req: Any, model: str, kind: str,
+               tokens: list[int], param: str, rendered: str | None = None) -> Response:
     if not tokens:
         raise oa.bad_request(f"{param}: empty (no tokens)", param=param)
     if len(tokens) >= state.n_ctx_slot:
@@ -248,14 +267,16 @@ async def _run(state: ServerState, request: Request, req: Any, model: str, kind:
     def sink(event: GenerateEvent) -> None:
         loop.call_soon_threadsafe(events.put_nowait, event)
 
-    job = Job(GenerationRequest(tokens, req.generation_params(seed=random.getrandbits(32))), sink)
+    partition = _partition(request)
+    job = Job(GenerationRequest(tokens, req.generation_params(seed=random.getrandbits(32))), sink,
+              partition=partition, ticket=ticket)
     state.scheduler.submit(job)
     reply = oa.Reply(kind, model, state.fingerprint)  # type: ignore[arg-type]
 
     def finished(text: str, done: Finished) -> None:
         if rendered is not None and done.tokens and done.stop is None:  # the text is exactly its tokens'
             end = state.engine.token_text(done.tokens[-1]) if done.reason == "stop" else ""
-            state.replies.remember(rendered + as_content(text) + end, tokens + list(done.tokens))
+            state.replies.remember(rendered + as_content(text) + end, tokens + list(done.tokens), partition)
 
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -279,7 +300,8 @@ async def _run(state: ServerState, request: Request, req: Any, model: str, kind:
 
 
 def _usage(done: Finished) -> oa.Usage:
-    return oa.Usage(done.prompt_tokens, done.completion_tokens, done.reused_tokens)
+    cached = done.reused_tokens // CACHED_TOKENS_BLOCK * CACHED_TOKENS_BLOCK
+    return oa.Usage(done.prompt_tokens, done.completion_tokens, cached)
 
 
 async def _collect(events: asyncio.Queue[GenerateEvent]) -> tuple[str, Finished]:

@@ -17,6 +17,10 @@ _COUNTERS = {
     "cache_reused_tokens": "Prompt tokens reused from a KV cache: a slot's own, another slot's, or the disk cache.",
     "cache_restored_tokens": "Prompt tokens restored from the disk prompt cache (--cache-dir).",
     "cache_saved_prompts": "Prompt KV states written to the disk prompt cache.",
+    "cache_save_failures": "Prompt KV states not saved: the snapshot or the write failed (memory, disk); the "
+                           "requests went on.",
+    "cache_saves_dropped": "Prompt KV states not taken for the disk prompt cache because its writer was still busy "
+                           "with earlier ones.",
     "generated_tokens": "Tokens sampled for replies.",
     "requests_cancelled": "Generations cancelled (the client went away, or the server shut down).",
 }

@@ -1,13 +1,15 @@
 """The disk prompt cache (`--cache-dir`): the KV state of a long prompt, saved once it is evaluated, and restored when a
 later request — also after a restart — starts with the same tokens.
 
-One file per saved prompt, named by the hash of its tokens and the model's fingerprint (the model file, the KV types,
-flash attention and RoPE overrides: what the KV numbers depend on). A file holds its tokens' prefix hashes, one per
-256-token block (each hash covers all tokens before it), the tokens, and the sequence state llama.cpp gave
-(`Engine.snapshot`). A request looks up the file sharing the most leading blocks with its prompt; restoring it and
-dropping whatever differs leaves the exact common prefix; the tokens read back are checked against their hashes
-before llama.cpp sees the state. The directory is bounded in bytes, counting every cache file in it (other models',
-other servers'): least recently used files go first (a file's modification time is its last use).
+One file per saved prompt, named by the hash of its tokens and the model's fingerprint (the model file, the KV
+types, flash attention and RoPE overrides: what the KV numbers depend on) — and, with several API keys, the key's
+id: the hashes of one key's prompts never match another key's, so a file is restored only for the key that wrote it.
+A file holds its tokens' prefix hashes, one per 256-token block (each hash covers all tokens before it), the tokens,
+and the sequence state llama.cpp gave (`Engine.snapshot`). A request looks up the file sharing the most leading
+blocks with its prompt; restoring it and dropping whatever differs leaves the exact common prefix; the tokens read
+back are checked against their hashes before llama.cpp sees the state. The directory is bounded in bytes, counting
+every cache file in it (other models', other servers'): least recently used files go first (a file's modification
+time is its last use).
 
 The files hold prompts' token ids: the directory is made 0700 and the files 0600. A file is written as
 `<name>.<PID-START>.partial` and renamed into place (lcrun.atomic_files); a `.partial` is removed only once the process
@@ -87,12 +89,17 @@ class PromptCache:
                 self._entries[path] = entry
         self._evict()
 
+    def _seed(self, partition: str | None) -> str:
+        """What the prefix hashes are chained from: the model's fingerprint, and whose prompts these are."""
+        return self.fingerprint if partition is None else f"{self.fingerprint}:{partition}"
+
     # -- lookups (scheduler thread) ----------------------------------------------------------------------------
-    def lookup(self, tokens: list[int]) -> tuple[Entry, int] | None:
-        """The entry sharing the most leading blocks with `tokens`, and how many tokens those blocks hold."""
+    def lookup(self, tokens: list[int], partition: str | None = None) -> tuple[Entry, int] | None:
+        """The entry of `partition` (an API key's id, or None) sharing the most leading blocks with `tokens`, and
+        how many tokens those blocks hold."""
         if len(tokens) < self.min_tokens:
             return None
-        wanted = prefix_hashes(tokens, self.fingerprint)
+        wanted = prefix_hashes(tokens, self._seed(partition))
         best: tuple[Entry, int] | None = None
         with self._lock:
             for entry in self._entries.values():
@@ -105,9 +112,9 @@ class PromptCache:
                     best = (entry, shared * BLOCK)
         return best
 
-    def covers(self, tokens: list[int]) -> bool:
+    def covers(self, tokens: list[int], partition: str | None = None) -> bool:
         """Whether some file holds every full block of `tokens` already (saving them again would add nothing)."""
-        hit = self.lookup(tokens)
+        hit = self.lookup(tokens, partition)
         return hit is not None and hit[1] == len(tokens) // BLOCK * BLOCK
 
     def total_bytes(self) -> int:
@@ -119,7 +126,7 @@ class PromptCache:
             return len(self._entries)
 
     # -- files (the cache's worker thread) -------------------------------------------------------------------------
-    def load(self, entry: Entry) -> SequenceState:
+    def load(self, entry: Entry, partition: str | None = None) -> SequenceState:
         try:
             with open(entry.path, "rb") as f:
                 header = self._header(f, entry.path)
@@ -132,23 +139,25 @@ class PromptCache:
             self._remove(entry.path)
             raise PromptCacheError(str(entry.path), "truncated")
         # the tokens must be the ones the lookup matched: a file changed on disk is not handed to llama.cpp
-        if prefix_hashes(tokens.tolist(), self.fingerprint) != header["hashes"] or header["hashes"] != entry.hashes:
+        hashes = prefix_hashes(tokens.tolist(), self._seed(partition))
+        if hashes != header["hashes"] or hashes != entry.hashes:
             self._remove(entry.path)
             raise PromptCacheError(str(entry.path), "its tokens do not match their hashes (changed on disk)")
         self._touch(entry)
         return SequenceState(tuple(tokens.tolist()), data)
 
-    def store(self, state: SequenceState) -> Path | None:
+    def store(self, state: SequenceState, partition: str | None = None) -> Path | None:
         """Write a prompt's state (atomically), drop the files it supersedes and the least recently used beyond the
         size bound. None when it is too large for the bound by itself."""
-        hashes = prefix_hashes(state.tokens, self.fingerprint)
+        seed = self._seed(partition)
+        hashes = prefix_hashes(state.tokens, seed)
         header = json.dumps({"fingerprint": self.fingerprint, "n_tokens": len(state.tokens), "block": BLOCK,
                              "hashes": hashes, "data_bytes": len(state.data)}).encode()
         token_bytes = np.asarray(state.tokens, dtype="<i4").tobytes()
         size = len(MAGIC) + 4 + len(header) + len(token_bytes) + len(state.data)
         if size > self.max_bytes:
             return None
-        digest = hashlib.blake2b(self.fingerprint.encode() + token_bytes, digest_size=16).hexdigest()
+        digest = hashlib.blake2b(seed.encode() + token_bytes, digest_size=16).hexdigest()
         path = self.directory / f"{self.fingerprint[:16]}-{digest}{SUFFIX}"
         self._evict(reserve=size)  # room first: a full disk is not made fuller
         # 0600 from the start, and never through a link someone left in the directory

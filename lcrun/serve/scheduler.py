@@ -10,7 +10,16 @@ it. One thread owns the engine; every step it
    being prefilled, then each slot's next token (chat, niah and bench run the same loop on one slot).
 
 Requests talk to the scheduler through `Job`: a thread-safe `sink` receives the loop's `TextChunk`s, then its
-`Finished` or a `Failed` carrying an APIError.
+`Finished` or a `Failed` carrying an APIError. A request takes its place first (`reserve`: a 503 when every slot is
+busy and `max_queue` requests wait), before its body is parsed and its prompt tokenized, and holds it until its
+generation ends.
+
+A failure ends only the request it belongs to: each job's admission, prompt planning, decode (a batch llama.cpp
+refuses is decoded again sequence by sequence), sampling and text are guarded one request at a time; the disk cache is
+best-effort (a snapshot or a write that fails is counted and skipped; the writer holds at most `MAX_PENDING_SAVES`
+states, more are dropped and counted); every job taken from the queue gets its finish or failure event. With several
+API keys each key's prompts stay its own: a slot's cache, another slot's copy or a disk file written for one key is
+never reused for another's (`Job.partition`).
 """
 from __future__ import annotations
 
@@ -18,51 +27,29 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from lcrun.engine.protocol import EngineProtocol, SequenceState
 from lcrun.errors import LcrunError
 from lcrun.generation.loop import DecodeLoop
-from lcrun.generation.records import Failed, Finished, GenerateEvent, PrefillProgress, Request, not_started
+from lcrun.generation.records import Failed, Finished, GenerateEvent, PrefillProgress, not_started
 from lcrun.generation.slots import Phase, Slot
 
+from .jobs import Job, Ticket
 from .metrics import Metrics
 from .openai_api import APIError, unavailable
 from .prompt_cache import PromptCache
+
+__all__ = ["Job", "Scheduler", "Ticket"]
 
 log = logging.getLogger("lcrun.serve")
 
 PREFILL_CHUNK = 128       # a prompt is planned in chunks of this many tokens (at least 2 × the CPU FA tile)
 BUSY_PREFILL_TOKENS = 256  # prompt tokens per step while other slots generate: what one step may delay them by
 COPY_MIN_GAIN = 32         # copy another slot's cache when it holds at least this many more prompt tokens
-
-
-class Job:
-    """One request's generation. `sink` is called from the scheduler thread (it must hand events over, not block)."""
-
-    def __init__(self, request: Request, sink: Callable[[GenerateEvent], None]) -> None:
-        if not request.prompt:
-            raise ValueError("a job needs at least one prompt token")
-        self.request = request
-        self.sink = sink
-        self.cancelled = threading.Event()
-        self.finished = False
-        self.submitted_at = time.perf_counter()
-        self._wake: Callable[[], None] = lambda: None
-
-    def cancel(self) -> None:
-        if not self.finished:
-            self.cancelled.set()
-            self._wake()
-
-    def deliver(self, event: GenerateEvent) -> None:
-        if isinstance(event, (Finished, Failed)):
-            self.finished = True
-        try:
-            self.sink(event)
-        except Exception:  # noqa: BLE001 - a request whose loop is gone must not stop the scheduler
-            log.debug("dropped an event for a finished request", exc_info=True)
+UNKNOWN_OWNER = "?"        # a sequence whose content is unknown: cleared before anyone's next request
+MAX_PENDING_SAVES = 2      # states held for the disk cache's writer (one written, one waiting): an 8B model's
+#                            32K-token state is ~4 GiB
 
 
 class Scheduler:
@@ -83,27 +70,55 @@ class Scheduler:
         self.n_ctx_slot: int = self.loop.n_ctx_slot
         self._queue: deque[Job] = deque()
         self._loads: dict[int, tuple[Future[SequenceState], Job]] = {}   # slot → the state read for its job
+        self._owners: dict[int, str | None] = {s.seq: None for s in self.slots}   # whose tokens each sequence holds
         self._cond = threading.Condition()
+        self._tickets: set[Ticket] = set()   # requests accepted and not ended
+        self.abandoned = False      # the engine is gone for good (a worker went away): see `abandon`
+        self._pending_saves = 0     # states handed to the cache's writer and not yet written
         self._closing = False
         self._deadline = float("inf")
         self._kv_cells_used = 0
         self._steps = 0
-        self._io = ThreadPoolExecutor(1, thread_name_prefix="lcrun-prompt-cache") if prompt_cache is not None else None
+        # loads and saves apart: a slot waiting for a state is never queued behind a 4 GiB write
+        cached = prompt_cache is not None
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="lcrun-cache-read") if cached else None
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="lcrun-cache-write") if cached else None
         self._thread = threading.Thread(target=self._run, name="lcrun-scheduler", daemon=True)
 
     # -- the outside (event loop threads) ---------------------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, job: Job) -> None:
-        """Queue a job; a 503 APIError when the queue is full or the server is shutting down."""
+    def reserve(self) -> Ticket:
+        """A place for one request, taken before anything is spent on it: a 503 APIError when every slot is busy
+        and `max_queue` requests wait (with `max_queue` 0: when every slot is busy), or the server is shutting down."""
         with self._cond:
             if self._closing:
                 raise unavailable("the server is shutting down", code="shutting_down")
-            if len(self._queue) >= self.max_queue:
-                raise unavailable(f"the queue is full ({self.max_queue} requests wait for a slot); retry later",
-                                  retry_after_s=max(1, len(self._queue) // max(len(self.slots), 1)),
-                                  code="queue_full")
+            n_slots = len(self.slots)
+            if len(self._tickets) >= n_slots + self.max_queue:
+                waiting = len(self._tickets) - n_slots
+                raise unavailable(f"all {n_slots} slots are busy and {waiting} requests wait (--max-queue "
+                                  f"{self.max_queue}); retry later", code="queue_full",
+                                  retry_after_s=max(1, waiting // max(n_slots, 1)))
+            ticket = Ticket(self._release)
+            self._tickets.add(ticket)
+        return ticket
+
+    def _release(self, ticket: Ticket) -> None:
+        with self._cond:
+            self._tickets.discard(ticket)
+
+    def submit(self, job: Job) -> None:
+        """Queue a job (reserving its place unless it holds a ticket); a 503 APIError when the server is full or
+        shutting down."""
+        if job.ticket is None:
+            job.ticket = self.reserve()
+            job.ticket.job = job
+        with self._cond:
+            if self._closing:
+                job.ticket.release()
+                raise unavailable("the server is shutting down", code="shutting_down")
             job._wake = self._notify
             self._queue.append(job)
             self._cond.notify()
@@ -121,8 +136,19 @@ class Scheduler:
         self.begin_close(grace_s)
         if self._thread.is_alive():
             self._thread.join()
-        if self._io is not None:
-            self._io.shutdown(wait=True)
+        for pool in (self._reader, self._writer):
+            if pool is not None:
+                pool.shutdown(wait=True)
+
+    def abandon(self, error: APIError) -> None:
+        """The engine cannot run another step (a worker went away, and the scheduler's thread is held in ggml for
+        good): refuse new requests and end every accepted one with `error` now, from the calling thread."""
+        with self._cond:
+            self._closing = self.abandoned = True
+            jobs = [t.job for t in self._tickets if t.job is not None]
+            self._queue.clear()
+        for job in jobs:
+            job.deliver(Failed(error))
 
     @property
     def busy_slots(self) -> int:
@@ -142,21 +168,31 @@ class Scheduler:
 
     # -- the thread ----------------------------------------------------------------------------------------------
     def _run(self) -> None:
-        while True:
+        try:
+            while self._next():
+                try:
+                    self._step()
+                except Exception as exc:  # noqa: BLE001 - the last resort: every request is guarded on its own
+                    log.exception("scheduler step failed")
+                    self._fail([s for s in self.slots if s.phase is not Phase.IDLE],
+                               APIError(500, f"generation failed: {exc}", type="server_error"))
+        finally:  # however the thread ends, nothing accepted is left without an answer
             with self._cond:
-                while not self._has_work():
-                    if self._closing and not self.busy_slots:
-                        self._fail_queued(unavailable("the server is shutting down", code="shutting_down"))
-                        return
-                    self._cond.wait(0.02 if self._loads or self._closing else 1.0)
-                if self._closing:
-                    self._fail_queued(unavailable("the server is shutting down", code="shutting_down"))
-            try:
-                self._step()
-            except Exception as exc:  # noqa: BLE001 - one bad step fails its requests, not the server
-                log.exception("scheduler step failed")
-                self._fail([s for s in self.slots if s.phase is not Phase.IDLE],
-                           APIError(500, f"generation failed: {exc}", type="server_error"))
+                self._closing = True
+                self._fail_queued(unavailable("the server is shutting down", code="shutting_down"))
+            self._fail([s for s in self.slots if s.phase is not Phase.IDLE],
+                       unavailable("the server shut down before the reply was complete", code="shutting_down"))
+
+    def _next(self) -> bool:
+        """Wait for work; False once the server is closing and nothing is in flight."""
+        with self._cond:
+            while not self._has_work():
+                if self._closing and not self.busy_slots:
+                    return False
+                self._cond.wait(0.02 if self._loads or self._closing else 1.0)
+            if self._closing:
+                self._fail_queued(unavailable("the server is shutting down", code="shutting_down"))
+        return True
 
     def _has_work(self) -> bool:
         if self.loop.busy or any(future.done() for future, _ in self._loads.values()):
@@ -169,10 +205,14 @@ class Scheduler:
         while self._queue:
             self._queue.popleft().deliver(Failed(error))
 
-    def _fail(self, slots: list[Slot], error: APIError) -> None:
+    def _fail(self, slots: list[Slot], error: Exception) -> None:
         for slot in slots:
             self._loads.pop(slot.seq, None)
-        self.loop.fail(slots, error)
+            try:
+                self.loop.fail([slot], error)
+            except Exception:  # noqa: BLE001 - the request has its event; its sequence is cleared at its next start
+                log.exception("could not clear sequence %d", slot.seq)
+                self._owners[slot.seq] = UNKNOWN_OWNER
 
     def _step(self) -> None:
         if self._closing and time.monotonic() >= self._deadline:
@@ -186,7 +226,10 @@ class Scheduler:
         self.loop.step()
         self._steps += 1
         if self._steps % 8 == 0 or not generating or not any(s.phase is Phase.GENERATE for s in self.slots):
-            self._kv_cells_used = self.engine.kv_cells_used()
+            try:
+                self._kv_cells_used = self.engine.kv_cells_used()
+            except Exception:  # noqa: BLE001 - a gauge
+                log.debug("kv_cells_used failed", exc_info=True)
 
     # -- admission -----------------------------------------------------------------------------------------------
     def _admit(self) -> None:
@@ -196,22 +239,25 @@ class Scheduler:
                 if not free or not self._queue:
                     return
                 job = self._queue.popleft()
-            if job.cancelled.is_set():
-                job.deliver(not_started(len(job.request.prompt)))
-                self.metrics.add("requests_cancelled")
-                continue
+            # from here on this job is nowhere but in this frame: whatever happens, it gets its event
             try:
+                if job.cancelled.is_set():
+                    job.deliver(not_started(len(job.request.prompt)))
+                    self.metrics.add("requests_cancelled")
+                    continue
                 self._start(job, free)
-            except (LcrunError, ValueError) as exc:
-                log.error("could not start a request: %s", exc)
+            except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
+                log.error("could not start a request: %s", exc, exc_info=not isinstance(exc, (LcrunError, ValueError)))
                 error = APIError(500, f"could not start the generation: {exc}", type="server_error")
                 self._fail([s for s in self.slots if s.request is job.request], error)
                 if not job.finished:
                     job.deliver(Failed(error))
 
     def _start(self, job: Job, free: list[Slot]) -> None:
-        engine, prompt = self.engine, job.request.prompt
-        held = {s.seq: engine.common_prefix(s.seq, prompt) for s in self.slots}
+        engine, prompt, owner = self.engine, job.request.prompt, job.partition
+        # another key's tokens are never a prefix of this prompt (cached tokens and timing would tell it)
+        held = {s.seq: engine.common_prefix(s.seq, prompt) if self._owners[s.seq] == owner else 0
+                for s in self.slots}
         # a free slot holding part of the prompt; else the one unused longest (the others' caches stay)
         slot = max(free, key=lambda s: (held[s.seq], -s.last_used))
         if held[slot.seq] == 0:
@@ -219,14 +265,18 @@ class Scheduler:
         source = max(self.slots, key=lambda s: held[s.seq])
         # the disk, another slot or nothing — decided before anything is copied: a restore replaces the sequence,
         # so a copy made first would be wasted (and would cost a decode to complete before the restore)
-        hit = self.prompt_cache.lookup(list(prompt)) if self.prompt_cache is not None else None
-        from_disk = hit is not None and self._io is not None and hit[1] > held[source.seq] + COPY_MIN_GAIN
+        cache = self.prompt_cache
+        hit = cache.lookup(list(prompt), owner) if cache is not None else None
+        from_disk = hit is not None and self._reader is not None and hit[1] > held[source.seq] + COPY_MIN_GAIN
+        if self._owners[slot.seq] != owner:
+            engine.seq_clear(slot.seq)
+            self._owners[slot.seq] = owner
         if not from_disk and held[source.seq] >= held[slot.seq] + COPY_MIN_GAIN:
             engine.seq_copy(source.seq, slot.seq, held[source.seq])
         self.loop.assign(slot, job.request, lambda event: self._deliver(job, event), cancel=job.cancelled)
         if from_disk:
-            assert hit is not None and self._io is not None and self.prompt_cache is not None
-            future = self._io.submit(self.prompt_cache.load, hit[0])
+            assert hit is not None and self._reader is not None and cache is not None
+            future = self._reader.submit(cache.load, hit[0], owner)
             self._loads[slot.seq] = (future, job)
             future.add_done_callback(lambda _: self._notify())
             return
@@ -245,7 +295,11 @@ class Scheduler:
             except Exception as exc:  # noqa: BLE001 - a bad cache file costs a prefill, nothing more
                 log.warning("prompt cache: %s; evaluating the prompt instead", exc)
                 restored = 0
-            self._begin(slot, restored)
+            try:
+                self._begin(slot, restored)
+            except Exception as exc:  # noqa: BLE001 - planning this prompt failed: this request, no other
+                log.error("could not start a request: %s", exc)
+                self._fail([slot], APIError(500, f"could not start the generation: {exc}", type="server_error"))
 
     def _begin(self, slot: Slot, restored: int = 0) -> None:
         assert slot.request is not None
@@ -257,22 +311,44 @@ class Scheduler:
         m.add("cache_reused_tokens", plan.reused)
         m.add("cache_restored_tokens", min(restored, plan.reused))
 
+    # -- the disk cache: best-effort ---------------------------------------------------------------------------------
     def _prompt_done(self, slot: Slot) -> None:
         cache, request = self.prompt_cache, slot.request
         assert request is not None
         prompt = list(request.prompt)
-        if (cache is not None and self._io is not None and len(prompt) >= cache.min_tokens
-                and len(prompt) - slot.restored >= cache.min_tokens // 2 and not cache.covers(prompt)):
+        owner = self._owners[slot.seq]
+        if (cache is None or self._writer is None or len(prompt) < cache.min_tokens
+                or len(prompt) - slot.restored < cache.min_tokens // 2 or cache.covers(prompt, owner)):
+            return
+        with self._cond:
+            if self._pending_saves >= MAX_PENDING_SAVES:  # the writer is behind: this state is not taken at all
+                self.metrics.add("cache_saves_dropped")
+                return
+            self._pending_saves += 1
+        try:
             state = self.engine.snapshot(slot.seq)
-            future = self._io.submit(cache.store, state)
-            future.add_done_callback(self._stored)
+            future = self._writer.submit(cache.store, state, owner)
+        except Exception as exc:  # noqa: BLE001 - out of memory for the copy, say: the request goes on uncached
+            self._saved(exc)
+            return
+        future.add_done_callback(self._stored)
 
     def _stored(self, future: Future) -> None:
         try:
-            if future.result() is not None:
-                self.metrics.add("cache_saved_prompts")
+            path = future.result()
         except Exception as exc:  # noqa: BLE001 - a full disk must not fail requests
-            log.warning("prompt cache: %s", exc)
+            self._saved(exc)
+            return
+        self._saved(None if path is not None else "too large for --cache-size")
+
+    def _saved(self, failure: Exception | str | None) -> None:
+        with self._cond:
+            self._pending_saves -= 1
+        if failure is None:
+            self.metrics.add("cache_saved_prompts")
+        elif isinstance(failure, Exception):
+            log.warning("prompt cache: the state was not saved: %s", failure)
+            self.metrics.add("cache_save_failures")
 
     # -- events out ------------------------------------------------------------------------------------------------
     def _deliver(self, job: Job, event: GenerateEvent) -> None:
@@ -284,5 +360,5 @@ class Scheduler:
                 self.metrics.add("requests_cancelled")
         elif isinstance(event, Failed) and not isinstance(event.error, APIError):  # llama.cpp refused a decode
             log.error("decode failed: %s", event.error)
-            event = Failed(APIError(500, f"llama.cpp could not decode: {event.error}", type="server_error"))
+            event = Failed(APIError(500, f"generation failed: {event.error}", type="server_error"))
         job.deliver(event)

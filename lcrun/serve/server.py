@@ -4,8 +4,10 @@ replies in flight finish for a grace period, ends the rest with an error event, 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +25,7 @@ from lcrun.net import is_loopback
 from .app import PUBLIC_PATHS, ServerState, create_app
 from .edge import EdgePolicy, host_policy
 from .metrics import Metrics
+from .openai_api import unavailable
 from .prompt_cache import PromptCache, model_fingerprint
 from .scheduler import Scheduler
 
@@ -109,17 +112,38 @@ def prepare(engine: EngineProtocol, options: ServeOptions, *, model_id: str, ali
 
 def serve(state: ServerState, sock: socket.socket, options: ServeOptions,
           on_ready: Callable[[], None] | None = None) -> int:
-    """Run until Ctrl-C or SIGTERM (or `stop` of the returned server in tests); 0 on a clean stop."""
+    """Run until Ctrl-C or SIGTERM (or `stop` of the returned server in tests); 0 on a clean stop. A worker that goes
+    away mid-run ends the process with status 1 once every request in flight has its answer (`_answer_then_exit`)."""
     server = make_server(state, options)
+    if any(name.startswith("RPC") for name in state.engine.config.devices or ()):
+        from lcrun.engine import rpc
+
+        rpc.on_worker_lost(lambda problem: _answer_then_exit(state, server, options, problem))
     state.scheduler.start()
     try:
         if on_ready is not None:
             on_ready()
         server.run(sockets=[sock])
     finally:
+        if state.scheduler.abandoned:  # its thread is held in ggml: no join, no llama.cpp teardown over a dead link
+            sys.stderr.flush()
+            os._exit(1)
         state.scheduler.close(options.shutdown_grace_s)
         sock.close()
     return 0
+
+
+def _answer_then_exit(state: ServerState, server: Server, options: ServeOptions, problem: str) -> None:
+    """ggml lost a worker: its layers (and KV cells) are gone, so no request can go on. Say so in one line, answer
+    every accepted request (503, `worker_lost`), refuse new ones, let uvicorn send the answers and stop; the process
+    ends with status 1 then, or after a grace period if some connection lingers."""
+    os.write(2, f"error: {problem}; the requests in flight were answered 503 and the server stops\n".encode())
+    state.scheduler.abandon(unavailable(f"the server lost a worker ({problem.partition(' (')[0]}); it is stopping, "
+                                        "retry once it is restarted", code="worker_lost"))
+    server.stop()
+    last_resort = threading.Timer(options.shutdown_grace_s + 10, lambda: os._exit(1))
+    last_resort.daemon = True
+    last_resort.start()
 
 
 def make_server(state: ServerState, options: ServeOptions) -> Server:

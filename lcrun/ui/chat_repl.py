@@ -6,19 +6,23 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 
 from lcrun.chat.commands import COMMANDS, UnknownCommand, literal_message, parse_command
+from lcrun.chat.documents import DocumentPrefilled, DocumentTooLong
 from lcrun.chat.session import ChatEvent, ChatSession, Notice, TurnStarted
+from lcrun.documents import Document
 from lcrun.errors import LcrunError
 from lcrun.generation.records import Finished, PrefillProgress, TextChunk
 
 from .chat_input import ReadLine, read_message
+from .console import is_plain
 from .chat_view import PrefillBar, make_stream, render_help, render_stats, render_usage, status_text
+from .document_view import duration
 
 
 @contextmanager
@@ -63,6 +67,9 @@ def show_events(events: Iterable[ChatEvent], console: Console, *, label: str = "
             elif isinstance(event, Notice):
                 style = "yellow" if event.level == "warning" else "cyan"
                 console.print(f"[{style}]{escape(event.text)}[/]")
+            elif isinstance(event, DocumentPrefilled):
+                bar.stop()
+                console.print(f"[cyan]{escape(_prefilled(event))}[/]")
             elif isinstance(event, Finished):
                 finished = event
     finally:
@@ -79,12 +86,26 @@ def show_events(events: Iterable[ChatEvent], console: Console, *, label: str = "
     return finished
 
 
+def _prefilled(event: DocumentPrefilled) -> str:
+    took = f"{event.evaluated:,} tokens prefilled in {duration(event.seconds)}"
+    if event.dropped:
+        return f"dropped {event.name} ({event.tokens:,} tokens); what followed it: {took}"
+    return f"{event.name} added: {event.tokens:,} tokens ({took}), pinned: never dropped to make room"
+
+
 class ChatRepl:
     def __init__(self, session: ChatSession, console: Console, read_line: ReadLine, *,
+                 read_document: Callable[[str], Document] | None = None,
+                 fit_fix: Callable[[int, int], str] | None = None,
                  on_exit: Callable[[], None] | None = None) -> None:
+        """`read_document`: how /add reads what it is given (the chat's --include/--exclude applied); `fit_fix`:
+        the estimator's one line for a prompt of (tokens, reserve) on this model and machine, told with a document
+        the context cannot hold."""
         self.session = session
         self.console = console
         self.read_line = read_line
+        self.read_document = read_document
+        self.fit_fix = fit_fix
         self.on_exit = on_exit
 
     def run(self) -> None:
@@ -141,8 +162,12 @@ class ChatRepl:
                 session.set_system(arg)
                 console.print(f"system prompt set ({session.count(arg):,} tokens)" if arg.strip()
                               else "system prompt removed")
-            elif name == "file":
-                self._add_file(arg)
+            elif name == "add":
+                self._add(arg)
+            elif name == "docs":
+                self._docs()
+            elif name == "drop":
+                self._drop(arg)
             elif name == "ctx":
                 render_usage(session.usage(), console)
             elif name == "stats":
@@ -165,9 +190,41 @@ class ChatRepl:
             raise LcrunError(command, "needs a file path")
         return Path(arg).expanduser()
 
-    def _add_file(self, arg: str) -> None:
-        check = self.session.check_document(self._path_arg(arg, "/file"))
+    def _add(self, arg: str) -> None:
+        if not arg:
+            raise LcrunError("/add", "needs a file, folder or URL")
+        if self.read_document is None:
+            from lcrun.documents import read_document as read
+        else:
+            read = self.read_document
+        with self.console.status(f"reading {arg}…") if not is_plain(self.console) else nullcontext():
+            document = read(arg)   # a failure is one line and leaves the conversation as it was
+            try:
+                check = self.session.check_document(document)
+            except DocumentTooLong as exc:
+                if self.fit_fix is None:
+                    raise
+                fix = self.fit_fix(exc.prompt_tokens, exc.reserve)
+                raise LcrunError(exc.subject, f"{exc.problem}; to hold it, start again: {fix}") from None
         drops = f"; adding it drops the {check.drops_turns} oldest turn(s)" if check.drops_turns else ""
-        self.console.print(f"{escape(check.name)}: {check.tokens:,} tokens — fits ({check.used_after:,}/"
+        self.console.print(f"{escape(document.name)}: {escape(document.about())}, {document.characters:,} "
+                           f"characters — {check.tokens:,} tokens — fits ({check.used_after:,}/"
                            f"{self.session.n_ctx:,} of the context in use after it{drops})", highlight=False)
-        self._turn(lambda cancel: self.session.add_document(check, cancel), label=f"reading {check.name}")
+        self._turn(lambda cancel: self.session.add_document(check, cancel), label=f"prefill {check.name}")
+
+    def _docs(self) -> None:
+        entries = self.session.documents()
+        if not entries:
+            self.console.print("no documents (/add PATH adds one: a file, a folder or a URL)")
+            return
+        for entry in entries:
+            about = f" — {escape(entry.about)}" if entry.about else ""
+            self.console.print(f"{entry.number:>3}. {escape(entry.name)}{about} — {entry.tokens:,} tokens",
+                               highlight=False)
+        self.console.print(f"[dim]{sum(e.tokens for e in entries):,} tokens in all; /drop N takes one out[/]")
+
+    def _drop(self, arg: str) -> None:
+        if not arg.strip().isdigit():
+            raise LcrunError("/drop", "needs the number /docs lists, e.g. /drop 2")
+        number = int(arg)
+        self._turn(lambda cancel: self.session.drop_document(number, cancel), label="prefill")

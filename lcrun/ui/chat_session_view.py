@@ -1,15 +1,20 @@
-"""What `lcrun chat` shows around its session: a restored `--session`, each `--file` document read into the context,
-the one answer of `-p` (the reply alone on stdout, its numbers on stderr), the session saved on the way out."""
+"""What `lcrun chat` shows around its session: a restored `--session`, each `-f` document prefilled into the context,
+the one answer of `-p` (the reply alone on stdout, its numbers on stderr — the documents' prefill counted in the
+wait), the session saved on the way out."""
 from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
 
-from lcrun.chat.session import ChatSession, Notice
+from lcrun.chat.documents import DocumentPrefilled
+from lcrun.chat.session import ChatEvent, ChatSession, Notice
 from lcrun.chat.startup import Restored
+from lcrun.documents import Document
 from lcrun.generation.records import Finished, PrefillProgress, TextChunk
 
 from .chat_repl import show_events, sigint_cancels
@@ -27,21 +32,42 @@ def render_saved(path: Path, kv_tokens: int, console: Console) -> None:
     console.print(f"[dim]session saved to {path} ({kv_tokens:,} tokens of KV cache)[/]", highlight=False)
 
 
-def read_documents(session: ChatSession, documents: list[Path], console: Console) -> bool:
-    """Each document checked against the context, then prefilled with a bar; False when Ctrl-C stopped one."""
+@dataclass
+class DocumentsPrefilled:
+    """What adding the -f documents cost: the wait before the question is asked."""
+    tokens: int = 0          # prompt tokens evaluated for them
+    seconds: float = 0.0
+    cancelled: bool = False
+
+
+def _noting(events: Iterable[ChatEvent], done: list[DocumentPrefilled]) -> Iterator[ChatEvent]:
+    for event in events:
+        if isinstance(event, DocumentPrefilled):
+            done.append(event)
+        yield event
+
+
+def add_documents(session: ChatSession, documents: Sequence[Document], console: Console) -> DocumentsPrefilled:
+    """Each document checked against the context, then prefilled with a bar; stops at a Ctrl-C."""
+    spent = DocumentsPrefilled()
     for document in documents:
         check = session.check_document(document)
-        console.print(f"{check.name}: {check.tokens:,} tokens", highlight=False)
         cancel = threading.Event()
+        done: list[DocumentPrefilled] = []
         with sigint_cancels(cancel):
-            show_events(session.add_document(check, cancel), console, label=f"reading {check.name}")
+            show_events(_noting(session.add_document(check, cancel), done), console, label=f"prefill {check.name}")
+        spent.tokens += sum(d.evaluated for d in done)
+        spent.seconds += sum(d.seconds for d in done)
         if cancel.is_set():
-            return False
-    return True
+            spent.cancelled = True
+            break
+    return spent
 
 
-def answer_once(session: ChatSession, question: str, err: Console) -> int:
-    """-p: the reply streamed to stdout as it comes, the prefill bar and the numbers on stderr; 130 if cancelled."""
+def answer_once(session: ChatSession, question: str, err: Console,
+                documents: DocumentsPrefilled | None = None) -> int:
+    """-p: the reply streamed to stdout as it comes, the prefill bar and the numbers on stderr; 130 if cancelled.
+    The documents' prefill is part of the wait for the first token, and the numbers say so."""
     cancel = threading.Event()
     finished: Finished | None = None
     bar = PrefillBar(err, "prefill")
@@ -64,8 +90,13 @@ def answer_once(session: ChatSession, question: str, err: Console) -> int:
     sys.stdout.write("\n")
     sys.stdout.flush()
     if finished is not None:
+        wait = finished.time_to_first_token_s
+        of_it = ""
+        if documents is not None and documents.tokens:
+            wait += documents.seconds
+            of_it = f" (the documents' {documents.tokens:,} tokens took {documents.seconds:.2f} s of it)"
         err.print(f"{finished.prompt_tokens:,} prompt tokens ({finished.reused_tokens:,} reused), "
                   f"{finished.completion_tokens:,} generated at {finished.gen_tokens_per_s:.1f} tok/s, "
-                  f"time to first token {finished.time_to_first_token_s:.2f} s, ended by {finished.reason}",
+                  f"time to first token {wait:.2f} s{of_it}, ended by {finished.reason}",
                   style="dim", highlight=False)
     return 130 if finished is None or finished.reason == "cancelled" else 0
