@@ -59,6 +59,10 @@ def cells_of(path: Path) -> dict[tuple, dict]:
 
 @pytest.mark.slow
 def test_a_real_engine_run_completes_resumes_after_sigkill_and_plan_reads_it(llama3: Path, tmp_path: Path) -> None:
+    # negative control: before any run, plan has nothing measured to show or warn about for this file
+    before = invoke("plan", str(llama3), "--ctx", "4k", "--kv-type", "q8_0", "--ram", "8G")
+    assert before.exit_code == 0 and "warning: planned" not in before.stdout and "measured recall" not in before.stdout
+    assert json.loads(invoke("plan", str(llama3), "--ctx", "4k", "--ram", "8G", "--json").stdout)["recall"] is None
     whole_log = tmp_path / "whole.jsonl"
     whole = invoke("niah", str(llama3), "--suite", "ruler", *GRID, "-o", str(whole_log), "--json")
     assert whole.exit_code == 0, whole.stderr
@@ -143,7 +147,7 @@ def test_the_plan_views_show_the_measured_context_and_warn_beyond_it(llama3: Pat
 
 
 def test_ctx_effective_plans_the_longest_context_measured_good(llama3: Path, tiny_gguf: Path, reader_summary: dict,
-                                                               engines: Engines) -> None:
+                                                               engines: Engines, tmp_path: Path) -> None:
     engines.refuse()
     unmeasured = invoke("plan", str(llama3), "--ctx", "effective", "--ram", "8G")
     assert_one_line_error(unmeasured, str(llama3), "run lcrun niah FILE --suite ruler first")
@@ -159,6 +163,15 @@ def test_ctx_effective_plans_the_longest_context_measured_good(llama3: Path, tin
     assert (q4["ctx"], q4["type_k"], q4["type_v"]) == (2560, "q4_0", "q4_0")
     chat = invoke("chat", str(llama3), "--ctx", "effective", "--dry-run", "--ram", "8G")
     assert "context 3,584 tokens · KV f16" in chat.stdout
+    # with documents (--ctx auto's territory) the measured context is a ceiling like -c: never sized beyond it
+    small, big = tmp_path / "small.txt", tmp_path / "big.txt"
+    small.write_text("A short note about the harbour.\n")
+    big.write_text("The harbour master counted the boats again. " * 200)   # ~9K tokens in this vocabulary
+    one_shot = ["chat", str(llama3), "--ctx", "effective", "--dry-run", "--ram", "8G", "-p", "Where?", "-n", "64"]
+    fits = invoke(*one_shot, "-f", str(small))
+    assert fits.exit_code == 0, fits.stderr
+    assert "context 3,584 tokens · KV f16" in fits.stdout
+    assert_one_line_error(invoke(*one_shot, "-f", str(big)), "big.txt: does not fit -c 3584")
     serve = invoke("serve", str(llama3), "--ctx", "effective", "-np", "2", "--dry-run", "--ram", "8G")
     assert "context 7,168 tokens" in serve.stdout and "2 slots · 3,584 tokens each" in serve.stdout
     never = invoke("plan", str(llama3), "--ctx", "effective", "--kv-type", "q8_0", "--ram", "8G")
