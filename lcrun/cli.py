@@ -56,7 +56,8 @@ class _Commands(click.Group):
     """The commands defined here, and those in modules of their own (found by name: no module imports this one)."""
 
     elsewhere = {"chat": "lcrun.chat_cli", "niah": "lcrun.niah_cli", "bench": "lcrun.bench_cli",
-                 "worker": "lcrun.worker_cli", "serve": "lcrun.serve_cli", "read": "lcrun.read_cli"}
+                 "worker": "lcrun.worker_cli", "serve": "lcrun.serve_cli", "read": "lcrun.read_cli",
+                 "plan": "lcrun.plan_cli"}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *self.elsewhere])
@@ -190,9 +191,12 @@ def models(as_json: bool) -> None:
 
     rows = describe_profiles(load_profiles())
     if as_json:
+        from .recall_report import published_json
+
         click.echo(json.dumps([{"name": p.name, "repo_id": p.repo_id, "aliases": list(p.aliases),
-                                "description": p.description, "parameters": n, "rope": rope, "config": p.config}
-                               for p, n, rope in rows], indent=2))
+                                "description": p.description, "parameters": n, "rope": rope, "config": p.config,
+                                "ruler": published_json(p.ruler, int(p.config["max_position_embeddings"]))
+                                if p.ruler else None} for p, n, rope in rows], indent=2))
         return
     from .ui.console import make_console
     from .ui.models_view import render_profiles
@@ -273,6 +277,10 @@ def estimate(model: str, documents: tuple[str, ...], reserve: int, quants: tuple
                                        max_ctx=max(spec.n_ctx_train, *contexts))
     except ValueError as exc:
         raise LcrunError(model, str(exc)) from exc
+    from .recall_report import estimate_recall
+
+    recall, advice = estimate_recall(model, spec, devices, quants, largest, flash_attn=flash_attn != "off",
+                                     n_ubatch=ubatch, n_seq=parallel, n_gpu_layers=gpu_layers)
     if as_json:
         from dataclasses import asdict
 
@@ -281,12 +289,14 @@ def estimate(model: str, documents: tuple[str, ...], reserve: int, quants: tuple
             "devices": [asdict(d) for d in devices],
             "plans": [estimate.to_dict() for estimate in estimates],  # the JSON key predates the rename
             "largest_fitting_context": [{"quant": q, "kv_type": kv, "ctx": n} for (q, kv), n in largest.items()],
+            "recall": recall,   # RULER's published figures; measured ones and their advice for a local GGUF
         }, indent=2))
         return
     from .ui.console import make_console
     from .ui.estimate_view import render_estimate
 
-    render_estimate(spec.name, "; ".join(spec.notes) or spec.source, devices, estimates, largest, make_console())
+    render_estimate(spec.name, "; ".join(spec.notes) or spec.source, devices, estimates, largest, make_console(),
+                    recall=advice)
 
 
 def _estimate_documents(model: str, spec: Any, documents: list[Any], quants: tuple[str, ...],
@@ -306,65 +316,6 @@ def _estimate_documents(model: str, spec: Any, documents: list[Any], quants: tup
 
     render_document_estimate(spec.name, "; ".join(spec.notes) or spec.source, devices, result, make_console())
 
-
-
-@cli.command(epilog="""\b
-Examples:
-  lcrun plan Llama-3.1-8B-Instruct-Q4_K_M.gguf                 # the largest context that fits, KV type chosen
-  lcrun plan model.gguf --ctx 128k --gpu-mem 24G               # refused before loading if it cannot fit
-  lcrun plan model.gguf --ctx 8k --verify                      # check the estimate with llama.cpp's dry run
-  lcrun plan llama-3.1-70b --quant Q4_K_M --kv-type q8_0
-""")
-@click.argument("model")
-@click.option("--quant", default="Q4_K_M", show_default=True, help="Quant type, when MODEL is not a GGUF file.")
-@context_option("Context length (32k, 128k, …) or auto: the largest that fits.", default="auto")
-@click.option("--kv-type", type=KV_TYPE, metavar="K[/V]",
-              help=f"{KV_TYPE_HELP}; default: the least lossy that reaches the context.")
-@machine_options
-@click.option("--verify", is_flag=True, help="Run llama.cpp's allocation dry run (no_alloc) on the GGUF and compare.")
-@click.option("--json", "as_json", is_flag=True)
-def plan(model: str, quant: str, ctx: int | None, kv_type: str | None, cache_type_k: str | None, cache_type_v: str | None,
-         flash_attn: str, gpu_layers: int | None, ubatch: int, parallel: int, gpu_mem: tuple[int, ...],
-         ram: int | None, rpc: list[str] | None, rpc_mem: tuple[tuple[str, int], ...], hub_file: str | None,
-         revision: str | None, verify: bool, as_json: bool) -> None:
-    """Choose context, KV type, flash attention and GPU layers for MODEL on this machine (and RPC workers), and
-    explain the choice."""
-    from .devices import run_devices
-    from .errors import LcrunError
-    from .model_spec import resolve_model
-    from .planner import choose
-
-    spec = resolve_model(model, revision=revision, gguf_file=hub_file)
-    devices = run_devices(gpu_mem, ram, rpc or (), worker_memory_map(rpc_mem))
-    quant_name = (spec.file_type or quant) if spec.file_tensor_bytes is not None else quant
-    kv = kv_type_from(kv_type, cache_type_k, cache_type_v)
-    choice = choose(spec, quant_name, devices, ctx=ctx, kv_type=kv, flash_attn=flash_attn, n_gpu_layers=gpu_layers,
-                    n_ubatch=ubatch, n_seq=parallel)
-    result = {**choice.estimate.to_dict(), "why": choice.why}
-    if verify:
-        if spec.source != "gguf":
-            raise LcrunError(model, "--verify needs a local GGUF file (llama.cpp's dry run reads its header)")
-        from .engine.allocations import measure_allocations_isolated
-
-        p = choice.estimate
-        not_running = [d.host for d in devices if d.host and d.host not in (rpc or [])]
-        if not_running:
-            raise LcrunError(not_running[0], "--verify loads the model on the workers: they must be running "
-                                             "(give them with --rpc, not --rpc-mem)")
-        measured = measure_allocations_isolated(model, n_ctx=p.ctx, n_ubatch=p.n_ubatch, n_batch=max(p.n_ubatch, 2048),
-                                       type_k=p.type_k, type_v=p.type_v, flash_attn=p.flash_attn, n_seq=p.n_seq,
-                                       n_gpu_layers=p.n_gpu_layers, devices=tuple(p.offload) if rpc else None,
-                                       tensor_split=tuple(p.tensor_split) if rpc else None)
-        result["llama_cpp"] = {"weights_bytes": measured.weights_bytes, "kv_bytes": measured.kv_bytes,
-                               "compute_bytes": measured.compute_bytes, "output_bytes": measured.output_bytes,
-                               "exact": measured.exact, "devices": measured.per_device()}
-    if as_json:
-        click.echo(json.dumps(result, indent=2))
-        return
-    from .ui.console import make_console
-    from .ui.plan_view import render_plan
-
-    render_plan(spec.name, result, make_console())
 
 
 def _json_default(value: Any) -> Any:

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from .param_types import CONTEXT, KV_TYPE, MEMORY, RPC_ENDPOINTS, RPC_MEMORY, kv_type_from, worker_memory_map
+from .param_types import (CONTEXT, EFFECTIVE, KV_TYPE, MEMORY, RPC_ENDPOINTS, RPC_MEMORY, RUN_CONTEXT, kv_type_from,
+                          worker_memory_map)
 
 if TYPE_CHECKING:
     from .launch.options import LaunchOptions
@@ -47,21 +48,28 @@ PARALLEL = click.option("-np", "--parallel", type=click.IntRange(1, 256), defaul
                              "sharing the context (--ctx is the total; each gets an equal part).")
 
 def context_option(help_text: str, *, dest: str = "ctx", multiple: bool = False,
-                   default: str | None = None) -> Callable[..., Any]:
+                   default: str | None = None, effective: bool = False) -> Callable[..., Any]:
     """`-c/--ctx/--ctx-size N`, declared here alone: a token count with binary suffixes (32k, 128k, 1M) or `auto`
-    (None: the planner decides). Each command says what the context is for it."""
-    return click.option("-c", "--ctx", "--ctx-size", dest, type=CONTEXT, metavar="N", multiple=multiple,
-                        default=default, show_default=default is not None, help=help_text)
+    (None: the planner decides); with `effective`, also `effective` (EFFECTIVE: the longest context measured good
+    that fits). Each command says what the context is for it."""
+    return click.option("-c", "--ctx", "--ctx-size", dest, type=RUN_CONTEXT if effective else CONTEXT, metavar="N",
+                        multiple=multiple, default=default, show_default=default is not None, help=help_text)
 
 
 KV_TYPE_HELP = "KV cache type: f16, q8_0, q4_0, or K/V apart (q8_0/q4_0)"
+KV_TYPE_OPTION = click.option("--kv-type", type=KV_TYPE, metavar="K[/V]",
+                              help=f"{KV_TYPE_HELP}; default: the least lossy that reaches the context.")
+# niah: repeatable (the RULER-style suite runs one grid per KV type); the command gets them all as `kv_types`
+KV_TYPES_OPTION = click.option("--kv-type", "kv_type", type=KV_TYPE, metavar="K[/V]", multiple=True,
+                               help=f"{KV_TYPE_HELP}; default: the least lossy that reaches the context. "
+                                    "Repeatable with --suite ruler: one grid per type, the same questions.")
 
 _RUN_OPTIONS = [
     REVISION,
     context_option("Context length (32k, 128k, 1M, …); default: the largest that fits (chat) or what the run needs "
-                   "(niah, bench)."),
-    click.option("--kv-type", type=KV_TYPE, metavar="K[/V]",
-                 help=f"{KV_TYPE_HELP}; default: the least lossy that reaches the context."),
+                   "(niah, bench). `effective`: the longest context measured good (lcrun niah MODEL --suite ruler) "
+                   "that fits.", effective=True),
+    KV_TYPE_OPTION,
     CACHE_TYPE_K,
     CACHE_TYPE_V,
     FLASH_ATTN,
@@ -109,19 +117,27 @@ def machine_options(func: Callable[..., Any] | None = None, *,
     return _apply(options, func)
 
 
-def launch_options(*, chat: bool = True, file_flag_free: bool = False) -> Callable[[F], F]:
+def launch_options(*, chat: bool = True, file_flag_free: bool = False, kv_types: bool = False) -> Callable[[F], F]:
     """The options of a command that loads a model. The command does not see them one by one: its first argument is
     the one typed record they make with MODEL (`LaunchOptions`, built by `launch_options_from`), beside its own
     options. `chat`: the run prompts in a chat format (the command declares which chat-format options it takes);
-    `file_flag_free`: --file is the command's own (chat's documents), so only --hf-file names a Hub repo's GGUF."""
+    `file_flag_free`: --file is the command's own (chat's documents), so only --hf-file names a Hub repo's GGUF;
+    `kv_types`: --kv-type is repeatable, and the command gets every type given as `kv_types` (the record holds the
+    type when one is given)."""
     def decorate(func: F) -> F:
         @functools.wraps(func)
         def command(**params: Any) -> Any:
             taken = {name: params.pop(name) for name in list(params) if name in _LAUNCH_PARAMS}
-            return func(launch_options_from(taken, chat=chat), **params)
+            options = launch_options_from(taken, chat=chat)
+            if kv_types:
+                given = _kv_types_given(taken.get("kv_type"))
+                params["kv_types"] = given if len(given) > 1 else tuple(filter(None, [options.kv_type]))
+            return func(options, **params)
 
         hub_file = HUB_FILE_ONLY if file_flag_free else HUB_FILE
-        return _apply([hub_file, *_RUN_OPTIONS], command)  # type: ignore[return-value]
+        run_options = [KV_TYPES_OPTION if o is KV_TYPE_OPTION else o for o in _RUN_OPTIONS] if kv_types \
+            else _RUN_OPTIONS
+        return _apply([hub_file, *run_options], command)  # type: ignore[return-value]
     return decorate
 
 
@@ -130,7 +146,11 @@ def launch_options_from(params: dict[str, Any], *, chat: bool = True) -> LaunchO
     the K/V type, --rope-freq-scale into --rope-scale), conflicts refused."""
     from .launch.options import LaunchOptions
 
-    kv = kv_type_from(params.get("kv_type"), params.get("cache_type_k"), params.get("cache_type_v"))
+    given = _kv_types_given(params.get("kv_type"))
+    if len(given) > 1 and (params.get("cache_type_k") or params.get("cache_type_v")):
+        raise click.UsageError("give the KV cache types as --kv-type K[/V] (repeatable), not -ctk/-ctv")
+    # several types (niah's suite): the launch is decided for each in turn; the record holds one type or none
+    kv = kv_type_from(given[0] if len(given) == 1 else None, params.get("cache_type_k"), params.get("cache_type_v"))
     rope_scale = params.get("rope_scale")
     if params.get("rope_freq_scale") is not None:
         if rope_scale is not None:
@@ -138,9 +158,11 @@ def launch_options_from(params: dict[str, Any], *, chat: bool = True) -> LaunchO
         if params["rope_freq_scale"] <= 0:
             raise click.BadParameter("must be above 0", param_hint="--rope-freq-scale")
         rope_scale = 1.0 / params["rope_freq_scale"]
+    ctx = params.get("ctx")
     return LaunchOptions(
         model=params.get("model") or "", hub_file=params.get("hub_file"), revision=params.get("revision"),
-        ctx=params.get("ctx"), kv_type=kv, flash_attn=params.get("flash_attn") or "auto",
+        ctx=None if ctx == EFFECTIVE else ctx, effective_ctx=ctx == EFFECTIVE, kv_type=kv,
+        flash_attn=params.get("flash_attn") or "auto",
         gpu_layers=params.get("gpu_layers"), threads=params.get("threads"),
         threads_batch=params.get("threads_batch"), ubatch=params.get("ubatch") or 512,
         rope_theta=params.get("rope_theta"), rope_scale=rope_scale,
@@ -149,6 +171,12 @@ def launch_options_from(params: dict[str, Any], *, chat: bool = True) -> LaunchO
         repack=params.get("repack"), n_seq=params.get("parallel") or 1,
         chat=chat, chat_format=_chat_format_from(params) if chat else None,
     )
+
+
+def _kv_types_given(value: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    """--kv-type as given: one type, or several where the option is repeatable; each once, in order."""
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    return tuple(dict.fromkeys(k for k in values if k))
 
 
 class ChatTemplateType(click.ParamType):

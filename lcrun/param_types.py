@@ -64,9 +64,18 @@ def _kv_type(text: str) -> str:
         raise click.BadParameter(str(exc)) from None
 
 
+# `--ctx effective` (chat, serve, plan): the longest context measured good that fits (lcrun.launch.recall)
+EFFECTIVE = "effective"
+
+
+def _effective_or(parse: Any) -> Any:
+    return lambda text: EFFECTIVE if text.strip().lower() == EFFECTIVE else parse(text)
+
+
 SIZE = _Parsed("size", parse_size)
 MEMORY = _Parsed("memory", parse_memory)
 CONTEXT = _Parsed("context", _auto_or(parse_ctx))
+RUN_CONTEXT = _Parsed("context", _effective_or(_auto_or(parse_ctx)))   # CONTEXT, or EFFECTIVE
 KV_TYPE = _Parsed("kv_type", _auto_or(_kv_type))   # "q8_0" or "q8_0/q4_0", lower-cased
 
 

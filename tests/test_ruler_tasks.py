@@ -114,6 +114,22 @@ def test_prompts_fill_their_length_in_tokens_and_share_their_document(builder: P
     assert len({tuple(p.tokens[p.doc_end:]) for p in essay}) == len(essay)
 
 
+def test_raw_prompts_for_base_models_are_plain_text_ending_in_the_answers_first_words(tokenizer: BpeTokenizer,
+                                                                                      builder: PromptBuilder) -> None:
+    from lcrun.chat.formats import RawFormat
+
+    raw = PromptBuilder(tokenizer, RawFormat(), read_haystack(), seed=7, max_ctx=max(LENGTHS))
+    chat = {p.task: p for p in builder.prompts(2048, 0, TASKS)}
+    for prompt in raw.prompts(2048, 0, TASKS):
+        text = tokenizer.detokenize(prompt.tokens)
+        assert "<|" not in text                       # no chat format: no special token at all
+        assert text.startswith(CWE_PREAMBLE.split(".")[0] if prompt.task == "cwe" else ESSAY_PREAMBLE)
+        assert text.endswith(prompt.question.answer_prefix.rstrip())   # for the model to complete
+        assert prompt.question.answers == chat[prompt.task].question.answers    # the same needles as chat models
+    control = tokenizer.detokenize(chat["single"].tokens)
+    assert control.startswith("<|begin_of_text|><|start_header_id|>user")   # negative control: the chat prompt
+
+
 def test_same_seed_same_prompts_other_seed_other_needles(tokenizer: BpeTokenizer, builder: PromptBuilder) -> None:
     again = PromptBuilder(tokenizer, llama3_renderer(), read_haystack(), seed=7, max_ctx=max(LENGTHS))
     assert [p.tokens for p in again.prompts(2048, 1, TASKS)] == [p.tokens for p in builder.prompts(2048, 1, TASKS)]

@@ -13,14 +13,17 @@ from lcrun.devices import Device, default_threads, run_devices
 from lcrun.engine.protocol import EngineConfig
 from lcrun.errors import LcrunError
 from lcrun.gguf_split import GGUFSet, read_gguf_set
+from lcrun.kv_types import KvType
 from lcrun.model_spec import ModelSpec, spec_from_gguf
 from lcrun.planner import Choice, choose
 
 from .model_file import find_model_file
 from .options import LaunchOptions
+from .recall import Machine, effective_context, plan_advice
 
 if TYPE_CHECKING:
     from lcrun.chat.formats import FormatChoice
+    from lcrun.recall_advice import RecallAdvice
 
 
 @dataclass
@@ -35,6 +38,7 @@ class Launch:
     gguf: GGUFSet                              # the file's headers, read once: metadata, vocabulary, chat template
     chat_format: FormatChoice | None = None    # None: the run does not chat (bench)
     warnings: list[str] = field(default_factory=list)
+    recall: RecallAdvice | None = None         # the file's measured recall for the plan (None: never measured)
 
 
 def decide_launch(options: LaunchOptions, *, model_path: Path | None = None,
@@ -63,11 +67,25 @@ def no_larger_than_needed(launch: Launch, needed_ctx: int) -> Launch:
     return _decide(replace(launch.options, ctx=wanted), launch.model_path, launch.gguf, launch.devices)
 
 
+def redecide(launch: Launch, **changes: object) -> Launch:
+    """The launch again with some options changed (niah's suite: each KV type at its longest length), the file's
+    headers and the devices as they were read."""
+    return _decide(replace(launch.options, **changes), launch.model_path, launch.gguf, launch.devices)
+
+
 def _decide(options: LaunchOptions, model_path: Path, files: GGUFSet, devices: list[Device]) -> Launch:
     spec = spec_from_gguf(model_path, files)
+    machine = Machine(spec, spec.file_type or "file", devices, flash_attn=options.flash_attn != "off",
+                      n_ubatch=options.ubatch, n_seq=options.n_seq, n_gpu_layers=options.gpu_layers)
+    effective_why = ""
+    if options.effective_ctx:   # --ctx effective: the longest context measured good that fits
+        ctx, kv, effective_why = effective_context(model_path, machine, options.kv_type)
+        options = replace(options, ctx=ctx, kv_type=kv.label, effective_ctx=False)
     choice = choose(spec, spec.file_type or "file", devices, ctx=options.ctx, kv_type=options.kv_type,
                     flash_attn=options.flash_attn, n_gpu_layers=options.gpu_layers, n_ubatch=options.ubatch,
                     n_seq=options.n_seq)
+    if effective_why:
+        choice = Choice(choice.estimate, f"{effective_why}; {choice.why}")
     estimate = choice.estimate
     spread = any(d.host for d in devices)
     config = EngineConfig(
@@ -86,8 +104,10 @@ def _decide(options: LaunchOptions, model_path: Path, files: GGUFSet, devices: l
         from lcrun.chat.formats import choose_format, header_vocabulary
 
         chat_format = choose_format(header_vocabulary(files.meta), options.chat_format)
-    return Launch(options, model_path, spec, choice, config, devices, files, chat_format,
-                  _warnings(options, spec, estimate.ctx))
+    warnings = _warnings(options, spec, estimate.ctx)
+    recall, problem = plan_advice(model_path, machine, estimate.ctx, KvType(estimate.type_k, estimate.type_v))
+    warnings += [problem] if problem else []
+    return Launch(options, model_path, spec, choice, config, devices, files, chat_format, warnings, recall)
 
 
 def _warnings(options: LaunchOptions, spec: ModelSpec, ctx: int) -> list[str]:

@@ -16,6 +16,7 @@ class LaunchOptions:
     hub_file: str | None = None                 # --hf-file: which GGUF of a Hub repo
     revision: str | None = None                 # Hub revision
     ctx: int | None = None                      # the whole context (n_seq sequences share it)
+    effective_ctx: bool = False                 # --ctx effective: the longest measured good that fits (launch.recall)
     kv_type: str | None = None                  # "q8_0", or "q8_0/q4_0" for K and V apart
     flash_attn: str = "auto"                    # "on", "off", "auto"
     gpu_layers: int | None = None

@@ -12,7 +12,9 @@ from lcrun.devices import Device
 from lcrun.estimate import MemoryEstimate
 from lcrun.memory_model import kv_type_name
 from lcrun.models import published_recall
-from lcrun.recall_advice import ctx_label
+from lcrun.recall_advice import RecallAdvice, ctx_label
+
+from .ruler_view import render_recall_advice
 
 GIB = 1 << 30
 
@@ -22,7 +24,9 @@ def _gib(n: int) -> str:
 
 
 def render_estimate(model: str, source_note: str, devices: Sequence[Device], estimates: Sequence[MemoryEstimate],
-                    largest: dict[tuple[str, str], int], console: Console) -> None:
+                    largest: dict[tuple[str, str], int], console: Console,
+                    recall: Sequence[RecallAdvice] = ()) -> None:
+    """`recall`: for a local GGUF measured with the suite, the advice for each largest context that fits."""
     kv_types = list(dict.fromkeys(kv_type_name(e.type_k, e.type_v) for e in estimates))
     machine = ", ".join(f"{d.name} {_gib(d.free_bytes)} GiB free{'' if d.detected else ' (given)'}"
                         for d in devices if not d.host)
@@ -66,6 +70,8 @@ def render_estimate(model: str, source_note: str, devices: Sequence[Device], est
     for (quant, kv), ctx in largest.items():
         verdict = f"up to {ctx:,} tokens" if ctx else "does not fit at any context"
         console.print(f"largest context that fits: {quant} with KV {kv}: {verdict}")
+    for advice in recall:
+        render_recall_advice(advice, console)
     if workers:
         render_spread(estimates, console)
 

@@ -38,6 +38,10 @@ def render_launch(launch: Launch, console: Console) -> None:
         f"memory {_size(estimate.total_bytes)}: {where}",
         f"[dim]{launch.choice.why}[/]",
     ]
+    if launch.recall is not None:   # the file's measured recall (lcrun niah --suite ruler) for this plan
+        advice = launch.recall
+        lines.append(f"[yellow]warning:[/] {escape(advice.warning)}" if advice.warning else
+                     f"[dim]{escape(advice.note)}[/]")
     if chat_format is not None:
         lines.append(f"chat format [bold]{escape(chat_format.what)}[/] · {escape(chat_format.why)}")
     lines += [f"[yellow]warning:[/] {w}" for w in launch.warnings]
@@ -52,6 +56,8 @@ def render_launch_notes(launch: Launch, console: Console) -> None:
     """A one-shot run's stderr, instead of the panel: the warnings and the chat format."""
     for warning in launch.warnings:
         console.print(f"warning: {warning}", highlight=False)
+    if launch.recall is not None and launch.recall.warning:
+        console.print(f"warning: {launch.recall.warning}", highlight=False, markup=False)
     if launch.chat_format is not None:
         console.print(f"chat format: {launch.chat_format.describe()}", style="dim", highlight=False, markup=False)
 

@@ -14,7 +14,8 @@ from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 
-from lcrun.niah.ruler.run import CellDone, CellPrefill, CellStarted, KvLoading, SuiteEvent, SuitePlanned
+from lcrun.niah.ruler.run import (CellDone, CellPrefill, CellStarted, KvLoading, SuiteEstimate, SuiteEvent,
+                                  SuitePlanned)
 from lcrun.niah.ruler.tasks import TASK_LABELS
 from lcrun.recall_advice import RecallAdvice, ctx_label
 
@@ -128,6 +129,11 @@ class SuiteProgress:
             self.total, self.done = event.total, event.done
             self.console.print(describe_plan(event), highlight=False)
             self.task = self.progress.add_task("ruler", total=max(1, event.prefill_tokens), cells=self._cells())
+        elif isinstance(event, SuiteEstimate):
+            rate = event.throughput
+            self.console.print(f"about {_duration(event.seconds)} to go, at the first cell's speed (prefill "
+                               f"{rate.prefill_tokens_per_s:,.0f} tokens/s, {rate.answer_seconds:.1f} s an answer; "
+                               "longer contexts prefill slower)", highlight=False)
         elif isinstance(event, KvLoading):
             self.console.print(f"loading with KV {event.kv} and a context of {event.n_ctx:,} tokens", highlight=False)
         elif isinstance(event, CellStarted) and self.task is not None:

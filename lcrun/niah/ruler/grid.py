@@ -53,9 +53,9 @@ def suite_cells(kv_types: Sequence[KvType], lengths: Sequence[int], tasks: Seque
         raise NiahError("--samples", f"{samples} must be at least 1")
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
-        raise NiahError("--task", f"unknown task {unknown[0]!r}; the tasks are {', '.join(TASKS)}")
+        raise NiahError("--tasks", f"unknown task {unknown[0]!r}; the tasks are {', '.join(TASKS)}")
     if not tasks:
-        raise NiahError("--task", "no task chosen")
+        raise NiahError("--tasks", "no task chosen")
     if len({kv.label for kv in kv_types}) != len(kv_types) or not kv_types:
         raise NiahError("--kv-type", "give each KV type once, and at least one")
     ordered = [t for t in TASKS if t in tasks]

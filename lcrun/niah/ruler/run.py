@@ -34,6 +34,7 @@ class Answer:
     text: str
     prefilled_tokens: int     # prompt tokens evaluated; len(prompt) - prefilled_tokens came from the cache
     answer_tokens: int = 0
+    prefill_seconds: float = 0.0   # of the answer's time, the prompt's evaluation (0: not measured apart)
 
 
 class Answerer(Protocol):
@@ -65,8 +66,13 @@ class SuiteParams:
 
 @dataclass(frozen=True)
 class Throughput:
-    """Tokens of prompt and answer per second together; from earlier cells, or measured by the caller."""
-    tokens_per_s: float
+    """How fast cells go: prompt tokens evaluated per second, and the seconds an answer takes beside its prompt;
+    from earlier cells (a resumed run's, or this run's first ones), or measured by the caller."""
+    prefill_tokens_per_s: float
+    answer_seconds: float = 0.0     # per cell
+
+    def seconds(self, prefill_tokens: int, cells: int) -> float:
+        return prefill_tokens / self.prefill_tokens_per_s + cells * self.answer_seconds
 
 
 @dataclass
@@ -79,11 +85,13 @@ class Suite:
 
 def prepare_suite(tokenizer: Tokenizer, renderer: ChatRenderer, haystack: Haystack, params: SuiteParams) -> Suite:
     """Checks the grid and tokenizes the haystack once for the longest length. Prompts are built per cell, with
-    `tokenizer`: it must stay open until the run ends."""
+    `tokenizer`: it must stay open until the run ends. The shortest length's first prompts are built here, so a
+    length too short for the instruction, the needles and the answer is refused before a model loads."""
     if not params.lengths or min(params.lengths) < 1:
         raise NiahError("--max-ctx", "no context length to run")
     cells = suite_cells(params.kv_types, params.lengths, params.tasks, params.samples)
     builder = PromptBuilder(tokenizer, renderer, haystack, seed=params.seed, max_ctx=params.n_ctx)
+    builder.prompts(min(params.lengths), 0, params.tasks)
     notes = []
     if builder.stream.copies > 1:
         notes.append(f"the haystack ({builder.stream.file_tokens:,} tokens) is repeated {builder.stream.copies} "
@@ -120,9 +128,16 @@ def planned_tokens(cells: Sequence[SuiteCell]) -> tuple[int, int]:
 
 
 def measured_throughput(records: Sequence[dict[str, Any]]) -> Throughput | None:
-    seconds = sum(float(r.get("seconds", 0)) for r in records)
-    work = sum(int(r.get("prefilled_tokens", 0)) + int(r.get("answer_tokens", 0)) for r in records)
-    return Throughput(work / seconds) if seconds > 0 and work > 0 else None
+    """From finished cells: the prefill rate over the prompts' evaluation, the answers' time per cell. Cells of
+    the shortest lengths prefill fastest (attention grows with the depth): an estimate from them is a lower bound."""
+    prefill = sum(float(r.get("prefill_seconds", 0)) for r in records)
+    total = sum(float(r.get("seconds", 0)) for r in records)
+    tokens = sum(int(r.get("prefilled_tokens", 0)) for r in records)
+    if prefill <= 0:   # records without the split: everything counted as prefill
+        prefill = total
+    if prefill <= 0 or tokens <= 0:
+        return None
+    return Throughput(tokens / prefill, max(0.0, total - prefill) / len(records))
 
 
 @dataclass(frozen=True)
@@ -133,6 +148,14 @@ class SuitePlanned:
     prompt_tokens: int           # about: every prompt prefilled in full (a naive run)
     prefill_tokens: int          # about: each document prefilled once
     seconds: float | None        # the estimate, when a throughput is known
+
+
+@dataclass(frozen=True)
+class SuiteEstimate:
+    """The time left, once the run's first cell measured how fast this engine goes (a fresh run has no estimate
+    before that)."""
+    seconds: float
+    throughput: Throughput
 
 
 @dataclass(frozen=True)
@@ -162,7 +185,7 @@ class CellDone:
     record: dict[str, Any]
 
 
-SuiteEvent = SuitePlanned | KvLoading | CellStarted | CellPrefill | CellDone
+SuiteEvent = SuitePlanned | SuiteEstimate | KvLoading | CellStarted | CellPrefill | CellDone
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -183,8 +206,9 @@ def run_suite(model: SuiteModel, suite: Suite, log: ResultsLog, *,
     naive, shared = planned_tokens(todo)
     rate = throughput or measured_throughput(log.done)
     on_event(SuitePlanned(len(suite.cells), len(suite.cells) - len(todo), todo, naive, shared,
-                          shared / rate.tokens_per_s if rate and todo else None))
+                          rate.seconds(shared, len(todo)) if rate and todo else None))
     index = 0
+    left = shared
     for kv in suite.params.kv_types:
         mine = [cell for cell in todo if cell.kv == kv.label]
         if not mine:
@@ -209,10 +233,13 @@ def run_suite(model: SuiteModel, suite: Suite, log: ResultsLog, *,
                         "expected": list(prompt.question.answers), "answer": answer.text[:500],
                         "prompt_tokens": len(prompt.tokens), "doc_tokens": prompt.doc_tokens,
                         "prefilled_tokens": answer.prefilled_tokens, "answer_tokens": answer.answer_tokens,
-                        "seconds": round(clock() - started, 3),
+                        "seconds": round(clock() - started, 3), "prefill_seconds": round(answer.prefill_seconds, 3),
                     }
                     log.append(record)
                     log.done.append(record)
                     on_event(CellDone(cell, record))
                     previous = prompt.tokens
                     index += 1
+                    left -= record["prefilled_tokens"]
+                    if index == 1 and rate is None and (first := measured_throughput([record])):
+                        on_event(SuiteEstimate(first.seconds(max(left, 0), len(todo) - 1), first))
