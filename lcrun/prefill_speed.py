@@ -22,6 +22,7 @@ from typing import Any
 
 from .atomic_files import write_atomic
 from .errors import LcrunError
+from .model_stores import read_store, store_dir as model_store_dir
 
 STORE_KIND = "lcrun-prefill-speed"
 STORE_VERSION = 1
@@ -34,9 +35,7 @@ class SpeedStoreError(LcrunError):
 
 
 def store_dir() -> Path:
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir("lcrun")) / "speed"
+    return model_store_dir("speed")
 
 
 def setting_key(settings: Mapping[str, Any]) -> str:
@@ -80,18 +79,9 @@ def _fingerprint(model_path: Path) -> str:
 
 
 def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        if path.stat().st_size > _MAX_STORE_BYTES:
-            raise SpeedStoreError(str(path), f"larger than {_MAX_STORE_BYTES >> 20} MiB: not a speed file; delete it")
-        data = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise SpeedStoreError(str(path), f"cannot be read ({exc.strerror or exc})") from None
-    except (ValueError, RecursionError):
-        raise SpeedStoreError(str(path), "is not JSON: delete it, and run lcrun bench again") from None
-    if not isinstance(data, dict) or data.get("kind") != STORE_KIND or data.get("version") != STORE_VERSION \
-            or not isinstance(data.get("settings"), dict):
+    data = read_store(path, kind=STORE_KIND, max_bytes=_MAX_STORE_BYTES, error=SpeedStoreError,
+                      redo="run lcrun bench again")
+    if data is not None and (data.get("version") != STORE_VERSION or not isinstance(data.get("settings"), dict)):
         raise SpeedStoreError(str(path), f"is not a {STORE_KIND} file (version {STORE_VERSION}): delete it, and run "
                                          "lcrun bench again")
     return data

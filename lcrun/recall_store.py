@@ -19,6 +19,7 @@ from typing import Any
 from .atomic_files import write_atomic
 from .errors import LcrunError
 from .kv_types import KvType
+from .model_stores import read_store, store_dir as model_store_dir
 from .recall_advice import KvRecall, StoredRecall
 
 FINGERPRINT_VERSION = 1
@@ -51,9 +52,7 @@ def fingerprint(path: Path) -> str:
 
 
 def store_dir() -> Path:
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir("lcrun")) / "recall"
+    return model_store_dir("recall")
 
 
 def store_path(model_fingerprint: str) -> Path:
@@ -67,17 +66,10 @@ def run_log_path(model_fingerprint: str) -> Path:
 
 
 def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        if path.stat().st_size > _MAX_STORE_BYTES:
-            raise RecallStoreError(str(path), f"larger than {_MAX_STORE_BYTES >> 20} MiB: not a recall store file")
-        data = json.loads(path.read_bytes())
-    except FileNotFoundError:
+    data = read_store(path, kind=STORE_KIND, max_bytes=_MAX_STORE_BYTES, error=RecallStoreError, redo="measure again")
+    if data is None:
         return None
-    except OSError as exc:
-        raise RecallStoreError(str(path), f"cannot be read ({exc.strerror or exc})") from None
-    except (ValueError, RecursionError):
-        raise RecallStoreError(str(path), "is not JSON: delete it, and measure again") from None
-    if not isinstance(data, dict) or data.get("kind") != STORE_KIND or not isinstance(data.get("kv"), dict):
+    if not isinstance(data.get("kv"), dict):
         raise RecallStoreError(str(path), f"is not a {STORE_KIND} file: delete it, and measure again")
     if data.get("version") != STORE_VERSION:
         raise RecallStoreError(str(path), f"version {data.get('version')!r} (this lcrun reads {STORE_VERSION}): "

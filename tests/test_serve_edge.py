@@ -11,7 +11,6 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,19 +18,9 @@ import pytest
 from lcrun.serve.server import ServeOptions
 from tests.fixtures.fake_engine import FakeEngine
 from tests.fixtures.serve_support import LiveServer, http, metrics
+from tests.fixtures.serve_support import engine, server  # noqa: F401  (the fake engine behind a live server)
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
-
-
-@pytest.fixture
-def engine() -> FakeEngine:
-    return FakeEngine(n_ctx=16384, n_seq=4)
-
-
-@pytest.fixture
-def server(engine: FakeEngine) -> Iterator[LiveServer]:
-    with LiveServer(engine) as live:
-        yield live
 
 
 def post(live: LiveServer, body: bytes | dict, headers: dict[str, str] | None = None,

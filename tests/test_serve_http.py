@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import openai
@@ -18,6 +17,7 @@ from lcrun.serve.scheduler import BUSY_PREFILL_TOKENS
 from lcrun.serve.server import ServeOptions
 from tests.fixtures.fake_engine import LLAMA3_CHAT_TEMPLATE, FakeEngine
 from tests.fixtures.serve_support import LiveServer, http, metrics, wait_for
+from tests.fixtures.serve_support import engine, server  # noqa: F401  (the fake engine behind a live server)
 
 USER = "<|start_header_id|>user<|end_header_id|>\n\n"
 
@@ -26,17 +26,6 @@ def render(messages: list[dict[str, str]]) -> str:
     from lcrun.chat.template import ChatTemplate
 
     return ChatTemplate(LLAMA3_CHAT_TEMPLATE, "<|begin_of_text|>", "<|end_of_text|>").render(messages)
-
-
-@pytest.fixture
-def engine() -> FakeEngine:
-    return FakeEngine(n_ctx=16384, n_seq=4)
-
-
-@pytest.fixture
-def server(engine: FakeEngine) -> Iterator[LiveServer]:
-    with LiveServer(engine) as live:
-        yield live
 
 
 def test_the_fake_engine_claims_the_engine_protocol(engine: FakeEngine) -> None:

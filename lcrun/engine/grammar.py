@@ -34,6 +34,7 @@ from lcrun.errors import GrammarError
 
 from .library import log
 from .protocol import Grammar
+from .vocab import token_piece
 
 TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])   # llama_token_data
 _PARSE_ERROR = re.compile(r"error parsing grammar: (.*)")
@@ -104,14 +105,7 @@ class VocabularyIndex:
         """The token's bytes with control tokens spelled out (what llama.cpp's grammar matches against)."""
         found = self._pieces.get(token)
         if found is None:
-            lc, size = self._lc, 64
-            while True:
-                buf = ctypes.create_string_buffer(size)
-                n = lc.llama_token_to_piece(self._vocab, lc.llama_token(int(token)), buf, size, 0, True)
-                if n >= 0:
-                    found = self._pieces[token] = buf.raw[:n]
-                    break
-                size = -n
+            found = self._pieces[token] = token_piece(self._lc, self._vocab, token, special=True)
         return found
 
     def build(self) -> None:

@@ -67,16 +67,21 @@ class Vocabulary:
     def token_bytes(self, token: int) -> bytes:
         piece = self._pieces.get(token)
         if piece is None:
-            # llama-cpp-python's own token_to_piece/detokenize use a fixed 32-byte buffer; long pieces need more
-            lc, size = self._lc, 64
-            while True:
-                buf = ctypes.create_string_buffer(size)
-                n = lc.llama_token_to_piece(self._vocab, lc.llama_token(int(token)), buf, size, 0, False)
-                if n >= 0:
-                    piece = self._pieces[token] = buf.raw[:n]
-                    break
-                size = -n
+            piece = self._pieces[token] = token_piece(self._lc, self._vocab, token, special=False)
         return piece
+
+
+
+def token_piece(lc: Any, vocab: Any, token: int, *, special: bool) -> bytes:
+    """A token's bytes from llama.cpp (control tokens spelled out when `special`). llama-cpp-python's own
+    token_to_piece uses a fixed 32-byte buffer; long pieces need more, which llama.cpp says by a negative size."""
+    size = 64
+    while True:
+        buf = ctypes.create_string_buffer(size)
+        n = lc.llama_token_to_piece(vocab, lc.llama_token(int(token)), buf, size, 0, special)
+        if n >= 0:
+            return buf.raw[:n]
+        size = -n
 
 
 class VocabularyFile(Vocabulary):

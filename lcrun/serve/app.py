@@ -31,7 +31,7 @@ from .ollama_routes import OLLAMA_ENDPOINTS, ollama_routes
 from .openai_reply import Reply, Usage, sse
 from .jobs import Ticket
 from .prompting import _tokenize_chat, chat_prompt, check_prompt, partition_of, remember_reply
-from .respond import Run, unless_disconnected
+from .respond import Run, admitted, unless_disconnected
 from .state import PUBLIC_PATHS, ServerState
 from .structured import JSON_OBJECT, OutputPlan, output_plan
 
@@ -49,8 +49,8 @@ def create_app(state: ServerState) -> ASGIApp:
         Route("/metrics", _endpoint(state, _metrics), methods=["GET"]),
         Route("/v1/models", _endpoint(state, _models), methods=["GET"]),
         Route("/openapi.json", _endpoint(state, _openapi), methods=["GET"]),
-        Route("/v1/chat/completions", _endpoint(state, _chat_completions), methods=["POST"]),
-        Route("/v1/completions", _endpoint(state, _completions), methods=["POST"]),
+        Route("/v1/chat/completions", _endpoint(state, admitted(_chat)), methods=["POST"]),
+        Route("/v1/completions", _endpoint(state, admitted(_text)), methods=["POST"]),
         *ollama_routes(state, _endpoint),
     ]
 
@@ -154,21 +154,10 @@ async def _openapi(state: ServerState, request: Request) -> Response:
 
 
 # -- completions -----------------------------------------------------------------------------------------------------
-# A request takes its place in the admission bound first (`reserve`: 503 when every slot is busy and the queue is
-# full), so a full server refuses it before paying for anything. Then parsing, validating, rendering and tokenizing
-# its prompt (and compiling its grammar) — milliseconds to seconds — run on a worker thread, never on the event loop
-# that every other client's stream is written from. The ticket goes with the job and is released when its generation
-# ends. Ollama's routes (ollama_routes.py) do the same.
-async def _chat_completions(state: ServerState, request: Request) -> Response:
-    with state.scheduler.reserve() as ticket:
-        return await _chat(state, request, ticket)
-
-
-async def _completions(state: ServerState, request: Request) -> Response:
-    with state.scheduler.reserve() as ticket:
-        return await _text(state, request, ticket)
-
-
+# A request takes its place in the admission bound first (respond.admitted), so a full server refuses it before
+# paying for anything. Then parsing, validating, rendering and tokenizing its prompt (and compiling its grammar) —
+# milliseconds to seconds — run on a worker thread, never on the event loop that every other client's stream is
+# written from. Ollama's routes (ollama_routes.py) do the same.
 async def _chat(state: ServerState, request: Request, ticket: Ticket) -> Response:
     body = await request.body()
     partition = partition_of(request)

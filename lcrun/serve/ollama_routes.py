@@ -23,7 +23,7 @@ from .ollama_api import (OLLAMA_VERSION, ModelRequest, OllamaChatRequest, Ollama
 from .openai_api import APIError, bad_request, parse_json_body
 from .jobs import Ticket
 from .prompting import _tokenize_chat, chat_prompt, check_prompt, partition_of
-from .respond import Choice, Run, unless_disconnected
+from .respond import Choice, Run, admitted, unless_disconnected
 from .structured import output_plan
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ def ollama_routes(state: ServerState, endpoint: Callable[..., Any]) -> list[Rout
 
     return [route("/api/version", _version, "GET"), route("/api/tags", _tags, "GET"),
             route("/api/show", _show, "POST"), route("/api/ps", _ps, "GET"),
-            route("/api/chat", _chat, "POST"), route("/api/generate", _generate, "POST")]
+            route("/api/chat", admitted(_chat), "POST"), route("/api/generate", admitted(_generate), "POST")]
 
 
 def _validate(model: type, raw: bytes) -> Any:
@@ -155,19 +155,9 @@ def _chat_messages(req: OllamaChatRequest) -> list[dict[str, Any]]:
     return out
 
 
-# As the OpenAI routes: a place in the admission bound before anything is parsed or tokenized; cached prompts and
-# remembered replies within the request's API key.
-async def _chat(state: ServerState, request: Request) -> Response:
-    with state.scheduler.reserve() as ticket:
-        return await _chat_reserved(state, request, ticket)
-
-
-async def _generate(state: ServerState, request: Request) -> Response:
-    with state.scheduler.reserve() as ticket:
-        return await _generate_reserved(state, request, ticket)
-
-
-async def _chat_reserved(state: ServerState, request: Request, ticket: Ticket) -> Response:
+# As the OpenAI routes: a place in the admission bound before anything is parsed or tokenized (respond.admitted);
+# cached prompts and remembered replies within the request's API key.
+async def _chat(state: ServerState, request: Request, ticket: Ticket) -> Response:
     raw = await request.body()
     partition = partition_of(request)
 
@@ -194,7 +184,7 @@ async def _chat_reserved(state: ServerState, request: Request, ticket: Ticket) -
     return await _respond(state, request, ticket, req, "chat", tokens, params, plan)
 
 
-async def _generate_reserved(state: ServerState, request: Request, ticket: Ticket) -> Response:
+async def _generate(state: ServerState, request: Request, ticket: Ticket) -> Response:
     raw = await request.body()
     partition = partition_of(request)
 

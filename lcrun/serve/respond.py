@@ -5,7 +5,7 @@ calls, the finish — which openai_reply.py and ollama_api.py put into their own
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
@@ -20,7 +20,10 @@ from lcrun.tool_calls.stream import CallSplitter
 from .jobs import Job, Ticket
 
 if TYPE_CHECKING:
+    from starlette.responses import Response
+
     from .scheduler import Scheduler
+    from .state import ServerState
 
 T = TypeVar("T")
 # usage.prompt_tokens_details.cached_tokens in whole blocks, as OpenAI reports it: to the token, it would let a client
@@ -184,3 +187,16 @@ async def _disconnected(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+def admitted(handler: Callable[[ServerState, Request, Ticket], Awaitable[Response]]
+             ) -> Callable[[ServerState, Request], Awaitable[Response]]:
+    """A generation route that first takes its place in the admission bound (`reserve`: 503 when every slot is busy
+    and the queue is full), so a full server refuses a request before paying for anything; the ticket goes with the
+    job and is released when its generation ends. Every generation route of both APIs is one."""
+    async def route(state: ServerState, request: Request) -> Response:
+        with state.scheduler.reserve() as ticket:
+            return await handler(state, request, ticket)
+
+    route.__name__ = handler.__name__
+    return route

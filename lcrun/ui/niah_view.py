@@ -4,20 +4,20 @@ picture — and the same heatmap recorded as SVG or HTML."""
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rich import box
 from rich.color import Color
 from rich.console import Console, Group
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 
 from lcrun.atomic_files import write_atomic
 from lcrun.niah.run import CellDone, CellPrefill, CellStarted, NiahEvent, RunStarted
+
+from .grid_progress import GridProgress
 
 _STOPS = [(0.0, (215, 48, 39)), (0.5, (254, 224, 139)), (1.0, (26, 152, 80))]  # red, yellow, green
 
@@ -97,50 +97,21 @@ def export_picture(summary: dict[str, Any], *, svg: Path | None = None, html: Pa
             write_atomic(path, text())
 
 
-class NiahProgress:
+class NiahProgress(GridProgress):
     """A bar over the grid, weighted by context length (a 1M-token cell is not a 100-token one), moving during each
     cell's prefill; only on a terminal. Elsewhere, one line per finished cell."""
 
-    def __init__(self, console: Console, *, get_time: Callable[[], float] | None = None) -> None:
-        self.console = console
-        self.live = console.is_terminal
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[cells]}"),
-                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
-                                 get_time=get_time, transient=True)
-        self.task: TaskID | None = None
-        self.total_cells = self.done_cells = 0
-        self.before = 0   # weight of the cells finished in this run
-
-    def __enter__(self) -> NiahProgress:
-        if self.live:
-            self.progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
-
     def update(self, event: NiahEvent) -> None:
         if isinstance(event, RunStarted):
-            self.total_cells, self.done_cells = event.total, event.done
             if event.done:
                 self.console.print(f"resuming: {event.done} of {event.total} cells already done", highlight=False)
-            self.task = self.progress.add_task("niah", total=sum(c.ctx for c in event.todo) or 1,
-                                               cells=self._cells())
-        elif isinstance(event, CellStarted) and self.task is not None:
+            self._start("niah", event.total, event.done, sum(c.ctx for c in event.todo))
+        elif isinstance(event, CellStarted):
             cell = event.cell
-            self.progress.update(self.task, description=f"ctx {cell.ctx:,} · depth {100 * cell.depth:.0f}%")
-        elif isinstance(event, CellPrefill) and self.task is not None and event.total:
-            self.progress.update(self.task, completed=self.before + event.cell.ctx * event.done / event.total)
+            self._describe(f"ctx {cell.ctx:,} · depth {100 * cell.depth:.0f}%")
+        elif isinstance(event, CellPrefill):
+            self._prefill(event.cell.ctx, event.done, event.total)
         elif isinstance(event, CellDone):
-            self.done_cells += 1
-            self.before += event.cell.ctx
-            if self.task is not None:
-                self.progress.update(self.task, completed=self.before, cells=self._cells())
-            if not self.live:
-                r = event.record
-                self.console.print(f"cell {self.done_cells}/{self.total_cells}: ctx {r['ctx']:,} "
-                                   f"depth {100 * r['depth']:.0f}% sample {r['sample']}: score {r['score']} "
-                                   f"({r['seconds']:.1f} s)", highlight=False, markup=False)
-
-    def _cells(self) -> str:
-        return f"{self.done_cells}/{self.total_cells} cells"
+            r = event.record
+            self._cell_done(event.cell.ctx, f"ctx {r['ctx']:,} depth {100 * r['depth']:.0f}% sample {r['sample']}: "
+                                            f"score {r['score']} ({r['seconds']:.1f} s)")

@@ -4,12 +4,10 @@ coloured from red (nothing found) to green (everything) — and the effective-co
 note and warning of the plan views."""
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from rich import box
 from rich.console import Console, Group
-from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.style import Style
 from rich.table import Table
 from rich.text import Text
@@ -19,6 +17,7 @@ from lcrun.niah.ruler.run import (CellDone, CellPrefill, CellStarted, KvLoading,
 from lcrun.niah.ruler.tasks import TASK_LABELS
 from lcrun.recall_advice import RecallAdvice, ctx_label
 
+from .grid_progress import GridProgress
 from .niah_view import score_color
 
 
@@ -101,34 +100,16 @@ def describe_plan(event: SuitePlanned) -> str:
             f"prefill ({event.prompt_tokens:,} without shared documents, {saved:.1f}× more){when}")
 
 
-class SuiteProgress:
+class SuiteProgress(GridProgress):
     """A bar over the tokens to prefill (a shared document's later questions cost little), moving during each
     prefill; only on a terminal. Elsewhere, one line per finished cell."""
 
-    def __init__(self, console: Console, *, get_time: Callable[[], float] | None = None) -> None:
-        self.console = console
-        self.live = console.is_terminal
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[cells]}"),
-                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
-                                 get_time=get_time, transient=True)
-        self.task: TaskID | None = None
-        self.total = self.done = 0
-        self.before = 0.0      # prefill tokens of the cells finished in this run
-        self.current = 0       # the running cell's tokens to prefill
-
-    def __enter__(self) -> SuiteProgress:
-        if self.live:
-            self.progress.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
+    current = 0   # the running cell's tokens to prefill
 
     def update(self, event: SuiteEvent) -> None:
         if isinstance(event, SuitePlanned):
-            self.total, self.done = event.total, event.done
             self.console.print(describe_plan(event), highlight=False)
-            self.task = self.progress.add_task("ruler", total=max(1, event.prefill_tokens), cells=self._cells())
+            self._start("ruler", event.total, event.done, event.prefill_tokens)
         elif isinstance(event, SuiteEstimate):
             rate = event.throughput
             self.console.print(f"about {_duration(event.seconds)} to go, at the first cell's speed (prefill "
@@ -136,22 +117,13 @@ class SuiteProgress:
                                "longer contexts prefill slower)", highlight=False)
         elif isinstance(event, KvLoading):
             self.console.print(f"loading with KV {event.kv} and a context of {event.n_ctx:,} tokens", highlight=False)
-        elif isinstance(event, CellStarted) and self.task is not None:
+        elif isinstance(event, CellStarted):
             self.current = event.prompt_tokens - event.cached_tokens
             cell = event.cell
-            self.progress.update(self.task, description=f"{cell.kv} · {ctx_label(cell.ctx)} · {cell.task}")
-        elif isinstance(event, CellPrefill) and self.task is not None and event.total:
-            self.progress.update(self.task, completed=self.before + self.current * event.done / event.total)
+            self._describe(f"{cell.kv} · {ctx_label(cell.ctx)} · {cell.task}")
+        elif isinstance(event, CellPrefill):
+            self._prefill(self.current, event.done, event.total)
         elif isinstance(event, CellDone):
-            self.done += 1
-            self.before += self.current
-            if self.task is not None:
-                self.progress.update(self.task, completed=self.before, cells=self._cells())
-            if not self.live:
-                r = event.record
-                self.console.print(f"cell {self.done}/{self.total}: KV {r['kv']} ctx {r['ctx']:,} {r['task']} "
-                                   f"sample {r['sample']}: {100 * r['score']:.0f}% ({r['seconds']:.1f} s)",
-                                   highlight=False, markup=False)
-
-    def _cells(self) -> str:
-        return f"{self.done}/{self.total} cells"
+            r = event.record
+            self._cell_done(self.current, f"KV {r['kv']} ctx {r['ctx']:,} {r['task']} sample {r['sample']}: "
+                                          f"{100 * r['score']:.0f}% ({r['seconds']:.1f} s)")
