@@ -9,8 +9,8 @@ from pathlib import Path
 
 import click
 
-from .cli_options import KV_TYPE_HELP, context_option, machine_options
-from .param_types import EFFECTIVE, KV_TYPE, kv_type_from, worker_memory_map
+from .cli_options import KV_TYPE_OPTION, context_option, machine_options
+from .param_types import EFFECTIVE, kv_type_from, worker_memory_map
 
 
 @click.command(epilog="""\b
@@ -25,8 +25,7 @@ Examples:
 @click.option("--quant", default="Q4_K_M", show_default=True, help="Quant type, when MODEL is not a GGUF file.")
 @context_option("Context length (32k, 128k, …), auto: the largest that fits, or effective: the longest measured "
                 "good (lcrun niah FILE --suite ruler) that fits.", default="auto", effective=True)
-@click.option("--kv-type", type=KV_TYPE, metavar="K[/V]",
-              help=f"{KV_TYPE_HELP}; default: the least lossy that reaches the context.")
+@KV_TYPE_OPTION
 @machine_options
 @click.option("--verify", is_flag=True, help="Run llama.cpp's allocation dry run (no_alloc) on the GGUF and compare.")
 @click.option("--json", "as_json", is_flag=True)

@@ -88,3 +88,24 @@ def test_the_script_splits_the_character_across_two_tokens(scripted: ScriptedMod
     assert scripted.pieces[i: i + 2] == [b"\xc3", b"\xa9"]
     with Engine(EngineConfig(model_path=scripted.path, n_ctx=256, n_threads=1)) as engine:
         assert [engine.token_bytes(t) for t in scripted.reply[i: i + 2]] == [b"\xc3", b"\xa9"]
+
+
+GRAMMAR = 'root ::= "Café au lait"'   # the script's first words, then nothing but the end
+
+
+@pytest.mark.parametrize("front_end", ["chat", "serve"])
+def test_chat_and_serve_hold_a_reply_to_a_grammar_alike(front_end: str, scripted: ScriptedModel,
+                                                        request: pytest.FixtureRequest) -> None:
+    """The grammar lives in the one loop: both front ends end the script where the grammar ends it (greedy would go
+    on with " STOP more": the control is the first case above, "the whole reply")."""
+    if front_end == "chat":
+        result = invoke("chat", str(scripted.path), "-p", QUESTION, "--temp", "0", "--threads", "1", "--ctx", "512",
+                        "--no-history", "--grammar", GRAMMAR)
+        assert result.exit_code == 0, result.output
+        got = (result.stdout[:-1], result.stderr.rsplit("ended by ", 1)[1].strip())
+    else:
+        out = request.getfixturevalue("server").client().chat.completions.create(
+            model="fake-model", messages=[{"role": "user", "content": QUESTION}], temperature=0,
+            extra_body={"grammar": GRAMMAR})
+        got = (out.choices[0].message.content, out.choices[0].finish_reason)
+    assert got == ("Café au lait", "stop")

@@ -71,6 +71,40 @@ def test_what_the_converter_would_get_wrong_is_refused(schema: Any, named: str) 
         normalise(schema)
 
 
+MALFORMED_PATTERNS = [("^*$", "nothing before it"), ("^+$", "nothing before it"), ("^{2}$", "nothing before it"),
+                      ("^(+a)$", "nothing before it"), ("^a|*$", "nothing before it"), ("^a)$", "no '(' before it"),
+                      ("^(a$", "never closed")]
+
+
+@pytest.mark.parametrize(("pattern", "named"), MALFORMED_PATTERNS)
+def test_a_malformed_pattern_is_refused_not_handed_to_the_converter(pattern: str, named: str) -> None:
+    with pytest.raises(SchemaError, match=re.escape(named)):
+        schema_grammar({"type": "string", "pattern": pattern})
+    if pattern in ("^*$", "^a)$"):   # the control: llama-cpp-python's converter itself fails on them, not with a 400
+        with pytest.raises(Exception) as raised:
+            json_schema_to_gbnf(json.dumps({"type": "string", "pattern": pattern}))
+        assert not isinstance(raised.value, SchemaError)
+    assert schema_grammar({"type": "string", "pattern": "^(a)+|b{2}$"}).gbnf   # well-formed ones still compile
+
+
+def test_a_ref_index_in_other_digits_does_not_resolve() -> None:
+    defs = {"$defs": {"a": [{"type": "string"}]}}
+    with pytest.raises(SchemaError, match="does not resolve"):
+        schema_grammar({**defs, "$ref": "#/$defs/a/\u00b2"})    # '²'.isdigit() is True, int('²') a ValueError
+    assert schema_grammar({**defs, "$ref": "#/$defs/a/0"}).gbnf
+
+
+def test_whatever_the_converter_still_fails_on_is_a_schema_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lcrun.generation.json_schema as js
+
+    def broken(schema: dict[str, Any]) -> str:
+        raise AssertionError("Unbalanced parentheses")
+
+    monkeypatch.setattr(js, "schema_gbnf", broken)
+    with pytest.raises(SchemaError, match="converter cannot make a grammar of it .AssertionError"):
+        schema_grammar({"type": "string"})
+
+
 def test_schemas_are_bounded_in_size_and_count() -> None:
     wide = {"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(MAX_SCHEMA_NODES + 1)}}
     with pytest.raises(SchemaError, match="schemas in all"):

@@ -300,3 +300,20 @@ def test_key_options_refuse_what_clients_cannot_send(tmp_path: Path) -> None:
     from lcrun.serve.keys import read_key_file
 
     assert read_key_file(keys) == ("alpha-key", "beta-key")
+
+
+def test_ollama_options_are_held_to_the_loops_bounds_and_to_finite_numbers(server: LiveServer) -> None:
+    """Bad options are a 400 naming them, never a 500 from the scheduler thread or from float('nan')."""
+    url = server.url + "/api/generate"
+    base = {"model": "fake-model", "prompt": "x", "raw": True, "stream": False}
+    status, _, raw = http("POST", url, {**base, "options": {"num_predict": 2, "stop": ["zz"]}})
+    assert status == 200, raw   # the control: options within the bounds
+    for options, named in (({"stop": [f"s{i}" for i in range(17)]}, "options.stop"),
+                           ({"stop": ["x" * 300]}, "options.stop")):
+        status, _, raw = http("POST", url, {**base, "options": options})
+        assert status == 400 and named in json.loads(raw)["error"], raw
+    for text in ('"temperature": NaN', '"num_ctx": Infinity', '"top_p": -Infinity'):
+        body = json.dumps(base)[:-1] + ', "options": {' + text + "}}"
+        status, _, raw = http("POST", url, body.encode(), {"Content-Type": "application/json"})
+        assert status == 400 and "options." in json.loads(raw)["error"], (text, raw)
+    assert metrics(server.url)["lcrun_slots_busy"] == 0

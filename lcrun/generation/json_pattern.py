@@ -93,11 +93,17 @@ class _Rewrite:
                     raise ValueError("lookarounds and named groups (?…) are not supported")
                 self.out.append("(")
             elif c in "*+?":
+                self.quantified(c)
                 self.out.append(c)
                 self.lazy()
             elif c == "{":
+                self.quantified(c)
                 self.repeat()
-            elif c in ")|":
+            elif c == ")":
+                if self.out.count("(") <= self.out.count(")"):
+                    raise ValueError("a ')' with no '(' before it")
+                self.out.append(c)
+            elif c == "|":
                 self.out.append(c)
             elif c in "^$":
                 raise ValueError(f"{c!r} inside the pattern: anchors are supported only at its two ends")
@@ -105,7 +111,14 @@ class _Rewrite:
                 self.out.append(_class([(ord(c), ord(c))]))
             else:
                 self.out.append(_class([(ord(c), ord(c))]) if _forbidden(ord(c)) or c in _STRUCTURAL else c)
+        if self.out.count("(") != self.out.count(")"):
+            raise ValueError("a '(' that is never closed")
         return "".join(self.out)
+
+    def quantified(self, c: str) -> None:
+        """A quantifier needs something before it to repeat (the converter fails on `^*$`, `(+)`, `a|{2}`)."""
+        if not self.out or self.out[-1] in ("(", "|"):
+            raise ValueError(f"{c!r} with nothing before it to repeat")
 
     def lazy(self) -> None:
         if self.s.startswith("?", self.i):

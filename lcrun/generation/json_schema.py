@@ -48,7 +48,17 @@ class SchemaError(RequestError):
 
 def schema_grammar(schema: Any, *, param: str = "json_schema") -> Grammar:
     """The grammar of replies valid under `schema`; SchemaError naming what cannot be honoured."""
-    return Grammar(schema_gbnf(normalise(schema, param=param)))
+    return Grammar(converted(normalise(schema, param=param), param=param))
+
+
+def converted(schema: dict[str, Any], *, param: str) -> str:
+    """The converter's GBNF for a normalised schema. Whatever the walk let through that the converter still fails on
+    (its asserts and index errors on a malformed piece) is the client's schema, not a server error: a SchemaError."""
+    try:
+        return schema_gbnf(schema)
+    except Exception as exc:  # noqa: BLE001 - llama-cpp-python's converter raises whatever its parsing hits
+        raise SchemaError(param, "#", f"llama-cpp-python's converter cannot make a grammar of it "
+                                      f"({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
 def normalise(schema: Any, *, param: str = "json_schema", ref_prefix: str = _REF_PREFIX) -> dict[str, Any]:
@@ -60,7 +70,7 @@ def normalise(schema: Any, *, param: str = "json_schema", ref_prefix: str = _REF
     return _Walk(schema, param, ref_prefix).run()
 
 
-def _letters(n: int) -> str:
+def letters(n: int) -> str:
     """0 → "a", 25 → "z", 26 → "ba": names without digits, which the converter's numbered duplicates never make."""
     out = ""
     while True:
@@ -273,11 +283,11 @@ class _Walk:
                 part = part.replace("~1", "/").replace("~0", "~")
                 if isinstance(target, dict) and part in target:
                     target = target[part]
-                elif isinstance(target, list) and part.isdigit() and int(part) < len(target):
+                elif isinstance(target, list) and part.isascii() and part.isdigit() and int(part) < len(target):
                     target = target[int(part)]
                 else:
                     raise self.fail(where, f"$ref {ref!r} does not resolve")
-            name = self.names[ref] = self.ref_prefix + _letters(len(self.names))
+            name = self.names[ref] = self.ref_prefix + letters(len(self.names))
             self.defs[name] = {}  # taken before visiting: a recursive reference finds it
             self.defs[name] = self.visit(target, ref, depth + 1)
         return name

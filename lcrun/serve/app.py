@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -31,7 +30,7 @@ from .ollama_routes import OLLAMA_ENDPOINTS, ollama_routes
 from .openai_reply import Reply, Usage, sse
 from .jobs import Ticket
 from .prompting import _tokenize_chat, chat_prompt, check_prompt, partition_of, remember_reply
-from .respond import Run, admitted, unless_disconnected
+from .respond import Run, admitted, internal_error, public_error, unless_disconnected
 from .state import PUBLIC_PATHS, ServerState
 from .structured import JSON_OBJECT, OutputPlan, output_plan
 
@@ -102,31 +101,11 @@ def _endpoint(state: ServerState, handler: Handler, body: Callable[[oa.APIError]
         try:
             return await handler(state, request)
         except oa.APIError as error:
-            return _error(_public(error), body)
+            return _error(public_error(error), body)
         except Exception:  # noqa: BLE001 - never a traceback to a client, never a dead server
-            return _error(_internal(f"on {request.url.path}"), body)
+            return _error(internal_error(f"on {request.url.path}"), body)
 
     return endpoint
-
-
-def _internal(where: str, detail: str | None = None) -> oa.APIError:
-    """A 500 as the client sees it: a generic message and an id; what went wrong (exception, paths) goes to the
-    server's log under that id."""
-    ident = uuid.uuid4().hex[:12]
-    if detail is None:
-        log.exception("internal error %s %s", ident, where)
-    else:
-        log.error("internal error %s %s: %s", ident, where, detail)
-    return oa.APIError(500, f"internal error (id {ident}); the server's log has the details", type="server_error",
-                       code="internal_error")
-
-
-def _public(error: oa.APIError) -> oa.APIError:
-    """A server error from the scheduler says what failed in its message (llama.cpp's words, a path): logged, and
-    answered as `_internal`. Refusals (4xx) and 503s (queue full, shutting down) are meant for the client."""
-    if error.status >= 500 and error.status != 503:
-        return _internal("in the scheduler", error.message)
-    return error
 
 
 # -- the small endpoints -------------------------------------------------------------------------------------------
@@ -268,7 +247,7 @@ async def _stream(run: Run, reply: Reply, include_usage: bool, usage: Callable[[
                 if chunk is not None:
                     yield sse(chunk)
         except oa.APIError as error:  # the scheduler's Failed: the stream ends with the error
-            yield sse(_public(error).body())
+            yield sse(public_error(error).body())
             return
         remember()
         if include_usage:

@@ -11,15 +11,17 @@ while the server runs); unknown option names are ignored, as Ollama ignores them
 from __future__ import annotations
 
 import datetime as dt
+import math
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from lcrun.engine.protocol import Sampling
-from lcrun.generation.records import MAX_TOP_LOGPROBS, GenerationParams
+from lcrun.generation.records import MAX_TOP_LOGPROBS, GenerationParams, RequestError
 from lcrun.tool_calls.specs import ToolCall
 
 from .openai_api import APIError, bad_request
+from .openai_reply import chat_logprobs
 from .respond import Choice, Delta
 
 # the Ollama API release whose shapes this server follows (clients check /api/version against their minimum)
@@ -129,14 +131,20 @@ def generation_params(options: dict[str, Any] | None, *, n_ctx_slot: int, prompt
                         seed=value("seed", int, seed))
     if sampling.repeat_penalty <= 0 or not 0 < sampling.top_p <= 1 or not 0 <= sampling.min_p <= 1:
         raise bad_request("options: repeat_penalty above 0, top_p in (0, 1], min_p in [0, 1]", param="options")
-    return GenerationParams(sampling, max_tokens=limit, stop=tuple(s for s in stop if s), logprobs=logprobs)
+    params = GenerationParams(sampling, max_tokens=limit, stop=tuple(s for s in stop if s), logprobs=logprobs)
+    try:
+        params.check()   # the loop's own bounds (stop strings' count and length), as the OpenAI routes check them
+    except RequestError as exc:
+        raise bad_request(f"options.{exc.param}: {exc.problem}", param="options") from None
+    return params
 
 
 def _number(options: dict[str, Any], key: str, kind: type) -> Any:
     got = options.get(key)
     if got is None:
         return None
-    if isinstance(got, bool) or not isinstance(got, (int, float)) or (kind is int and got != int(got)):
+    if isinstance(got, bool) or not isinstance(got, (int, float)) or not math.isfinite(got) or \
+            (kind is int and got != int(got)):
         raise bad_request(f"options.{key}: {got!r} is not {'an integer' if kind is int else 'a number'}",
                           param="options")
     return kind(got)
@@ -145,10 +153,6 @@ def _number(options: dict[str, Any], key: str, kind: type) -> Any:
 # -- responses --------------------------------------------------------------------------------------------------
 def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat().replace("+00:00", "Z")
-
-
-def piece_text(piece: bytes) -> str:
-    return piece.decode("utf-8", errors="replace")
 
 
 def error_body(error: APIError) -> dict[str, Any]:
@@ -161,9 +165,8 @@ def ollama_calls(calls: list[ToolCall] | tuple[ToolCall, ...]) -> list[dict[str,
 
 
 def ollama_logprobs(entries: Any) -> list[dict[str, Any]]:
-    return [{"token": piece_text(e.piece), "logprob": e.logprob, "bytes": list(e.piece),
-             "top_logprobs": [{"token": piece_text(p), "logprob": lp, "bytes": list(p)} for _, p, lp in e.top]}
-            for e in entries]
+    """Ollama's logprobs are OpenAI's chat entries (token, logprob, bytes, top_logprobs) without the wrapper."""
+    return chat_logprobs(entries)["content"]
 
 
 def stats(choice: Choice | Delta, prompt_tokens: int, started: float, now_s: float) -> dict[str, Any]:

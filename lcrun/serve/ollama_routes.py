@@ -5,7 +5,6 @@ endpoints use — the same structured output, tool calls and log-probabilities. 
 from __future__ import annotations
 
 import json
-import logging
 import random
 import time
 from collections.abc import AsyncIterator, Callable
@@ -23,13 +22,12 @@ from .ollama_api import (OLLAMA_VERSION, ModelRequest, OllamaChatRequest, Ollama
 from .openai_api import APIError, bad_request, parse_json_body
 from .jobs import Ticket
 from .prompting import _tokenize_chat, chat_prompt, check_prompt, partition_of
-from .respond import Choice, Run, admitted, unless_disconnected
+from .respond import Choice, Run, admitted, public_error, unless_disconnected
 from .structured import output_plan
 
 if TYPE_CHECKING:
     from .state import ServerState
 
-log = logging.getLogger("lcrun.serve")
 OLLAMA_ENDPOINTS = frozenset({"/api/version", "/api/tags", "/api/show", "/api/ps", "/api/chat", "/api/generate"})
 NDJSON = "application/x-ndjson"
 FAR_FUTURE = "2318-01-01T00:00:00Z"   # /api/ps's expires_at: the model stays loaded while the server runs
@@ -264,10 +262,7 @@ async def _respond(state: ServerState, request: Request, ticket: Ticket, req: An
                         yield _line(body(d.content, d.calls, d.logprobs if params.logprobs is not None else None,
                                          done))  # type: ignore[arg-type]
         except APIError as error:  # the scheduler's Failed: the stream's last line says so
-            if error.status >= 500 and error.status != 503:
-                log.error("internal error in an Ollama stream: %s", error.message)
-                error = APIError(500, "internal error; the server's log has the details")
-            yield _line(error_body(error))
+            yield _line(error_body(public_error(error)))
         finally:
             run.cancel()
 

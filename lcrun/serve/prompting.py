@@ -10,6 +10,7 @@ from starlette.requests import Request
 from lcrun.chat.prompt_tokens import MarkedText, as_content, render_marked
 from lcrun.errors import LcrunError
 from lcrun.generation.records import Finished, RequestError
+from lcrun.tool_calls.formats import detect_family
 from lcrun.tool_calls.prompt import template_messages
 
 from . import openai_api as oa
@@ -24,8 +25,11 @@ def chat_prompt(state: ServerState, messages: list[dict[str, Any]], plan: Output
     strict role order, llama.cpp refusing a built-in format) or a tool message cannot be read."""
     assert state.template is not None
     try:
-        if plan.family is not None:
-            messages, tools = template_messages(messages, plan.family, plan.specs, plan.choice)
+        family = plan.family
+        if family is None and any(m.get("tool_calls") or m.get("role") == "tool" for m in messages):
+            family = detect_family(state.template_source)   # earlier calls and results, no tools declared now
+        if family is not None:
+            messages, tools = template_messages(messages, family, plan.specs, plan.choice)
         else:
             tools = None
         return render_marked(state.template, messages, tools=tools)

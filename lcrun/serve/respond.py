@@ -5,6 +5,8 @@ calls, the finish — which openai_reply.py and ollama_api.py put into their own
 from __future__ import annotations
 
 import asyncio
+import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
@@ -18,6 +20,7 @@ from lcrun.tool_calls.specs import ToolCall, ToolSpec
 from lcrun.tool_calls.stream import CallSplitter
 
 from .jobs import Job, Ticket
+from .openai_api import APIError
 
 if TYPE_CHECKING:
     from starlette.responses import Response
@@ -26,6 +29,7 @@ if TYPE_CHECKING:
     from .state import ServerState
 
 T = TypeVar("T")
+log = logging.getLogger("lcrun.serve")
 # usage.prompt_tokens_details.cached_tokens in whole blocks, as OpenAI reports it: to the token, it would let a client
 # learn another's prompt one guessed token at a time
 CACHED_TOKENS_BLOCK = 128
@@ -200,3 +204,23 @@ def admitted(handler: Callable[[ServerState, Request, Ticket], Awaitable[Respons
 
     route.__name__ = handler.__name__
     return route
+
+
+def internal_error(where: str, detail: str | None = None) -> APIError:
+    """A 500 as the client sees it: a generic message and an id; what went wrong (exception, paths) goes to the
+    server's log under that id."""
+    ident = uuid.uuid4().hex[:12]
+    if detail is None:
+        log.exception("internal error %s %s", ident, where)
+    else:
+        log.error("internal error %s %s: %s", ident, where, detail)
+    return APIError(500, f"internal error (id {ident}); the server's log has the details", type="server_error",
+                    code="internal_error")
+
+
+def public_error(error: APIError) -> APIError:
+    """A server error from the scheduler says what failed in its message (llama.cpp's words, a path): logged, and
+    answered as `internal_error`. Refusals (4xx) and 503s (queue full, shutting down) are meant for the client."""
+    if error.status >= 500 and error.status != 503:
+        return internal_error("in the scheduler", error.message)
+    return error

@@ -20,8 +20,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from lcrun.engine.grammar import schema_gbnf
 from lcrun.engine.protocol import Grammar
+from lcrun.generation.json_schema import converted
 
 from .specs import ToolCall, ToolChoice, ToolSpec, call_id
 
@@ -95,7 +95,7 @@ def _payload_schema(family: Family, specs: list[ToolSpec], choice: ToolChoice) -
 def call_grammar(family: Family, specs: list[ToolSpec], choice: ToolChoice, trigger_token: int | None) -> Grammar:
     """The grammar of the calls `choice` allows. `trigger_token`: the token of the family's trigger text when it is
     one token of the vocabulary (lazy grammars start at it; otherwise only a call opening the reply triggers)."""
-    lines = schema_gbnf(_payload_schema(family, specs, choice)).split("\n")
+    lines = converted(_payload_schema(family, specs, choice), param="tools").split("\n")
     body = ["tc-payload ::= " + line[len("root ::= "):] if line.startswith("root ::= ") else line for line in lines]
     if family.name == "hermes":
         repeat = f" (tc-ws tc-call){{0,{MAX_CALLS - 1}}}" if choice.parallel else ""

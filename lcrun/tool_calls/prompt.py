@@ -5,18 +5,22 @@ format — the tools and the JSON to answer in go into the system prompt, an ass
 and a tool's result a user message, as llama-server's generic format and minja's polyfills do.
 
 What the client sends stays data: message contents are marked by lcrun.chat.prompt_tokens.render_marked, and the
-strings inside a call's arguments are marked here, so special-token text in them is never a special token."""
+strings inside a call's arguments are marked here, so special-token text in them is never a special token; function
+names and call ids are held to letters, digits and a few punctuation marks no special token is made of. lcrun.serve.prompting sends every
+conversation holding calls or tool results through here, whether or not the request declares tools."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from lcrun.chat.prompt_tokens import as_content
 from lcrun.json_bounds import MAX_JSON_DEPTH, json_depth
 
 from .formats import Family
-from .specs import ToolChoice, ToolError, ToolSpec
+from .specs import NAME, ToolChoice, ToolError, ToolSpec
 
+CALL_ID = re.compile(r"^[\w.:-]{0,128}$")
 GENERIC_INSTRUCTIONS = (
     "You can call tools. These are the tools, each with a JSON schema of its arguments:\n{tools}\n\n"
     "Respond in JSON only: {{\"tool_call\": {{\"name\": <a tool's name>, \"arguments\": {{…}}}}}} to call a tool"
@@ -44,6 +48,10 @@ def template_messages(messages: list[dict[str, Any]], family: Family, specs: lis
             continue
         entry = {k: v for k, v in message.items() if v is not None}
         entry["content"] = message.get("content") or ""
+        if "name" in entry:
+            entry["name"] = _name(entry["name"], f"messages[{i}].name")
+        if "tool_call_id" in entry:
+            entry["tool_call_id"] = _call_id(entry["tool_call_id"], f"messages[{i}].tool_call_id")
         if calls:
             entry["tool_calls"] = calls
         out.append(entry)
@@ -81,8 +89,24 @@ def _call(call: Any, where: str) -> dict[str, Any]:
             raise ToolError(f"{where}.function.arguments", "not valid JSON") from None
     if not isinstance(arguments, dict):
         raise ToolError(f"{where}.function.arguments", "not a JSON object")
-    return {"id": call.get("id") or "", "type": "function",
-            "function": {"name": function["name"], "arguments": _marked(arguments)}}
+    return {"id": _call_id(call.get("id") or "", f"{where}.id"), "type": "function",
+            "function": {"name": _name(function["name"], f"{where}.function.name"), "arguments": _marked(arguments)}}
+
+
+def _name(name: Any, where: str) -> str:
+    """A function's name as OpenAI allows it (letters, digits, _ and -): never text a template could take for its
+    own special tokens."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise ToolError(where, "a function name is 1 to 64 letters, digits, '_' or '-'")
+    return name
+
+
+def _call_id(call_id: Any, where: str) -> str:
+    """A call's id as clients make them (call_…, uuids, Mistral's nine characters): not marked as content, since
+    templates check its length (Mistral's: exactly 9), but held to characters no special token is made of."""
+    if not isinstance(call_id, str) or not CALL_ID.fullmatch(call_id):
+        raise ToolError(where, "a call id is at most 128 letters, digits, '_', '-', '.' or ':'")
+    return call_id
 
 
 def _marked(value: Any) -> Any:

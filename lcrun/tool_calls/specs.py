@@ -11,7 +11,7 @@ import string
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from lcrun.generation.json_schema import SchemaError, normalise
+from lcrun.generation.json_schema import SchemaError, letters, normalise
 from lcrun.generation.records import RequestError
 
 MAX_TOOLS = 64
@@ -70,16 +70,6 @@ def call_id(alphanumeric9: bool = False) -> str:
     if alphanumeric9:
         return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
     return "call_" + secrets.token_hex(12)
-
-
-def letters(n: int) -> str:
-    """0 → "a", 26 → "ba": digit-free names (the schema converter numbers duplicates with digits)."""
-    out = ""
-    while True:
-        out = string.ascii_lowercase[n % 26] + out
-        n //= 26
-        if n == 0:
-            return out
 
 
 def tool_specs(tools: list[dict[str, Any]]) -> list[ToolSpec]:
