@@ -11,9 +11,12 @@ Then, interleaved round by round, each a fresh process (start-up and imports inc
 - chat to its first prompt: `lcrun chat F --no-history` with `/quit` on stdin (planning, loading the model and the
   KV cache, the plan panel, then the prompt read), against `Llama(model_path=F)` loading the same file fully.
 
+- serve to its first answer: `lcrun serve F --port P` started until `GET /health` answers 200 (planning, loading the
+  model and its slots' KV cache, the app), against `Llama(model_path=F)` loading the same file fully.
 - `lcrun --help` against `python -c pass` (the interpreter's own start).
 - with `--previous DIR` (another lcrun checkout with its own .venv, e.g. the previous main): its `chat --dry-run` and
-  chat to its first prompt, in the same rounds, so a change is compared with what it replaces on the same load.
+  chat to its first prompt and its serve to /health, in the same rounds, so a change is compared with what it
+  replaces on the same load.
 
 Targets (issue 9): each command ≤ 1.5× the vocab_only reference and ≤ 1 s; chat to its prompt ≤ the full load + 1 s;
 (issue 12) `lcrun --help` ≤ 0.3 s beyond the interpreter's start.
@@ -25,10 +28,12 @@ import argparse
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +47,9 @@ FULL_LOAD = "from llama_cpp import Llama; Llama(model_path={path!r}, verbose=Fal
 
 
 PREVIOUS_OF = {"previous: lcrun chat --dry-run": "lcrun chat --dry-run",
-               "previous: chat to its prompt": "lcrun chat to its prompt"}
+               "previous: chat to its prompt": "lcrun chat to its prompt",
+               "previous: serve to /health": "lcrun serve to /health"}
+SERVE = "--serve--"   # in place of stdin: start the command as a server and time it until /health answers
 
 
 def previous_commands(path: Path, previous: Path) -> dict[str, tuple[list[str], str | None]]:
@@ -50,6 +57,7 @@ def previous_commands(path: Path, previous: Path) -> dict[str, tuple[list[str], 
     return {
         "previous: lcrun chat --dry-run": ([*lcrun, "chat", str(path), "--dry-run"], None),
         "previous: chat to its prompt": ([*lcrun, "chat", str(path), "--no-history"], "/quit\n"),
+        "previous: serve to /health": ([*lcrun, "serve", str(path), "-t", "1"], SERVE),
     }
 
 
@@ -64,18 +72,44 @@ def commands(path: Path) -> dict[str, tuple[list[str], str | None]]:
         "lcrun --help": ([*LCRUN, "--help"], None),
         "reference: Llama() full load": ([sys.executable, "-c", FULL_LOAD.format(path=str(path))], None),
         "lcrun chat to its prompt": ([*LCRUN, "chat", str(path), "--no-history"], "/quit\n"),
+        "lcrun serve to /health": ([*LCRUN, "serve", str(path), "-t", "1"], SERVE),
     }
 
 
 def timed(argv: list[str], stdin: str | None, env: dict[str, str]) -> float:
     # each checkout runs from its own folder, so `python -m lcrun.cli` imports that checkout's lcrun
     cwd = Path(argv[0]).parent.parent.parent if argv[0].endswith("/.venv/bin/python") else ROOT
+    if stdin == SERVE:
+        return timed_server(argv, env, cwd)
     started = time.perf_counter()
     done = subprocess.run(argv, input=stdin, capture_output=True, text=True, env=env, cwd=cwd)
     elapsed = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(argv[:5])}… failed ({done.returncode}): {done.stderr.strip()[-400:]}")
     return elapsed
+
+
+def timed_server(argv: list[str], env: dict[str, str], cwd: Path) -> float:
+    """Seconds from the start of `argv` (a server) to its first 200 on /health, on a free port; then stopped."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.perf_counter()
+    server = subprocess.Popen([*argv, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              env=env, cwd=cwd, text=True)
+    try:
+        while True:
+            if server.poll() is not None:
+                raise SystemExit(f"{' '.join(argv[:5])}… ended ({server.returncode}): {server.stderr.read()[-400:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as answer:
+                    if answer.status == 200:
+                        return time.perf_counter() - started
+            except OSError:
+                time.sleep(0.01)
+    finally:
+        server.terminate()
+        server.wait(30)
 
 
 def main() -> None:
@@ -132,7 +166,7 @@ def main() -> None:
             elif name == "lcrun --help":
                 ratio = f"+{median - bare:.2f}s"
                 target = "≤ 0.3 s of its own: " + ("met" if median - bare <= 0.3 else "NOT met")
-            elif name == "lcrun chat to its prompt":
+            elif name in ("lcrun chat to its prompt", "lcrun serve to /health"):
                 ratio = f"+{median - full:.2f}s"
                 target = "≤ full load + 1 s: " + ("met" if median <= full + 1 else "NOT met")
             else:

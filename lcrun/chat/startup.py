@@ -51,6 +51,8 @@ def read_question(options: ChatOptions) -> str | None:
 
 def read_chat_documents(options: ChatOptions) -> list[Document]:
     """Every -f document, read now — before a download or a load, so a bad one costs nothing — in order."""
+    if not options.documents:
+        return []   # the readers (PDFium, trafilatura, …) are not even imported for a chat without documents
     from lcrun.documents import read_documents
 
     return read_documents(options.documents, include=options.include, exclude=options.exclude)

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from lcrun.chat.document_plan import DocumentPlan
-
 from .console import is_plain
+
+if TYPE_CHECKING:   # a chat without documents imports none of their planning
+    from lcrun.chat.document_plan import DocumentPlan
 
 
 def duration(seconds: float) -> str:
