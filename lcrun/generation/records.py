@@ -8,6 +8,7 @@ log-probabilities to report, how many choices to generate from the one prompt â€
 decoding, which `check` refuses by name until it is built, instead of ignoring it. `check` bounds each."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
@@ -71,6 +72,10 @@ class GenerationParams:
             raise RequestError("draft", "speculative decoding is not supported yet")
 
 
+# The API checks a request's grammar where it parses it (a worker thread), and the loop checks every request it is
+# given (chat's too): remembered, the second check of the same text is a dictionary lookup, not a second scan of up to
+# MAX_GRAMMAR_BYTES on the thread every slot shares. Only grammars that passed are remembered (a raise is not cached).
+@functools.lru_cache(maxsize=16)
 def check_grammar_text(gbnf: str) -> None:
     """The bounds of a grammar's text, before llama.cpp parses it: its size, and how deep its parentheses nest
     (outside literals and character classes)."""
