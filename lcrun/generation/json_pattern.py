@@ -74,6 +74,7 @@ class _Rewrite:
     def __init__(self, body: str) -> None:
         self.s, self.i = body, 0
         self.out: list[str] = []
+        self.depth = 0   # groups open
 
     def run(self) -> str:
         s = self.s
@@ -92,6 +93,7 @@ class _Rewrite:
                 elif s.startswith("?", self.i):
                     raise ValueError("lookarounds and named groups (?…) are not supported")
                 self.out.append("(")
+                self.depth += 1
             elif c in "*+?":
                 self.quantified(c)
                 self.out.append(c)
@@ -100,8 +102,9 @@ class _Rewrite:
                 self.quantified(c)
                 self.repeat()
             elif c == ")":
-                if self.out.count("(") <= self.out.count(")"):
+                if not self.depth:
                     raise ValueError("a ')' with no '(' before it")
+                self.depth -= 1
                 self.out.append(c)
             elif c == "|":
                 self.out.append(c)
@@ -111,7 +114,7 @@ class _Rewrite:
                 self.out.append(_class([(ord(c), ord(c))]))
             else:
                 self.out.append(_class([(ord(c), ord(c))]) if _forbidden(ord(c)) or c in _STRUCTURAL else c)
-        if self.out.count("(") != self.out.count(")"):
+        if self.depth:
             raise ValueError("a '(' that is never closed")
         return "".join(self.out)
 

@@ -6,8 +6,9 @@ and a tool's result a user message, as llama-server's generic format and minja's
 
 What the client sends stays data: message contents are marked by lcrun.chat.prompt_tokens.render_marked, and the
 strings inside a call's arguments are marked here, so special-token text in them is never a special token; function
-names and call ids are held to letters, digits and a few punctuation marks no special token is made of. lcrun.serve.prompting sends every
-conversation holding calls or tool results through here, whether or not the request declares tools."""
+names and call ids are held to letters, digits and a few punctuation marks no special token is made of.
+lcrun.serve.prompting sends every conversation holding calls or tool results through here, whether or not the request
+declares tools."""
 from __future__ import annotations
 
 import json
